@@ -1,0 +1,1 @@
+//! The layerfs union filesystem.

@@ -1,0 +1,44 @@
+//! Reading a directory given by an fd (an `O_PATH` fd is fine).
+
+use std::ffi::OsString;
+use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::OsStringExt;
+
+use rustix::fs::{self as rfs, Dir, FileType, Mode, OFlags};
+
+use crate::SysResult;
+
+/// One directory entry as `getdents` returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The name (never `.` or `..`).
+    pub name: OsString,
+    /// `d_type`; `Unknown` on filesystems that do not fill it.
+    pub kind: FileType,
+    /// `d_ino` of the backing filesystem.
+    pub ino: u64,
+}
+
+/// All entries of the directory `dir`, without `.` and `..`, in `getdents` order.
+pub fn read_all(dir: BorrowedFd<'_>) -> SysResult<Vec<Entry>> {
+    let fd = rfs::openat(
+        dir,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut entries = Vec::new();
+    for entry in Dir::new(fd)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        entries.push(Entry {
+            name: OsString::from_vec(name.to_vec()),
+            kind: entry.file_type(),
+            ino: entry.ino(),
+        });
+    }
+    Ok(entries)
+}

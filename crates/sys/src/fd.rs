@@ -1,0 +1,206 @@
+//! Fd-relative file operations. Every function takes a directory fd plus a [`Component`], or an fd
+//! of the object itself; none follows a symlink in the last component.
+//!
+//! Objects are held as `O_PATH` fds ([`open_path`]). Operations that the kernel refuses on an
+//! `O_PATH` fd (chmod, utimes, xattrs, reopen for I/O) go through its `/proc/self/fd/N` magic
+//! link, which names exactly that inode and is never re-resolved by name.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+pub use rustix::fs::{
+    AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, Stat, StatFs, Timespec, Timestamps,
+};
+use rustix::fs::{self as rfs, CWD};
+
+use crate::{Component, Errno, SysResult};
+
+/// `/proc/self/fd/N` for `fd`: the magic link that reaches exactly that open inode.
+pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
+    // A decimal number never holds a NUL byte.
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+/// Opens a directory given by a trusted path (a layer root, an upper dir) as an `O_PATH` fd.
+pub fn open_root(path: &Path) -> SysResult<OwnedFd> {
+    rfs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+}
+
+/// Opens `name` in `dir` as an `O_PATH` fd without following a final symlink.
+pub fn open_path(dir: BorrowedFd<'_>, name: &Component) -> SysResult<OwnedFd> {
+    rfs::openat(
+        dir,
+        name.as_c_str(),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Opens `name` in `dir` as an `O_PATH` fd, which must be a directory.
+pub fn open_path_dir(dir: BorrowedFd<'_>, name: &Component) -> SysResult<OwnedFd> {
+    rfs::openat(
+        dir,
+        name.as_c_str(),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Opens `name` in `dir` with `flags` (plus `O_NOFOLLOW|O_CLOEXEC`), creating it with `mode` if
+/// `flags` has `O_CREAT`.
+pub fn open_at(
+    dir: BorrowedFd<'_>,
+    name: &Component,
+    flags: OFlags,
+    mode: Mode,
+) -> SysResult<OwnedFd> {
+    rfs::openat(dir, name.as_c_str(), flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, mode)
+}
+
+/// Opens a path below `root` without ever leaving it: `openat2(RESOLVE_IN_ROOT |
+/// RESOLVE_NO_MAGICLINKS)`, so `..` and absolute symlinks stay inside `root`.
+pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlags) -> SysResult<OwnedFd> {
+    rfs::openat2(
+        root,
+        path,
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// Opens the object behind an `O_PATH` fd again, for I/O, with `flags`. Used for regular files and
+/// directories only (the magic link would refuse a symlink).
+pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> SysResult<OwnedFd> {
+    let flags = flags & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW);
+    rfs::open(proc_path(fd).as_c_str(), flags | OFlags::CLOEXEC, Mode::empty())
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn stat_at(dir: BorrowedFd<'_>, name: &Component) -> SysResult<Stat> {
+    rfs::statat(dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// `fstat` of any fd, `O_PATH` included.
+pub fn stat_fd(fd: BorrowedFd<'_>) -> SysResult<Stat> {
+    rfs::fstat(fd)
+}
+
+/// `statfs` of the filesystem holding `fd`.
+pub fn statfs_fd(fd: BorrowedFd<'_>) -> SysResult<StatFs> {
+    rfs::fstatfs(fd)
+}
+
+/// `mkdirat`.
+pub fn mkdir_at(dir: BorrowedFd<'_>, name: &Component, mode: Mode) -> SysResult<()> {
+    rfs::mkdirat(dir, name.as_c_str(), mode)
+}
+
+/// `mknodat` (FIFOs, sockets, devices, whiteouts).
+pub fn mknod_at(
+    dir: BorrowedFd<'_>,
+    name: &Component,
+    kind: FileType,
+    mode: Mode,
+    rdev: u64,
+) -> SysResult<()> {
+    rfs::mknodat(dir, name.as_c_str(), kind, mode, rdev)
+}
+
+/// `symlinkat(target, dir, name)`.
+pub fn symlink_at(target: &[u8], dir: BorrowedFd<'_>, name: &Component) -> SysResult<()> {
+    let target = CString::new(target).map_err(|_| Errno::INVAL)?;
+    rfs::symlinkat(target.as_c_str(), dir, name.as_c_str())
+}
+
+/// `readlinkat(fd, "")` of an `O_PATH` fd of a symlink.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> SysResult<Vec<u8>> {
+    rfs::readlinkat(fd, c"", Vec::new()).map(CString::into_bytes)
+}
+
+/// `unlinkat`, of a directory when `dir_flag` is set.
+pub fn unlink_at(dir: BorrowedFd<'_>, name: &Component, remove_dir: bool) -> SysResult<()> {
+    let flags = if remove_dir { AtFlags::REMOVEDIR } else { AtFlags::empty() };
+    rfs::unlinkat(dir, name.as_c_str(), flags)
+}
+
+/// `renameat2`.
+pub fn rename_at(
+    old_dir: BorrowedFd<'_>,
+    old: &Component,
+    new_dir: BorrowedFd<'_>,
+    new: &Component,
+    flags: RenameFlags,
+) -> SysResult<()> {
+    rfs::renameat_with(old_dir, old.as_c_str(), new_dir, new.as_c_str(), flags)
+}
+
+/// Makes a new hard link `dir/name` to the object behind `fd` (any fd, `O_PATH` included).
+pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &Component) -> SysResult<()> {
+    // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the magic link with AT_SYMLINK_FOLLOW does not.
+    match rfs::linkat(fd, c"", dir, name.as_c_str(), AtFlags::EMPTY_PATH) {
+        Err(Errno::NOENT | Errno::PERM) => rfs::linkat(
+            CWD,
+            proc_path(fd).as_c_str(),
+            dir,
+            name.as_c_str(),
+            AtFlags::SYMLINK_FOLLOW,
+        ),
+        other => other,
+    }
+}
+
+/// Changes owner of the object behind `fd` (symlinks included, never their target).
+pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
+    let uid = uid.map(rustix::process::Uid::from_raw);
+    let gid = gid.map(rustix::process::Gid::from_raw);
+    rfs::chownat(fd, c"", uid, gid, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// Changes the permission bits of the object behind `fd` (not for symlinks).
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: Mode) -> SysResult<()> {
+    rfs::chmodat(CWD, proc_path(fd).as_c_str(), mode, AtFlags::empty())
+}
+
+/// Sets atime/mtime of the object behind `fd`; `UTIME_OMIT`/`UTIME_NOW` as in `utimensat`.
+/// The magic link is resolved to the object itself, a symlink included.
+pub fn utimes_fd(fd: BorrowedFd<'_>, times: &Timestamps) -> SysResult<()> {
+    rfs::utimensat(CWD, proc_path(fd).as_c_str(), times, AtFlags::empty())
+}
+
+/// Sets times of `dir/name` without following a symlink.
+pub fn utimes_at(dir: BorrowedFd<'_>, name: &Component, times: &Timestamps) -> SysResult<()> {
+    rfs::utimensat(dir, name.as_c_str(), times, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// Truncates the regular file behind `fd` to `size`.
+pub fn truncate_fd(fd: BorrowedFd<'_>, size: u64) -> SysResult<()> {
+    let file = reopen(fd, OFlags::WRONLY)?;
+    rfs::ftruncate(&file, size)
+}
+
+/// `fsync` (or `fdatasync`) of an fd opened for I/O.
+pub fn sync_fd(fd: impl AsFd, data_only: bool) -> SysResult<()> {
+    if data_only { rfs::fdatasync(fd) } else { rfs::fsync(fd) }
+}
+
+/// `syncfs` of the filesystem that holds `fd`.
+pub fn syncfs(fd: impl AsFd) -> SysResult<()> {
+    rfs::syncfs(fd)
+}
+
+/// A `Timespec` from a `Stat`'s atime.
+pub fn atime_of(st: &Stat) -> Timespec {
+    Timespec { tv_sec: st.st_atime, tv_nsec: st.st_atime_nsec as _ }
+}
+
+/// A `Timespec` from a `Stat`'s mtime.
+pub fn mtime_of(st: &Stat) -> Timespec {
+    Timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec as _ }
+}
+
+/// The file type bits of a `Stat`.
+pub fn file_type(st: &Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}

@@ -1,0 +1,5 @@
+//! Project automation: `cargo xtask ci | demo | fuzz | bench`.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}
