@@ -282,7 +282,11 @@ fn generator_is_deterministic_and_broad() {
             kinds.insert(op.kind());
         }
     }
-    assert!(kinds.len() >= 25, "only {} op kinds: {kinds:?}", kinds.len());
+    assert!(
+        kinds.len() >= 25,
+        "only {} op kinds: {kinds:?}",
+        kinds.len()
+    );
 }
 
 /// The harness notices a real difference: kernel overlayfs without redirect_dir/index (EXDEV on renaming a
@@ -309,5 +313,7 @@ fn harness_detects_divergence() {
             return;
         }
     }
-    panic!("200 sequences found no difference between index=on,redirect_dir=on and plain kernel overlayfs");
+    panic!(
+        "200 sequences found no difference between index=on,redirect_dir=on and plain kernel overlayfs"
+    );
 }

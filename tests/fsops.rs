@@ -154,7 +154,11 @@ fn apply_inner(root: &Path, op: &Op) -> R {
     let none = || Ok(String::new());
     match op {
         Op::Create { path, mode } => {
-            open(&j(path), OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY, *mode)?;
+            open(
+                &j(path),
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+                *mode,
+            )?;
             none()
         }
         Op::Write { path, off, len } => {

@@ -48,7 +48,8 @@ pub fn seq_seed(base: u64, i: u64) -> u64 {
 
 /// The path pool, parents before children.
 pub const POOL: &[&str] = &[
-    "a", "b", "c", "d", "a/x", "a/y", "b/x", "b/y", "c/x", "c/y", "a/x/p", "a/x/q", "b/x/p", "b/x/q",
+    "a", "b", "c", "d", "a/x", "a/y", "b/x", "b/y", "c/x", "c/y", "a/x/p", "a/x/q", "b/x/p",
+    "b/x/q",
 ];
 
 fn parent(p: &str) -> Option<&str> {
@@ -226,17 +227,20 @@ pub fn build_layer(layer: &LowerLayer, dir: &Path) {
                 .expect("chown");
                 rfs::chmod(&full, Mode::from_raw_mode(*mode)).expect("chmod");
             }
-            LowerKind::Dir {
-                xattrs, opaque, ..
-            } => {
+            LowerKind::Dir { xattrs, opaque, .. } => {
                 std::fs::create_dir(&full).expect("mkdir lower");
                 for (k, v) in xattrs {
                     rfs::lsetxattr(&full, k.as_str(), v.as_bytes(), rfs::XattrFlags::empty())
                         .expect("lower xattr");
                 }
                 if *opaque {
-                    rfs::lsetxattr(&full, "trusted.overlay.opaque", b"y", rfs::XattrFlags::empty())
-                        .expect("opaque xattr");
+                    rfs::lsetxattr(
+                        &full,
+                        "trusted.overlay.opaque",
+                        b"y",
+                        rfs::XattrFlags::empty(),
+                    )
+                    .expect("opaque xattr");
                 }
             }
             LowerKind::Symlink(t) => {
@@ -377,36 +381,122 @@ pub enum XFlag {
 /// One operation of a sequence; paths are relative to the mount root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Create { path: String, mode: u32 },
-    Write { path: String, off: u64, len: usize },
-    Append { path: String, len: usize },
-    OpenTrunc { path: String, len: usize },
-    Truncate { path: String, len: u64 },
-    Unlink { path: String },
-    Mkdir { path: String, mode: u32 },
-    Rmdir { path: String },
-    Rename { from: String, to: String, kind: RenameKind },
-    Link { from: String, to: String },
-    Symlink { target: String, path: String },
-    Chmod { path: String, mode: u32 },
-    Chown { path: String, uid: u32, gid: u32, follow: bool },
-    Utimens { path: String, atime: TimeArg, mtime: TimeArg, follow: bool },
-    SetXattr { path: String, name: String, value: String, flag: XFlag },
-    RemoveXattr { path: String, name: String },
-    GetXattr { path: String, name: String },
-    ListXattr { path: String },
-    MkFifo { path: String },
-    MknodWhiteout { path: String },
-    ReadWhileWrite { path: String, len: usize },
-    UnlinkWhileOpen { path: String },
-    Read { path: String },
-    Readdir { path: String },
-    Stat { path: String },
-    Readlink { path: String },
-    InoStable { path: String },
-    Fsync { path: String },
-    Access { path: String, mode: u32 },
-    CopyFileRange { from: String, to: String },
+    Create {
+        path: String,
+        mode: u32,
+    },
+    Write {
+        path: String,
+        off: u64,
+        len: usize,
+    },
+    Append {
+        path: String,
+        len: usize,
+    },
+    OpenTrunc {
+        path: String,
+        len: usize,
+    },
+    Truncate {
+        path: String,
+        len: u64,
+    },
+    Unlink {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        mode: u32,
+    },
+    Rmdir {
+        path: String,
+    },
+    Rename {
+        from: String,
+        to: String,
+        kind: RenameKind,
+    },
+    Link {
+        from: String,
+        to: String,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+    Chown {
+        path: String,
+        uid: u32,
+        gid: u32,
+        follow: bool,
+    },
+    Utimens {
+        path: String,
+        atime: TimeArg,
+        mtime: TimeArg,
+        follow: bool,
+    },
+    SetXattr {
+        path: String,
+        name: String,
+        value: String,
+        flag: XFlag,
+    },
+    RemoveXattr {
+        path: String,
+        name: String,
+    },
+    GetXattr {
+        path: String,
+        name: String,
+    },
+    ListXattr {
+        path: String,
+    },
+    MkFifo {
+        path: String,
+    },
+    MknodWhiteout {
+        path: String,
+    },
+    ReadWhileWrite {
+        path: String,
+        len: usize,
+    },
+    UnlinkWhileOpen {
+        path: String,
+    },
+    Read {
+        path: String,
+    },
+    Readdir {
+        path: String,
+    },
+    Stat {
+        path: String,
+    },
+    Readlink {
+        path: String,
+    },
+    InoStable {
+        path: String,
+    },
+    Fsync {
+        path: String,
+    },
+    Access {
+        path: String,
+        mode: u32,
+    },
+    CopyFileRange {
+        from: String,
+        to: String,
+    },
 }
 
 impl Op {
@@ -449,11 +539,16 @@ impl Op {
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Op::Create { path, mode } => write!(f, "open({path:?}, O_CREAT|O_EXCL|O_WRONLY, {mode:04o})"),
+            Op::Create { path, mode } => {
+                write!(f, "open({path:?}, O_CREAT|O_EXCL|O_WRONLY, {mode:04o})")
+            }
             Op::Write { path, off, len } => write!(f, "pwrite({path:?}, off={off}, {len} bytes)"),
             Op::Append { path, len } => write!(f, "open({path:?}, O_APPEND) + write {len} bytes"),
             Op::OpenTrunc { path, len } => {
-                write!(f, "open({path:?}, O_CREAT|O_TRUNC|O_WRONLY, 0644) + write {len} bytes")
+                write!(
+                    f,
+                    "open({path:?}, O_CREAT|O_TRUNC|O_WRONLY, 0644) + write {len} bytes"
+                )
             }
             Op::Truncate { path, len } => write!(f, "truncate({path:?}, {len})"),
             Op::Unlink { path } => write!(f, "unlink({path:?})"),
@@ -463,15 +558,34 @@ impl fmt::Display for Op {
             Op::Link { from, to } => write!(f, "link({from:?}, {to:?})"),
             Op::Symlink { target, path } => write!(f, "symlink({target:?}, {path:?})"),
             Op::Chmod { path, mode } => write!(f, "chmod({path:?}, {mode:04o})"),
-            Op::Chown { path, uid, gid, follow } => {
-                write!(f, "{}({path:?}, {uid}, {gid})", if *follow { "chown" } else { "lchown" })
+            Op::Chown {
+                path,
+                uid,
+                gid,
+                follow,
+            } => {
+                write!(
+                    f,
+                    "{}({path:?}, {uid}, {gid})",
+                    if *follow { "chown" } else { "lchown" }
+                )
             }
-            Op::Utimens { path, atime, mtime, follow } => write!(
+            Op::Utimens {
+                path,
+                atime,
+                mtime,
+                follow,
+            } => write!(
                 f,
                 "utimensat({path:?}, atime={atime:?}, mtime={mtime:?}{})",
                 if *follow { "" } else { ", AT_SYMLINK_NOFOLLOW" }
             ),
-            Op::SetXattr { path, name, value, flag } => {
+            Op::SetXattr {
+                path,
+                name,
+                value,
+                flag,
+            } => {
                 write!(f, "lsetxattr({path:?}, {name:?}, {value:?}, {flag:?})")
             }
             Op::RemoveXattr { path, name } => write!(f, "lremovexattr({path:?}, {name:?})"),
@@ -484,19 +598,28 @@ impl fmt::Display for Op {
                 "fdA=open({path:?}, O_RDONLY); fdB=open({path:?}, O_WRONLY); pwrite(fdB, {len} bytes, 0); pread(fdA)"
             ),
             Op::UnlinkWhileOpen { path } => {
-                write!(f, "fd=open({path:?}, O_RDONLY); unlink({path:?}); fstat(fd).nlink; read(fd)")
+                write!(
+                    f,
+                    "fd=open({path:?}, O_RDONLY); unlink({path:?}); fstat(fd).nlink; read(fd)"
+                )
             }
             Op::Read { path } => write!(f, "read({path:?})"),
             Op::Readdir { path } => write!(f, "readdir({path:?})"),
             Op::Stat { path } => write!(f, "lstat({path:?})"),
             Op::Readlink { path } => write!(f, "readlink({path:?})"),
             Op::InoStable { path } => {
-                write!(f, "lstat({path:?}).ino; chmod(same mode); lstat({path:?}).ino unchanged?")
+                write!(
+                    f,
+                    "lstat({path:?}).ino; chmod(same mode); lstat({path:?}).ino unchanged?"
+                )
             }
             Op::Fsync { path } => write!(f, "fsync(open({path:?}, O_RDONLY))"),
             Op::Access { path, mode } => write!(f, "access({path:?}, {mode})"),
             Op::CopyFileRange { from, to } => {
-                write!(f, "copy_file_range({from:?} -> open({to:?}, O_WRONLY|O_CREAT))")
+                write!(
+                    f,
+                    "copy_file_range({from:?} -> open({to:?}, O_WRONLY|O_CREAT))"
+                )
             }
         }
     }

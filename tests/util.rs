@@ -18,6 +18,7 @@ use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::RwLock;
 
 use sha2::{Digest, Sha256};
 
@@ -56,6 +57,22 @@ pub fn sut() -> Impl {
     }
 }
 
+/// Held for reading while a child process is being spawned (between fork and exec the child holds copies
+/// of all our fds, including ones open inside a mount) and for writing while unmounting, so that a spawn in
+/// one test never makes another test's umount fail with EBUSY.
+static SPAWN_LOCK: RwLock<()> = RwLock::new(());
+
+/// `cmd.output()`, spawned under the spawn lock.
+pub fn output(cmd: &mut Command) -> std::io::Result<Output> {
+    let child = {
+        let _g = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?
+    };
+    child.wait_with_output()
+}
+
 /// Path of the `layerfs` binary built by cargo for this test.
 pub fn layerfs_bin() -> &'static str {
     env!("CARGO_BIN_EXE_layerfs")
@@ -68,12 +85,13 @@ pub fn skip(test: &str, reason: &str) {
 
 /// Whether a program is found on PATH.
 pub fn have_program(name: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name} >/dev/null 2>&1"))
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    output(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {name} >/dev/null 2>&1")),
+    )
+    .map(|o| o.status.success())
+    .unwrap_or(false)
 }
 
 /// Whether we may mount (root); every mounting test checks this first.
@@ -132,7 +150,7 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         // Never let TempDir recurse into a live mount.
         for m in mounts_under(self.dir.path()).into_iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
+            let _ = output(Command::new("umount").arg("-l").arg(&m));
         }
     }
 }
@@ -215,10 +233,11 @@ impl Mount {
                     layers.upper.display(),
                     layers.work.display()
                 );
-                Command::new("mount")
-                    .args(["-t", "overlay", "overlay", "-o", &opts])
-                    .arg(mnt)
-                    .output()
+                output(
+                    Command::new("mount")
+                        .args(["-t", "overlay", "overlay", "-o", &opts])
+                        .arg(mnt),
+                )
             }
             Impl::Layerfs => {
                 let mut c = Command::new(layerfs_bin());
@@ -229,7 +248,23 @@ impl Mount {
                 c.arg("--upper").arg(&layers.upper);
                 c.arg("--work").arg(&layers.work);
                 c.arg(mnt);
-                c.output()
+                // The daemon may keep inherited stdio open: never give it our pipes.
+                let log = mnt.with_file_name("layerfs-mount.log");
+                let file = std::fs::File::create(&log).map_err(|e| format!("{log:?}: {e}"))?;
+                let err = file.try_clone().map_err(|e| e.to_string())?;
+                c.stdin(std::process::Stdio::null())
+                    .stdout(file)
+                    .stderr(err);
+                let status = {
+                    let _g = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
+                    c.spawn()
+                }
+                .and_then(|mut ch| ch.wait());
+                status.map(|status| Output {
+                    status,
+                    stdout: Vec::new(),
+                    stderr: std::fs::read(&log).unwrap_or_default(),
+                })
             }
         };
         let out = out.map_err(|e| format!("spawn: {e}"))?;
@@ -269,17 +304,29 @@ impl Mount {
 }
 
 fn umount(p: &Path, imp: Impl) -> Result<(), String> {
-    let out = match imp {
-        Impl::Layerfs => Command::new(layerfs_bin()).arg("umount").arg(p).output(),
-        Impl::Kernel | Impl::KernelPlain => Command::new("umount").arg(p).output(),
-    }
-    .map_err(|e| e.to_string())?;
+    // Exclusive: no other thread is between fork and exec holding copies of fds inside this mount.
+    let _g = SPAWN_LOCK.write().unwrap_or_else(|e| e.into_inner());
+    let mut cmd = match imp {
+        Impl::Layerfs => {
+            let mut c = Command::new(layerfs_bin());
+            c.arg("umount");
+            c
+        }
+        Impl::Kernel | Impl::KernelPlain => Command::new("umount"),
+    };
+    let out = cmd
+        .arg(p)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|c| c.wait_with_output())
+        .map_err(|e| e.to_string())?;
     if out.status.success() && !is_mounted(p) {
         return Ok(());
     }
     let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
     // Fall back so that a failing test never leaves a mount behind.
-    let _ = Command::new("umount").arg("-l").arg(p).status();
+    let _ = Command::new("umount").arg("-l").arg(p).output();
     Err(format!("umount failed: {} {msg}", out.status))
 }
 
@@ -293,13 +340,14 @@ impl Drop for Mount {
 
 /// Runs `sh -c script` in `cwd`; returns the output.
 pub fn sh(cwd: &Path, script: &str) -> Output {
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(cwd)
-        .env("LC_ALL", "C")
-        .output()
-        .expect("spawn sh")
+    output(
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(cwd)
+            .env("LC_ALL", "C"),
+    )
+    .expect("spawn sh")
 }
 
 /// Like `sh` but panics with stderr when the script fails.
@@ -356,7 +404,11 @@ pub struct Entry {
 
 impl fmt::Debug for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:04o} {}:{}", self.kind, self.mode, self.uid, self.gid)?;
+        write!(
+            f,
+            "{} {:04o} {}:{}",
+            self.kind, self.mode, self.uid, self.gid
+        )?;
         if let Some(s) = self.size {
             write!(f, " size={s}")?;
         }
@@ -555,7 +607,10 @@ fn walk(
     }
     let dirfd = match rustix::fs::open(
         &p,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::NOFOLLOW,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     ) {
         Ok(fd) => fd,
@@ -593,15 +648,20 @@ fn walk(
         match rustix::fs::lstat(root.join(&child)) {
             Ok(cst) => {
                 if cst.st_ino != ent.ino() {
-                    snap.anomalies
-                        .push(format!("{child}: d_ino {} != st_ino {}", ent.ino(), cst.st_ino));
+                    snap.anomalies.push(format!(
+                        "{child}: d_ino {} != st_ino {}",
+                        ent.ino(),
+                        cst.st_ino
+                    ));
                 }
                 let dt = ent.file_type();
                 if dt != rustix::fs::FileType::Unknown
                     && dt != rustix::fs::FileType::from_raw_mode(cst.st_mode)
                 {
-                    snap.anomalies
-                        .push(format!("{child}: d_type {dt:?} != st_mode {:o}", cst.st_mode));
+                    snap.anomalies.push(format!(
+                        "{child}: d_type {dt:?} != st_mode {:o}",
+                        cst.st_mode
+                    ));
                 }
             }
             Err(e) => snap
@@ -632,9 +692,9 @@ pub fn diff_snapshots(a_name: &str, a: &Snapshot, b_name: &str, b: &Snapshot) ->
         match (a.entries.get(k), b.entries.get(k)) {
             (Some(x), None) => out.push(format!("{shown}: only in {a_name}: {x:?}")),
             (None, Some(y)) => out.push(format!("{shown}: only in {b_name}: {y:?}")),
-            (Some(x), Some(y)) if x != y => {
-                out.push(format!("{shown}:\n    {a_name}: {x:?}\n    {b_name}: {y:?}"))
-            }
+            (Some(x), Some(y)) if x != y => out.push(format!(
+                "{shown}:\n    {a_name}: {x:?}\n    {b_name}: {y:?}"
+            )),
             _ => {}
         }
     }
