@@ -69,7 +69,6 @@ pub struct Dual {
     // Field order matters: mounts drop (unmount) before the fixture removes its dir.
     pub kernel: Mount,
     pub sut: Mount,
-    pub lowers: Vec<PathBuf>,
     pub fix: Fixture,
 }
 
@@ -87,12 +86,7 @@ impl Dual {
             &layers_for(&fix, &lowers, "sut"),
             &fix.mountpoint("sut"),
         );
-        Dual {
-            kernel,
-            sut,
-            lowers,
-            fix,
-        }
+        Dual { kernel, sut, fix }
     }
 
     /// Runs `script` in both mount roots; asserts equal exit status and equal stdout (mount path

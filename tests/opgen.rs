@@ -139,10 +139,10 @@ pub fn gen_lowers(seed: u64) -> Lowers {
         let mut dirs: Vec<String> = Vec::new();
         let mut files: Vec<String> = Vec::new();
         for &p in POOL {
-            if let Some(par) = parent(p) {
-                if !dirs.iter().any(|d| d == par) {
-                    continue;
-                }
+            if let Some(par) = parent(p)
+                && !dirs.iter().any(|d| d == par)
+            {
+                continue;
             }
             let has_children = POOL.iter().any(|c| parent(c) == Some(p));
             // Paths with children in the pool are mostly directories, so deeper paths exist often.

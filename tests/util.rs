@@ -201,7 +201,6 @@ pub struct Layers {
 pub struct Mount {
     pub path: PathBuf,
     pub imp: Impl,
-    pub layers: Layers,
     mounted: bool,
 }
 
@@ -281,7 +280,6 @@ impl Mount {
         Ok(Mount {
             path: mnt.to_path_buf(),
             imp,
-            layers: layers.clone(),
             mounted: true,
         })
     }
@@ -291,15 +289,6 @@ impl Mount {
         self.mounted = false;
         let st = umount(&self.path, self.imp);
         assert!(st.is_ok(), "umount {}: {:?}", self.path.display(), st);
-    }
-
-    /// `self.path.join(rel)`.
-    pub fn p(&self, rel: &str) -> PathBuf {
-        if rel.is_empty() {
-            self.path.clone()
-        } else {
-            self.path.join(rel)
-        }
     }
 }
 
