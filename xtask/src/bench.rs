@@ -25,6 +25,7 @@ use report::Record;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use system::{Bins, Mount, RunDirs, System};
 use workload::{Ctx, Workload};
@@ -34,6 +35,12 @@ const NS_ENV: &str = "LAYERFS_BENCH_NS";
 
 /// Size of the loop image when it is first created.
 const IMAGE_SIZE: &str = "16G";
+
+/// Set by the first Ctrl-C: finish the current run, unmount, write a partial report.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Runs repeated at most this often when another process drops the page cache during them.
+const RETRIES: usize = 2;
 
 /// Entry point: `args` are the arguments after `bench`.
 pub fn main(args: &[String]) -> Result<()> {
@@ -52,6 +59,8 @@ pub fn main(args: &[String]) -> Result<()> {
     if opts.systems.contains(&System::Layerfs) {
         host::build_layerfs(&workspace)?;
     }
+    // The inner bench handles Ctrl-C; this one waits for it.
+    let _ = ctrlc::set_handler(|| {});
     let exe = std::env::current_exe().context("current_exe")?;
     let status = Command::new("unshare")
         .args(["-m", "--propagation", "private"])
@@ -89,14 +98,35 @@ fn now(fmt: &str) -> String {
 
 /// The run, inside the private mount namespace.
 fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
-    std::fs::create_dir_all(&opts.base).with_context(|| format!("mkdir {}", opts.base.display()))?;
+    std::fs::create_dir_all(&opts.base)
+        .with_context(|| format!("mkdir {}", opts.base.display()))?;
     let lock = File::create(opts.base.join("lock"))?;
     if lock.try_lock().is_err() {
-        eprintln!("bench: waiting for another bench run ({})", opts.base.join("lock").display());
+        eprintln!(
+            "bench: waiting for another bench run ({})",
+            opts.base.join("lock").display()
+        );
         lock.lock()?;
     }
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("bench: second interrupt: exiting now (the next run reaps what is left)");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "bench: interrupted: stopping after the current run (Ctrl-C again to exit at once)"
+        );
+    });
+    reap_orphans(&opts.base.join("fs/run"));
     let fs = host::LoopFs::up(&opts.base, IMAGE_SIZE)?;
-    let data = Data::new(&fs.mnt, if opts.quick { Shape::QUICK } else { Shape::FULL });
+    let data = Data::new(
+        &fs.mnt,
+        if opts.quick {
+            Shape::QUICK
+        } else {
+            Shape::FULL
+        },
+    );
     std::fs::create_dir_all(fs.mnt.join("data"))?;
     data.ensure(&fs.mnt.join("data"))?;
     let run_root = fs.mnt.join("run");
@@ -131,7 +161,10 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         format!(
             "`cargo xtask bench{}` — {} UTC, {} data set ({} files in {} dirs, {}-entry dir, {} MiB file, \
              {} thin layers), {} measured round(s) after {} warm-up round(s).",
-            std::env::args().skip(2).map(|a| format!(" {a}")).collect::<String>(),
+            std::env::args()
+                .skip(2)
+                .map(|a| format!(" {a}"))
+                .collect::<String>(),
             now("%Y-%m-%d %H:%M"),
             data.shape.name,
             data.shape.nfiles(),
@@ -147,13 +180,25 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     header.extend(host::describe(
         &fs,
         workspace,
-        systems.contains(&System::Layerfs).then_some(bins.layerfs.as_path()),
+        systems
+            .contains(&System::Layerfs)
+            .then_some(bins.layerfs.as_path()),
     ));
-    let env = RunEnv { data: &data, bins: &bins, run_root: &run_root, logs: &logs, timeout };
+    let env = RunEnv {
+        data: &data,
+        bins: &bins,
+        run_root: &run_root,
+        logs: &logs,
+        timeout,
+    };
     let mut records = Vec::new();
-    for w in &workloads {
+    'all: for w in &workloads {
         for round in (1..=opts.warmup + opts.runs).map(|r| r as isize - opts.warmup as isize) {
             for &sys in &systems {
+                if STOP.load(Ordering::SeqCst) {
+                    header.push("- **interrupted**: partial results".to_string());
+                    break 'all;
+                }
                 let rec = env.run_one(sys, w, round.max(0) as usize);
                 progress(&rec, round);
                 if round > 0 {
@@ -164,7 +209,11 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     }
     header.push(format!("- load average at end: {}", host::loadavg()));
     let md = report::markdown(&header, &systems, opts.runs, &records);
-    let out = if opts.out.is_absolute() { opts.out.clone() } else { workspace.join(&opts.out) };
+    let out = if opts.out.is_absolute() {
+        opts.out.clone()
+    } else {
+        workspace.join(&opts.out)
+    };
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -172,10 +221,32 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     let results = opts.base.join("results");
     std::fs::create_dir_all(&results)?;
     let raw = results.join(format!("bench-{}.json", now("%Y%m%d-%H%M%S")));
-    std::fs::write(&raw, serde_json::to_string_pretty(&report::json(&header, &records))?)?;
+    std::fs::write(
+        &raw,
+        serde_json::to_string_pretty(&report::json(&header, &records))?,
+    )?;
     println!("{md}");
-    eprintln!("bench: report in {}, raw results in {}", out.display(), raw.display());
+    eprintln!(
+        "bench: report in {}, raw results in {}",
+        out.display(),
+        raw.display()
+    );
     Ok(())
+}
+
+/// Ends FUSE daemons left by a bench that was killed (their command line names our run dir): after we
+/// took the lock, no live bench uses that dir.
+fn reap_orphans(run_root: &Path) {
+    let root = run_root.to_string_lossy();
+    for pid in cmd::fuse_holders() {
+        if cmd::cmdline(pid).contains(&*root) {
+            eprintln!(
+                "bench: ending daemon {pid} left by an earlier bench: {}",
+                cmd::cmdline(pid)
+            );
+            cmd::kill(pid, "TERM");
+        }
+    }
 }
 
 /// Keeps the systems that mount and unmount cleanly over the two-layer stack.
@@ -186,12 +257,15 @@ fn probe(opts: &Opts, bins: &Bins, data: &Data, run_root: &Path, logs: &Path) ->
         let lowers = lowers(data, data::Stack::Two);
         let r = dirs
             .reset(run_root)
-            .and_then(|()| Mount::mount(sys, bins, &lowers, &dirs, false, &log_path(logs, sys)))
+            .and_then(|()| Mount::start(sys, bins, &lowers, &dirs, false, &log_path(logs, sys)))
             .and_then(Mount::unmount)
             .and_then(|()| system::remove_inside(&dirs.dir, run_root));
         match r {
             Ok(()) => ok.push(sys),
-            Err(e) => eprintln!("bench: WARNING: dropping {}: probe mount failed: {e:#}", sys.name()),
+            Err(e) => eprintln!(
+                "bench: WARNING: dropping {}: probe mount failed: {e:#}",
+                sys.name()
+            ),
         }
     }
     ok
@@ -214,14 +288,21 @@ fn progress(r: &Record, round: isize) {
         "{} {:<17} {:<7} {:<21}",
         now("%H:%M:%S"),
         r.workload,
-        if round > 0 { format!("r{round}") } else { "warmup".into() },
+        if round > 0 {
+            format!("r{round}")
+        } else {
+            "warmup".into()
+        },
         r.sys.name()
     );
     for (m, v) in &r.metrics {
         line.push_str(&format!(" {m}={v:.3}s"));
     }
     if let Some(u) = r.usage {
-        line.push_str(&format!("  [daemon {:.1} MiB, cpu {:.2} s]", u.hwm_mib, u.cpu_secs));
+        line.push_str(&format!(
+            "  [daemon {:.1} MiB, cpu {:.2} s]",
+            u.hwm_mib, u.cpu_secs
+        ));
     }
     if let Some(e) = &r.error {
         line.push_str(&format!("  ERROR {e}"));
@@ -254,19 +335,41 @@ impl RunEnv<'_> {
             stats: None,
             error: None,
             checks: Vec::new(),
+            disturbed: 0,
         };
-        if let Err(e) = self.try_run(sys, w, &mut rec) {
-            rec.error = Some(format!("{e:#}"));
+        loop {
+            let drops = drop_count();
+            let result = self.try_run(sys, w, &mut rec);
+            if drop_count() != drops && rec.disturbed < RETRIES {
+                rec.disturbed += 1;
+                eprintln!("bench: page cache dropped by someone else during the run: repeating it");
+                std::thread::sleep(Duration::from_secs(2));
+                continue;
+            }
+            if let Err(e) = result {
+                rec.error = Some(format!("{e:#}"));
+            }
+            return rec;
         }
-        rec
     }
 
     fn try_run(&self, sys: System, w: &Workload, rec: &mut Record) -> Result<()> {
+        rec.metrics.clear();
+        rec.checks.clear();
+        rec.usage = None;
+        rec.stats = None;
         let dirs = RunDirs::new(self.run_root, sys);
         dirs.reset(self.run_root)?;
         workload::rewarm(self.data, w)?;
         let lowers = lowers(self.data, w.stack);
-        let mount = Mount::mount(sys, self.bins, &lowers, &dirs, w.volatile, &log_path(self.logs, sys))?;
+        let mount = Mount::start(
+            sys,
+            self.bins,
+            &lowers,
+            &dirs,
+            w.volatile,
+            &log_path(self.logs, sys),
+        )?;
         rec.mount_secs = mount.mount_secs;
         let before = mount.request_stats(self.bins);
         let ctx = Ctx {
@@ -285,4 +388,16 @@ impl RunEnv<'_> {
         rec.metrics = result?;
         system::remove_inside(&dirs.dir, self.run_root)
     }
+}
+
+/// How often the page cache has been dropped (`echo 1|3 > drop_caches`) since boot; the bench never does.
+fn drop_count() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("drop_pagecache "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

@@ -50,7 +50,9 @@ pub fn run(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Ran> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let start = Instant::now();
-    let child = cmd.spawn().with_context(|| format!("cannot start `{what}`"))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{what}`"))?;
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -90,12 +92,7 @@ pub fn run_visible(cmd: &mut Command, what: &str) -> Result<()> {
 pub fn tail(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
     let s = s.trim();
-    let start = s
-        .char_indices()
-        .rev()
-        .nth(400)
-        .map(|(i, _)| i)
-        .unwrap_or(0);
+    let start = s.char_indices().rev().nth(400).map(|(i, _)| i).unwrap_or(0);
     s[start..].to_string()
 }
 
@@ -162,7 +159,10 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {

@@ -289,8 +289,14 @@ impl Data {
         )?;
         remove_inside(&src, &self.dir)?;
         cmd::sh("sync", Duration::from_secs(600))?;
-        std::fs::write(&done, format!("built in {:.0} s\n", t0.elapsed().as_secs_f64()))?;
-        eprintln!("bench: data set built in {:.0} s", t0.elapsed().as_secs_f64());
+        std::fs::write(
+            &done,
+            format!("built in {:.0} s\n", t0.elapsed().as_secs_f64()),
+        )?;
+        eprintln!(
+            "bench: data set built in {:.0} s",
+            t0.elapsed().as_secs_f64()
+        );
         Ok(())
     }
 }

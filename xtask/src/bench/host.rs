@@ -29,7 +29,10 @@ pub fn ensure_packages() -> Result<()> {
         return Ok(());
     }
     eprintln!("bench: installing {}", missing.join(" "));
-    cmd::run_visible(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
+    cmd::run_visible(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-get update",
+    )?;
     cmd::run_visible(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -82,7 +85,12 @@ impl LoopFs {
         let t = Duration::from_secs(600);
         if cmd::mounted(&mnt).is_some() {
             let dev = cmd::sh_quiet(&format!("findmnt -n -o SOURCE {}", q(&mnt)));
-            return Ok(LoopFs { mnt, dev, attached: false, mounted: false });
+            return Ok(LoopFs {
+                mnt,
+                dev,
+                attached: false,
+                mounted: false,
+            });
         }
         let new = !img.exists();
         if new {
@@ -98,13 +106,23 @@ impl LoopFs {
                 (out.stdout.trim().to_string(), true)
             }
         };
-        let mut fs = LoopFs { mnt, dev, attached, mounted: false };
+        let mut fs = LoopFs {
+            mnt,
+            dev,
+            attached,
+            mounted: false,
+        };
         if new {
             cmd::sh(&format!("mkfs.ext4 -q -E nodiscard {}", q(&fs.dev)), t)?;
         }
         cmd::sh(&format!("mount {} {}", q(&fs.dev), q(&fs.mnt)), t)?;
         fs.mounted = true;
-        eprintln!("bench: {} ({}) mounted at {}", img.display(), fs.dev, fs.mnt.display());
+        eprintln!(
+            "bench: {} ({}) mounted at {}",
+            img.display(),
+            fs.dev,
+            fs.mnt.display()
+        );
         Ok(fs)
     }
 
@@ -117,10 +135,10 @@ impl LoopFs {
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let t = Duration::from_secs(120);
-        if self.mounted {
-            if let Err(e) = cmd::sh(&format!("umount {}", q(&self.mnt)), t) {
-                eprintln!("bench: {e:#}");
-            }
+        if self.mounted
+            && let Err(e) = cmd::sh(&format!("umount {}", q(&self.mnt)), t)
+        {
+            eprintln!("bench: {e:#}");
         }
         if self.attached {
             let _ = cmd::sh(&format!("losetup -d {}", q(&self.dev)), t);
@@ -133,11 +151,15 @@ pub fn describe(fs: &LoopFs, workspace: &Path, bins_layerfs: Option<&Path>) -> V
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
         })
         .unwrap_or_else(|| "?".into());
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -147,10 +169,18 @@ pub fn describe(fs: &LoopFs, workspace: &Path, bins_layerfs: Option<&Path>) -> V
         })
         .map(|kib| kib / 1024.0 / 1024.0)
         .unwrap_or(0.0);
-    let fsline = cmd::sh_quiet(&format!("findmnt -n -o FSTYPE,OPTIONS -T {}", q(&fs.mnt)));
-    let journal = cmd::sh_quiet(&format!("dumpe2fs -h {} 2>/dev/null | grep -c has_journal", q(fs.dev())));
-    let backing = cmd::sh_quiet(&format!("losetup -n -O BACK-FILE,DIO {}", q(fs.dev())));
-    let under = cmd::sh_quiet(&format!("findmnt -n -o FSTYPE,SOURCE -T {}", q(backing.split_whitespace().next().unwrap_or("/"))));
+    let dev = q(fs.dev());
+    let fstype = cmd::sh_quiet(&format!("findmnt -n -o FSTYPE -T {}", q(&fs.mnt)));
+    let fsopts = cmd::sh_quiet(&format!("findmnt -n -o OPTIONS -T {}", q(&fs.mnt)));
+    let journal = cmd::sh_quiet(&format!(
+        "dumpe2fs -h {dev} 2>/dev/null | grep -c has_journal"
+    ));
+    let backing = cmd::sh_quiet(&format!("losetup -n -O BACK-FILE {dev}"));
+    let dio = cmd::sh_quiet(&format!("losetup -n -O DIO {dev}"));
+    let under = cmd::sh_quiet(&format!(
+        "findmnt -n -o FSTYPE,SOURCE -T {} | tr -s ' '",
+        q(if backing.is_empty() { "/" } else { &backing })
+    ));
     let git = cmd::sh_quiet(&format!(
         "cd {} && git rev-parse --short HEAD && git status --porcelain | head -1",
         q(workspace)
@@ -166,16 +196,22 @@ pub fn describe(fs: &LoopFs, workspace: &Path, bins_layerfs: Option<&Path>) -> V
     };
     vec![
         format!("- kernel: `{}`", cmd::sh_quiet("uname -srvm")),
-        format!("- cpu: {nproc} × {cpu}; memory {mem_gib:.1} GiB; load average at start {}", loadavg()),
         format!(
-            "- data fs: {fsline} on {} (journal: {}), loop image {backing} on {under}",
+            "- cpu: {nproc} × {cpu}; memory {mem_gib:.1} GiB; load average at start {}",
+            loadavg()
+        ),
+        format!(
+            "- data fs: {fstype} ({fsopts}, journal: {}) on {}, loop image {backing} (direct I/O: {}) on {under}",
+            if journal.trim() == "1" { "yes" } else { "no" },
             fs.dev(),
-            if journal.trim() == "1" { "yes" } else { "no" }
+            if dio.trim() == "1" { "on" } else { "off" },
         ),
         format!(
             "- tools: {}; fuse-overlayfs {}; {}; {}",
             layerfs,
-            cmd::sh_quiet("fuse-overlayfs --version 2>&1 | head -1 | sed 's/.*version //'"),
+            cmd::sh_quiet(
+                "fuse-overlayfs --version 2>&1 | sed -n 's/^fuse-overlayfs: version //p'"
+            ),
             cmd::sh_quiet("fio --version"),
             cmd::sh_quiet("fusermount3 --version 2>&1 | head -1"),
         ),

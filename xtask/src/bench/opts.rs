@@ -82,7 +82,11 @@ impl Opts {
                 "--warmup" => warmup = number(flag, &value()?)?,
                 "--out" => out = PathBuf::from(value()?),
                 "--workloads" => {
-                    workloads = value()?.split(',').filter(|s| !s.is_empty()).map(String::from).collect()
+                    workloads = value()?
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
                 }
                 "--base" => base = PathBuf::from(value()?),
                 "--timeout" => timeout_secs = number(flag, &value()?)? as u64,

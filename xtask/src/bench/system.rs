@@ -77,7 +77,8 @@ impl System {
         match self {
             System::Kernel => {
                 c = Command::new("mount");
-                c.args(["-t", "overlay", "overlay", "-o", &opts]).arg(&dirs.mnt);
+                c.args(["-t", "overlay", "overlay", "-o", &opts])
+                    .arg(&dirs.mnt);
             }
             System::Layerfs => {
                 c = Command::new(&bins.layerfs);
@@ -136,11 +137,23 @@ impl RunDirs {
 
 /// `rm -rf path`, only if `path` is strictly inside `root` and nothing is mounted on or below it.
 pub fn remove_inside(path: &Path, root: &Path) -> Result<()> {
-    if !root.is_absolute() || root.components().count() < 3 || !path.starts_with(root) || path == root {
-        bail!("refusing to remove {} (not inside {})", path.display(), root.display());
+    if !root.is_absolute()
+        || root.components().count() < 3
+        || !path.starts_with(root)
+        || path == root
+    {
+        bail!(
+            "refusing to remove {} (not inside {})",
+            path.display(),
+            root.display()
+        );
     }
     if let Some(m) = cmd::mounted_under(path) {
-        bail!("refusing to remove {}: {} is mounted", path.display(), m.display());
+        bail!(
+            "refusing to remove {}: {} is mounted",
+            path.display(),
+            m.display()
+        );
     }
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -172,7 +185,7 @@ pub struct Mount {
 
 impl Mount {
     /// Mounts `sys` over `lowers` on `dirs` (already reset); the command's output goes to `log`.
-    pub fn mount(
+    pub fn start(
         sys: System,
         bins: &Bins,
         lowers: &str,
@@ -219,10 +232,13 @@ impl Mount {
                     m.mount_secs = (if exited.is_some() { now } else { at } - start).as_secs_f64();
                     break;
                 }
-            } else if let Some(status) = exited {
-                if !status.success() || now - start > Duration::from_secs(5) {
-                    bail!("{what} failed ({status}) without mounting; see {}", log.display());
-                }
+            } else if let Some(status) = exited
+                && (!status.success() || now - start > Duration::from_secs(5))
+            {
+                bail!(
+                    "{what} exited ({status}) without mounting; see {}",
+                    log.display()
+                );
             }
             if now - start > Duration::from_secs(60) {
                 cmd::kill_group(child.id());
@@ -237,26 +253,35 @@ impl Mount {
         if sys.is_fuse() != entry.fstype.starts_with("fuse") {
             bail!("{what} mounted a {} filesystem", entry.fstype);
         }
-        m.fuse_conn = sys.is_fuse().then(|| entry.dev.split(':').nth(1).unwrap_or("").to_string());
+        m.fuse_conn = sys
+            .is_fuse()
+            .then(|| entry.dev.split(':').nth(1).unwrap_or("").to_string());
         if sys.is_fuse() {
             m.find_daemon(&before);
         }
         // The first access, like any user's, is not part of a workload.
-        cmd::sh(&format!("stat {} >/dev/null", q(&m.mnt)), Duration::from_secs(60))?;
+        cmd::sh(
+            &format!("stat {} >/dev/null", q(&m.mnt)),
+            Duration::from_secs(60),
+        )?;
         Ok(m)
     }
 
     fn find_daemon(&mut self, before: &std::collections::BTreeSet<u32>) {
         let new: Vec<u32> = cmd::fuse_holders().difference(before).copied().collect();
         let mnt = self.mnt.to_string_lossy().into_owned();
-        if let Some(fg) = &self.foreground {
-            if new.contains(&fg.id()) {
-                self.daemon = Some(fg.id());
-                self.verified = true;
-                return;
-            }
+        if let Some(fg) = &self.foreground
+            && new.contains(&fg.id())
+        {
+            self.daemon = Some(fg.id());
+            self.verified = true;
+            return;
         }
-        if let Some(pid) = new.iter().copied().find(|p| cmd::cmdline(*p).contains(&mnt)) {
+        if let Some(pid) = new
+            .iter()
+            .copied()
+            .find(|p| cmd::cmdline(*p).contains(&mnt))
+        {
             self.daemon = Some(pid);
             self.verified = true;
         } else if new.len() == 1 {
@@ -325,7 +350,9 @@ impl Mount {
                 if cmd::alive(pid) {
                     cmd::kill(pid, "KILL");
                 }
-                result = result.and(Err(anyhow::anyhow!("daemon {pid} did not exit after umount")));
+                result = result.and(Err(anyhow::anyhow!(
+                    "daemon {pid} did not exit after umount"
+                )));
             }
         }
         if let Some(mut child) = self.foreground.take() {

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// What a workload run measured: (metric, seconds) pairs.
+pub type Metrics = Vec<(&'static str, f64)>;
+
 /// What a workload needs in the page cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Warm {
@@ -34,7 +37,7 @@ pub struct Workload {
     /// What to re-warm before each run.
     pub warm: &'static [Warm],
     /// Measures; returns (metric, seconds) pairs.
-    pub run: fn(&Ctx) -> Result<Vec<(&'static str, f64)>>,
+    pub run: fn(&Ctx) -> Result<Metrics>,
 }
 
 /// What a workload run sees.
@@ -116,7 +119,13 @@ pub fn all() -> Vec<Workload> {
         w("stat-missing", Two, false, &[Layers], stat_missing),
         w("layers50-find", Many, false, &[Layers], find_many),
         w("layers50-stat", Many, false, &[Layers], stat_bottom_many),
-        w("layers50-missing", Many, false, &[Layers], stat_missing_many),
+        w(
+            "layers50-missing",
+            Many,
+            false,
+            &[Layers],
+            stat_missing_many,
+        ),
     ]
 }
 
@@ -174,14 +183,18 @@ fn read_tree(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn seq_read(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
-    let dd = format!("dd if={}/{} of=/dev/null bs=1M status=none", c.m(), Data::BIG);
+fn seq_read(c: &Ctx) -> Result<Metrics> {
+    let dd = format!(
+        "dd if={}/{} of=/dev/null bs=1M status=none",
+        c.m(),
+        Data::BIG
+    );
     let first = c.sh(&dd)?.secs;
     let again = c.sh(&dd)?.secs;
     Ok(vec![("seq-read", first), ("seq-read-again", again)])
 }
 
-fn rand_read(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn rand_read(c: &Ctx) -> Result<Metrics> {
     // A quarter of the file in distinct random 4 KiB blocks (fio's random map, fixed seed).
     let size = c.data.shape.big_mib << 20;
     let out = c
@@ -193,8 +206,8 @@ fn rand_read(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
             size / 4
         ))?
         .stdout;
-    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').context("fio: no json")?..])
-        .context("fio json")?;
+    let json: serde_json::Value =
+        serde_json::from_str(&out[out.find('{').context("fio: no json")?..]).context("fio json")?;
     let read = &json["jobs"][0]["read"];
     let ios = read["total_ios"].as_f64().context("fio: total_ios")?;
     let iops = read["iops"].as_f64().context("fio: iops")?;
@@ -205,7 +218,7 @@ fn rand_read(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
     Ok(vec![("rand-read", ios / iops)])
 }
 
-fn seq_write(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn seq_write(c: &Ctx) -> Result<Metrics> {
     let t = c
         .sh(&format!(
             "dd if=/dev/zero of={}/seqw.bin bs=1M count={} conv=fsync status=none",
@@ -216,80 +229,101 @@ fn seq_write(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
     Ok(vec![("seq-write", t)])
 }
 
-fn count_find(c: &Ctx, metric: &'static str, want: usize) -> Result<Vec<(&'static str, f64)>> {
+fn count_find(c: &Ctx, metric: &'static str, want: usize) -> Result<Metrics> {
     let r = c.sh(&format!("find {}/tree -type f | wc -l", c.m()))?;
     c.check(metric, r.stdout.trim().parse().unwrap_or(0), want);
     Ok(vec![(metric, r.secs)])
 }
 
-fn find(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn find(c: &Ctx) -> Result<Metrics> {
     count_find(c, "find", c.data.shape.nfiles())
 }
 
-fn find_many(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn find_many(c: &Ctx) -> Result<Metrics> {
     count_find(c, "layers50-find", c.data.shape.nfiles_layers())
 }
 
-fn stat_all(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
-    Ok(vec![("stat-all", c.sh(&format!("du -s {}/tree >/dev/null", c.m()))?.secs)])
+fn stat_all(c: &Ctx) -> Result<Metrics> {
+    Ok(vec![(
+        "stat-all",
+        c.sh(&format!("du -s {}/tree >/dev/null", c.m()))?.secs,
+    )])
 }
 
-fn ls_f(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn ls_f(c: &Ctx) -> Result<Metrics> {
     let r = c.sh(&format!("ls -f {}/bigdir | wc -l", c.m()))?;
-    c.check("ls-f entries", r.stdout.trim().parse().unwrap_or(0), c.data.shape.nbigdir + 2);
+    c.check(
+        "ls-f entries",
+        r.stdout.trim().parse().unwrap_or(0),
+        c.data.shape.nbigdir + 2,
+    );
     Ok(vec![("ls-f", r.secs)])
 }
 
-fn ls_l(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
-    Ok(vec![("ls-l", c.sh(&format!("ls -l {}/bigdir >/dev/null", c.m()))?.secs)])
+fn ls_l(c: &Ctx) -> Result<Metrics> {
+    Ok(vec![(
+        "ls-l",
+        c.sh(&format!("ls -l {}/bigdir >/dev/null", c.m()))?.secs,
+    )])
 }
 
-fn tar_read(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn tar_read(c: &Ctx) -> Result<Metrics> {
     // Into a pipe: GNU tar does not read file contents when writing to /dev/null.
-    Ok(vec![("tar-read", c.sh(&format!("tar cf - -C {} tree | wc -c", c.m()))?.secs)])
+    Ok(vec![(
+        "tar-read",
+        c.sh(&format!("tar cf - -C {} tree | wc -c", c.m()))?.secs,
+    )])
 }
 
-fn append(c: &Ctx, metric: &'static str) -> Result<Vec<(&'static str, f64)>> {
+fn append(c: &Ctx, metric: &'static str) -> Result<Metrics> {
     let r = c.op("append", &c.data.list("copyup"))?;
     c.check(&format!("{metric} failures"), r.failed, 0);
     c.check(&format!("{metric} files"), r.ok, c.data.shape.nfiles() / 10);
     Ok(vec![(metric, r.secs)])
 }
 
-fn copy_up(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn copy_up(c: &Ctx) -> Result<Metrics> {
     append(c, "copy-up")
 }
 
-fn copy_up_volatile(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn copy_up_volatile(c: &Ctx) -> Result<Metrics> {
     append(c, "copy-up-volatile")
 }
 
-fn untar_rm(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn untar_rm(c: &Ctx) -> Result<Metrics> {
     let untar = c.sh(&format!("tar xf {} -C {}", q(c.data.create_tar()), c.m()))?;
     let n = c.sh(&format!("find {}/ctree -type f | wc -l", c.m()))?;
-    c.check("untar files", n.stdout.trim().parse().unwrap_or(0), c.data.shape.ncreate());
+    c.check(
+        "untar files",
+        n.stdout.trim().parse().unwrap_or(0),
+        c.data.shape.ncreate(),
+    );
     let rm = c.sh(&format!("rm -rf {}/ctree", c.m()))?;
     Ok(vec![("untar", untar.secs), ("rm-rf", rm.secs)])
 }
 
-fn stat_list(c: &Ctx, list: &str, metric: &'static str, exist: bool) -> Result<Vec<(&'static str, f64)>> {
+fn stat_list(c: &Ctx, list: &str, metric: &'static str, exist: bool) -> Result<Metrics> {
     let r = c.op("stat", &c.data.list(list))?;
     let n = c.data.shape.nfiles() / 10;
     c.check(&format!("{metric} found"), r.ok, if exist { n } else { 0 });
-    c.check(&format!("{metric} missing"), r.failed, if exist { 0 } else { n });
+    c.check(
+        &format!("{metric} missing"),
+        r.failed,
+        if exist { 0 } else { n },
+    );
     Ok(vec![(metric, r.secs)])
 }
 
-fn stat_bottom(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn stat_bottom(c: &Ctx) -> Result<Metrics> {
     stat_list(c, "bottom", "stat-bottom", true)
 }
-fn stat_missing(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn stat_missing(c: &Ctx) -> Result<Metrics> {
     stat_list(c, "neg", "stat-missing", false)
 }
-fn stat_bottom_many(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn stat_bottom_many(c: &Ctx) -> Result<Metrics> {
     stat_list(c, "bottom", "layers50-stat", true)
 }
-fn stat_missing_many(c: &Ctx) -> Result<Vec<(&'static str, f64)>> {
+fn stat_missing_many(c: &Ctx) -> Result<Metrics> {
     stat_list(c, "neg", "layers50-missing", false)
 }
 
