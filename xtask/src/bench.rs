@@ -56,7 +56,7 @@ pub fn main(args: &[String]) -> Result<()> {
         return inside(&opts, &workspace);
     }
     host::ensure_packages()?;
-    if opts.systems.contains(&System::Layerfs) {
+    if opts.systems.contains(&System::Layerfs) && opts.layerfs_bin.is_none() {
         host::build_layerfs(&workspace)?;
     }
     // The inner bench handles Ctrl-C; this one waits for it.
@@ -134,10 +134,12 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     let logs = opts.base.join("logs");
     std::fs::create_dir_all(&logs)?;
     let bins = Bins {
-        layerfs: std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"))
-            .join("release/layerfs"),
+        layerfs: opts.layerfs_bin.clone().unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join("target"))
+                .join("release/layerfs")
+        }),
     };
     let timeout = Duration::from_secs(opts.timeout_secs);
     let workloads: Vec<Workload> = workload::all()

@@ -14,12 +14,13 @@ journaled ext4 loop image, in a private mount namespace. Must run as root.
   --quick           about 1/10 of the data (10k files, 100 MiB file) and 3 runs: a few minutes
   --systems LIST    comma separated, column order; default layerfs,kernel,fuse-overlayfs,fuse-overlayfs-tuned
                     (kernel is the reference of the ratios; a system whose probe mount fails is dropped)
-  --runs N          measured rounds, interleaved A B C A B C ... (default 5, quick 3)
+  --runs N          measured rounds, interleaved A B C A B C ... (default 3)
   --warmup N        unrecorded rounds before them (default 1)
   --workloads LIST  comma separated workload names (default all; see the table in the output)
   --out FILE        markdown report (default docs/benchmarks.md in the workspace)
   --base DIR        image, data and raw results (default /var/tmp/layerfs-bench, or $LAYERFS_BENCH_BASE)
-  --timeout SECS    per command (default 600)";
+  --timeout SECS    per command (default 600)
+  --layerfs-bin P   run this layerfs binary instead of building target/release/layerfs (e.g. a baseline)";
 
 /// Parsed options.
 #[derive(Clone, Debug)]
@@ -40,6 +41,8 @@ pub struct Opts {
     pub base: PathBuf,
     /// Per-command timeout, seconds.
     pub timeout_secs: u64,
+    /// A layerfs binary to use instead of the release build.
+    pub layerfs_bin: Option<PathBuf>,
 }
 
 impl Opts {
@@ -55,6 +58,7 @@ impl Opts {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/tmp/layerfs-bench"));
         let mut timeout_secs = 600;
+        let mut layerfs_bin = None;
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -89,6 +93,7 @@ impl Opts {
                         .collect()
                 }
                 "--base" => base = PathBuf::from(value()?),
+                "--layerfs-bin" => layerfs_bin = Some(std::path::absolute(value()?)?),
                 "--timeout" => timeout_secs = number(flag, &value()?)? as u64,
                 "-h" | "--help" => bail!("{USAGE}"),
                 _ => bail!("unknown argument {arg:?}\n{USAGE}"),
@@ -106,7 +111,7 @@ impl Opts {
         if !base.is_absolute() {
             bail!("--base must be an absolute path");
         }
-        let runs = runs.unwrap_or(if quick { 3 } else { 5 });
+        let runs = runs.unwrap_or(3);
         if runs == 0 {
             bail!("--runs must be at least 1");
         }
@@ -119,6 +124,7 @@ impl Opts {
             workloads,
             base,
             timeout_secs,
+            layerfs_bin,
         })
     }
 }

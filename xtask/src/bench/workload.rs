@@ -68,8 +68,8 @@ impl Ctx<'_> {
     }
     /// Runs a micro-operation in a child process (time-bounded, so a hung mount cannot hang the bench).
     fn op(&self, op: &str, list: &Path) -> Result<OpResult> {
-        let exe = std::env::current_exe().context("current_exe")?;
-        let mut c = Command::new(exe);
+        // This very binary, even if a rebuild has replaced the file since the bench started.
+        let mut c = Command::new("/proc/self/exe");
         c.args(["bench", "__op", op]).arg(self.mnt).arg(list);
         let out = cmd::run(&mut c, &format!("__op {op}"), self.timeout)?.stdout;
         let f: Vec<&str> = out.split_whitespace().collect();
