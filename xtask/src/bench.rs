@@ -47,7 +47,12 @@ pub fn main(args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) == Some("__op") {
         return workload::op_main(&args[1..]);
     }
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{}", opts::USAGE);
+        return Ok(());
+    }
     let opts = Opts::parse(args)?;
+    select_workloads(&opts)?;
     if !is_root() {
         bail!("cargo xtask bench must run as root (mounts, loop devices)");
     }
@@ -142,14 +147,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         }),
     };
     let timeout = Duration::from_secs(opts.timeout_secs);
-    let workloads: Vec<Workload> = workload::all()
-        .into_iter()
-        .filter(|w| opts.workloads.is_empty() || opts.workloads.iter().any(|n| n == w.name))
-        .collect();
-    if workloads.is_empty() {
-        let names: Vec<_> = workload::all().iter().map(|w| w.name).collect();
-        bail!("no workload selected (known: {})", names.join(", "));
-    }
+    let workloads = select_workloads(opts)?;
     let systems = probe(opts, &bins, &data, &run_root, &logs);
     if systems.is_empty() {
         bail!("no system could be mounted (logs in {})", logs.display());
@@ -234,6 +232,24 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         raw.display()
     );
     Ok(())
+}
+
+/// The workloads `--workloads` names (all by default), in report order.
+fn select_workloads(opts: &Opts) -> Result<Vec<Workload>> {
+    let known: Vec<&str> = workload::all().iter().map(|w| w.name).collect();
+    if let Some(n) = opts.workloads.iter().find(|n| !known.contains(&n.as_str())) {
+        bail!("unknown workload {n:?} (known: {})", known.join(", "));
+    }
+    // The volatile copy-up is compared with the kernel's ordinary copy-up: select that too.
+    let wanted = |name: &str| {
+        opts.workloads.is_empty()
+            || opts.workloads.iter().any(|n| n == name)
+            || (name == "copy-up" && opts.workloads.iter().any(|n| n == "copy-up-volatile"))
+    };
+    Ok(workload::all()
+        .into_iter()
+        .filter(|w| wanted(w.name))
+        .collect())
 }
 
 /// Ends FUSE daemons left by a bench that was killed (their command line names our run dir): after we

@@ -95,7 +95,6 @@ impl Opts {
                 "--base" => base = PathBuf::from(value()?),
                 "--layerfs-bin" => layerfs_bin = Some(std::path::absolute(value()?)?),
                 "--timeout" => timeout_secs = number(flag, &value()?)? as u64,
-                "-h" | "--help" => bail!("{USAGE}"),
                 _ => bail!("unknown argument {arg:?}\n{USAGE}"),
             }
         }

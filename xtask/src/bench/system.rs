@@ -332,7 +332,7 @@ impl Mount {
             }
             if !ok {
                 if let Some(conn) = &self.fuse_conn {
-                    let _ = std::fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1");
+                    abort_connection(conn);
                 }
                 let _ = cmd::sh(&format!("umount -l {mnt}"), Duration::from_secs(60));
                 result = Err(anyhow::anyhow!("could not unmount {mnt} (lazily detached)"));
@@ -367,6 +367,19 @@ impl Mount {
         }
         result
     }
+}
+
+/// Aborts a hung FUSE connection (mounting fusectl first if needed: only in the bench's own namespace).
+fn abort_connection(conn: &str) {
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if cmd::mounted(ctl).is_none() {
+        let _ = cmd::sh(
+            "mount -t fusectl fusectl /sys/fs/fuse/connections",
+            Duration::from_secs(10),
+        );
+    }
+    eprintln!("bench: aborting FUSE connection {conn}");
+    let _ = std::fs::write(ctl.join(conn).join("abort"), "1");
 }
 
 impl Drop for Mount {
