@@ -5,7 +5,6 @@ use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
-use layerfs_store::format;
 use layerfs_sys::{self as sys, Errno, FileType, Mode, Timespec, Timestamps, xattr};
 
 use crate::copyup::CopyData;
@@ -94,7 +93,7 @@ impl Overlay {
             let snap = self.stats.snapshot(self.nodes.len());
             return serde_json::to_vec(&snap).map_err(|_| Errno::IO);
         }
-        if format::is_private_xattr(name.as_bytes()) {
+        if self.layers.encoding.is_private(name.as_bytes()) {
             return Err(Errno::NODATA);
         }
         let node = self.node(ino)?;
@@ -108,7 +107,7 @@ impl Overlay {
         let (_, fd) = node.top().ok_or(Errno::STALE)?;
         let mut out = Vec::new();
         for name in xattr::list(fd.as_fd())? {
-            if !format::is_private_xattr(&name) {
+            if !self.layers.encoding.is_private(&name) {
                 out.extend_from_slice(&name);
                 out.push(0);
             }
@@ -118,7 +117,7 @@ impl Overlay {
 
     /// SETXATTR (copies up first).
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OvlResult<()> {
-        if format::is_private_xattr(name.as_bytes()) {
+        if self.layers.encoding.is_private(name.as_bytes()) {
             return Err(Errno::PERM);
         }
         let node = self.node(ino)?;
@@ -128,7 +127,7 @@ impl Overlay {
 
     /// REMOVEXATTR: an absent attribute is `ENODATA` without a copy-up.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> OvlResult<()> {
-        if format::is_private_xattr(name.as_bytes()) {
+        if self.layers.encoding.is_private(name.as_bytes()) {
             return Err(Errno::NODATA);
         }
         let node = self.node(ino)?;

@@ -174,7 +174,7 @@ impl Overlay {
             }
             FileType::Unknown => return Err(Errno::IO),
         };
-        copy_xattrs(src, fd.as_fd())?;
+        copy_xattrs(src, fd.as_fd(), self.layers.encoding)?;
         if kind != FileType::Symlink {
             sys::chmod_fd(fd.as_fd(), mode)?;
         }
@@ -240,14 +240,18 @@ impl Overlay {
 
 /// Copies every non-private xattr of `src` to `dst`. Attributes the target refuses (e.g. `user.*`
 /// on a symlink) are skipped, as the kernel does.
-pub(crate) fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> OvlResult<()> {
+pub(crate) fn copy_xattrs(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    enc: format::Encoding,
+) -> OvlResult<()> {
     let names = match xattr::list(src) {
         Ok(n) => n,
         Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::ACCESS) => return Ok(()),
         Err(e) => return Err(e),
     };
     for name in names {
-        if format::is_private_xattr(&name) {
+        if enc.is_private(&name) {
             continue;
         }
         let name = std::ffi::OsStr::from_bytes(&name);

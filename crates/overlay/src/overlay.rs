@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -121,10 +122,7 @@ impl Overlay {
 
     /// Name of the xattr that records a copied-up object's original `st_ino`.
     pub(crate) fn origin_xattr(&self) -> &'static OsStr {
-        match self.layers.encoding {
-            format::Encoding::Kernel => OsStr::new("trusted.layerfs.origin"),
-            format::Encoding::Unprivileged => OsStr::new("user.layerfs.origin"),
-        }
+        self.layers.encoding.origin_xattr()
     }
 
     // ---- directory index -------------------------------------------------------------------
@@ -220,7 +218,15 @@ impl Overlay {
         if kind == FileType::Directory {
             let upper_opaque =
                 vis.layer.is_upper() && format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-            if vis.layer.is_upper() && !upper_opaque {
+            let redirect = if vis.layer.is_upper() && !upper_opaque {
+                xattr::get(fd.as_fd(), self.layers.encoding.redirect_xattr()).ok()
+            } else {
+                None
+            };
+            if let Some(target) = redirect {
+                // A directory the kernel overlay moved: its lowers live at the redirect path.
+                self.redirect_lower_dirs(dir, &target, &mut lower_dirs)?;
+            } else if vis.layer.is_upper() && !upper_opaque {
                 if let Some(lower) = entry
                     .lower
                     .as_ref()
@@ -269,6 +275,55 @@ impl Overlay {
         for layer in layers {
             let parent = self.dir_fd_in(dir, layer)?;
             let fd = sys::open_path_dir(parent.as_fd(), name)?;
+            let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+            out.push((layer, Arc::new(fd)));
+            if opaque {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The lower dirs of a directory moved by the kernel overlay (`redirect` xattr): an absolute
+    /// path is looked up from every lower root, a bare name in the parent's lower dirs.
+    fn redirect_lower_dirs(
+        &self,
+        dir: &Node,
+        target: &[u8],
+        out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
+    ) -> OvlResult<()> {
+        let starts: Vec<(LayerIdx, Arc<OwnedFd>)> = if target.starts_with(b"/") {
+            let mut v = Vec::new();
+            for i in 1..self.layers.len() {
+                let idx = LayerIdx(i as u16);
+                if let Some(root) = self.layers.root(idx) {
+                    let root = root
+                        .try_clone_to_owned()
+                        .map_err(Errno::from_io_error_or_io)?;
+                    v.push((idx, Arc::new(root)));
+                }
+            }
+            v
+        } else {
+            dir.read().lower_dirs.clone()
+        };
+        for (layer, start) in starts {
+            let mut cur: Option<OwnedFd> = None;
+            let mut ok = true;
+            for comp in target.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+                let comp = Component::new(OsStr::from_bytes(comp))?;
+                let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(start.as_fd());
+                match sys::open_path_dir(base, &comp) {
+                    Ok(fd) => cur = Some(fd),
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            let Some(fd) = cur.filter(|_| ok) else {
+                continue;
+            };
             let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
             out.push((layer, Arc::new(fd)));
             if opaque {
@@ -368,8 +423,6 @@ impl Overlay {
             if merged {
                 st.st_nlink = 1;
             }
-        } else if s.unlinked && s.upper.is_none() {
-            st.st_nlink = 0;
         }
         Attr { ino: node.ino, st }
     }

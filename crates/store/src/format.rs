@@ -44,6 +44,41 @@ impl Encoding {
         }
     }
 
+    /// Whether `name` is private to the overlay in this encoding: what the kernel hides from a
+    /// merged view (`trusted.overlay.*` as root, `user.overlay.*` with `userxattr`). Other
+    /// names — `user.overlay.*` as root included — are ordinary attributes.
+    pub fn is_private(self, name: &[u8]) -> bool {
+        match self {
+            Encoding::Kernel => name.starts_with(b"trusted.overlay."),
+            Encoding::Unprivileged => name.starts_with(b"user.overlay."),
+        }
+    }
+
+    /// Name of the xattr in which layerfs records a copied-up object's original `st_ino`. It sits
+    /// in the overlay's private namespace, so a kernel overlay mount hides it too.
+    pub fn origin_xattr(self) -> &'static OsStr {
+        match self {
+            Encoding::Kernel => OsStr::new("trusted.overlay.layerfs.origin"),
+            Encoding::Unprivileged => OsStr::new("user.overlay.layerfs.origin"),
+        }
+    }
+
+    /// Name of the xattr holding the merged-view link count of a lower hard-link group.
+    pub fn nlink_xattr(self) -> &'static OsStr {
+        match self {
+            Encoding::Kernel => OsStr::new("trusted.overlay.layerfs.nlink"),
+            Encoding::Unprivileged => OsStr::new("user.overlay.layerfs.nlink"),
+        }
+    }
+
+    /// Name of the kernel's redirect xattr (a moved directory's lower path).
+    pub fn redirect_xattr(self) -> &'static OsStr {
+        match self {
+            Encoding::Kernel => OsStr::new("trusted.overlay.redirect"),
+            Encoding::Unprivileged => OsStr::new("user.overlay.redirect"),
+        }
+    }
+
     fn opaque_xattr(self) -> &'static OsStr {
         match self {
             Encoding::Kernel => OsStr::new("trusted.overlay.opaque"),
