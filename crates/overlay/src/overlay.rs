@@ -51,6 +51,8 @@ pub(crate) struct Probe {
     pub st: Stat,
     pub ino: u64,
     pub lower_dirs: Vec<(LayerIdx, Arc<OwnedFd>)>,
+    /// Served from a hard-link group's index entry.
+    pub group: bool,
 }
 
 impl Overlay {
@@ -101,6 +103,7 @@ impl Overlay {
             lower_dirs,
             index: None,
             unlinked: false,
+            group: false,
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -207,8 +210,18 @@ impl Overlay {
             return Ok(None);
         };
         let parent_fd = self.dir_fd_in(dir, vis.layer)?;
-        let fd = Arc::new(sys::open_path(parent_fd.as_fd(), name)?);
-        let st = sys::stat_fd(fd.as_fd())?;
+        let mut fd = Arc::new(sys::open_path(parent_fd.as_fd(), name)?);
+        let mut st = sys::stat_fd(fd.as_fd())?;
+        let mut group = false;
+        if !vis.layer.is_upper() && st.st_nlink > 1 && sys::file_type(&st) != FileType::Directory {
+            // A lower hard link whose group already has an upper inode: that inode is the object.
+            let key = self.layers.xino(vis.layer, st.st_ino);
+            if let Some(entry) = self.group_entry(key)? {
+                st = sys::stat_fd(entry.as_fd())?;
+                fd = Arc::new(entry);
+                group = true;
+            }
+        }
         let kind = sys::file_type(&st);
         let vis = Visible {
             layer: vis.layer,
@@ -249,13 +262,19 @@ impl Overlay {
                 }
             }
         }
-        let ino = self.ino_of(vis, &fd, &st, &lower_dirs)?;
+        let ino = if group {
+            self.layers
+                .xino(vis.layer, sys::stat_at(parent_fd.as_fd(), name)?.st_ino)
+        } else {
+            self.ino_of(vis, &fd, &st, &lower_dirs)?
+        };
         Ok(Some(Probe {
             vis,
             fd,
             st,
             ino,
             lower_dirs,
+            group,
         }))
     }
 
@@ -392,12 +411,13 @@ impl Overlay {
             lower_dirs: probe.lower_dirs,
             index: None,
             unlinked: false,
+            group: probe.group,
         };
         let node = Node::new(probe.ino, is_dir, state);
         let (node, _) = self
             .nodes
             .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
-        let attr = self.attr_from(&node, probe.st);
+        let attr = self.attr_from(&node, probe.st, probe.fd.as_fd());
         (node, attr)
     }
 
@@ -407,13 +427,18 @@ impl Overlay {
     pub(crate) fn attr(&self, node: &Node) -> OvlResult<Attr> {
         let (_, fd) = node.top().ok_or(Errno::STALE)?;
         let st = sys::stat_fd(fd.as_fd())?;
-        Ok(self.attr_from(node, st))
+        Ok(self.attr_from(node, st, fd.as_fd()))
     }
 
     /// Adjusts a backing stat to what the mount shows.
-    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat) -> Attr {
+    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat, fd: BorrowedFd<'_>) -> Attr {
         st.st_ino = node.ino;
         let s = node.read();
+        if !node.is_dir && (st.st_nlink > 1 || s.group) {
+            if let Some(n) = self.group_count(fd) {
+                st.st_nlink = n as _;
+            }
+        }
         if node.is_dir {
             let merged = if s.upper.is_some() {
                 !s.lower_dirs.is_empty()

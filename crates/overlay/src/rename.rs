@@ -129,6 +129,9 @@ impl Overlay {
                     return Ok(());
                 }
             }
+            if !dst_is_dir {
+                self.group_unlinked(&newdir, &newname, &dst_entry)?;
+            }
             if dst_is_dir {
                 let probe = self
                     .probe(&newdir, &newname, &dst_entry)?
@@ -301,7 +304,18 @@ impl Overlay {
             let src = sys::open_path(parent.as_fd(), &name)?;
             let st = sys::stat_fd(src.as_fd())?;
             let ino = self.layers.xino(vis.layer, st.st_ino);
-            let copy = self.copy_object(src.as_fd(), &st, ino, upper, &name, CopyData::All)?;
+            let group = if vis.kind == FileType::Directory {
+                None
+            } else {
+                self.ensure_group_entry(ino, src.as_fd(), &st)?
+            };
+            let copy = match group {
+                Some(group) => {
+                    sys::link_fd(group.as_fd(), upper, &name)?;
+                    sys::open_path(upper, &name)?
+                }
+                None => self.copy_object(src.as_fd(), &st, ino, upper, &name, CopyData::All)?,
+            };
             if vis.kind == FileType::Directory {
                 let mut sub = Vec::new();
                 child_lowers(&mut sub)?;
