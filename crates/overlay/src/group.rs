@@ -9,6 +9,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use layerfs_store::format;
 use layerfs_sys::{self as sys, Component, Errno, FileType, RenameFlags, Stat, xattr};
 
 use crate::copyup::CopyData;
@@ -31,10 +32,21 @@ impl Overlay {
         }
     }
 
-    /// The merged-view link count recorded on a group inode.
-    pub(crate) fn group_count(&self, fd: BorrowedFd<'_>) -> Option<u64> {
-        let v = xattr::get(fd, self.layers.encoding.nlink_xattr()).ok()?;
-        std::str::from_utf8(&v).ok()?.parse().ok()
+    /// The merged-view link count recorded on a group inode whose real link count is `real`:
+    /// layerfs's own decimal count, or the kernel overlay's `U±n` (relative to `real`).
+    pub(crate) fn group_count(&self, fd: BorrowedFd<'_>, real: u64) -> Option<u64> {
+        if let Ok(v) = xattr::get(fd, self.layers.encoding.nlink_xattr()) {
+            return std::str::from_utf8(&v).ok()?.parse().ok();
+        }
+        let name = match self.layers.encoding {
+            format::Encoding::Kernel => "trusted.overlay.nlink",
+            format::Encoding::Unprivileged => "user.overlay.nlink",
+        };
+        let v = xattr::get(fd, std::ffi::OsStr::new(name)).ok()?;
+        let v = std::str::from_utf8(&v).ok()?;
+        let rel = v.strip_prefix('U')?;
+        let delta: i64 = rel.parse().ok()?;
+        Some(real.saturating_add_signed(delta))
     }
 
     fn set_group_count(&self, fd: BorrowedFd<'_>, n: u64) -> OvlResult<()> {
@@ -48,7 +60,12 @@ impl Overlay {
 
     /// Adds `delta` to the link count of the group inode behind `fd`, if it is one.
     pub(crate) fn adjust_group_count(&self, fd: BorrowedFd<'_>, delta: i64) -> OvlResult<()> {
-        if let Some(n) = self.group_count(fd) {
+        let real = sys::stat_fd(fd)?.st_nlink;
+        if let Ok(v) = xattr::get(fd, self.layers.encoding.nlink_xattr()) {
+            let n: u64 = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(real);
             self.set_group_count(fd, n.saturating_add_signed(delta))?;
         }
         Ok(())

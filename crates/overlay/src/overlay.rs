@@ -435,7 +435,17 @@ impl Overlay {
         st.st_ino = node.ino;
         let s = node.read();
         if !node.is_dir && (st.st_nlink > 1 || s.group) {
-            if let Some(n) = self.group_count(fd) {
+            let real = st.st_nlink;
+            let n = self.group_count(fd, real).or_else(|| {
+                // A lower group member: its group may have an index entry by now.
+                let entry = if s.upper.is_none() {
+                    self.group_entry(node.ino).ok().flatten()
+                } else {
+                    None
+                };
+                entry.and_then(|g| self.group_count(g.as_fd(), real))
+            });
+            if let Some(n) = n {
                 st.st_nlink = n as _;
             }
         }

@@ -48,9 +48,35 @@ impl Encoding {
     /// merged view (`trusted.overlay.*` as root, `user.overlay.*` with `userxattr`). Other
     /// names — `user.overlay.*` as root included — are ordinary attributes.
     pub fn is_private(self, name: &[u8]) -> bool {
+        let p = self.private_prefix();
+        name.starts_with(p) && !name[p.len()..].starts_with(b"overlay.")
+    }
+
+    /// `trusted.overlay.` or `user.overlay.`.
+    fn private_prefix(self) -> &'static [u8] {
         match self {
-            Encoding::Kernel => name.starts_with(b"trusted.overlay."),
-            Encoding::Unprivileged => name.starts_with(b"user.overlay."),
+            Encoding::Kernel => b"trusted.overlay.",
+            Encoding::Unprivileged => b"user.overlay.",
+        }
+    }
+
+    /// The name under which an attribute set through a merged view is stored: a name in the
+    /// private namespace is escaped (`trusted.overlay.X` → `trusted.overlay.overlay.X`), as the
+    /// kernel overlay does for nested overlays; any other name is stored as it is.
+    pub fn escape(self, name: &[u8]) -> Vec<u8> {
+        let p = self.private_prefix();
+        match name.strip_prefix(p) {
+            Some(rest) => [p, b"overlay.", rest].concat(),
+            None => name.to_vec(),
+        }
+    }
+
+    /// The name a merged view shows for a stored attribute name; `None` for a private one.
+    pub fn unescape(self, stored: &[u8]) -> Option<Vec<u8>> {
+        let p = self.private_prefix();
+        match stored.strip_prefix(p) {
+            Some(rest) => rest.strip_prefix(b"overlay.").map(|r| [p, r].concat()),
+            None => Some(stored.to_vec()),
         }
     }
 
