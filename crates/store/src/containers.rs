@@ -66,7 +66,8 @@ fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
         && n.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 impl Store {
@@ -79,14 +80,20 @@ impl Store {
         for e in fs::read_dir(self.root().join("containers"))? {
             let p = e?.path().join("container.json");
             let Ok(bytes) = fs::read(&p) else { continue };
-            out.push(serde_json::from_slice(&bytes).with_context(|| format!("{}: corrupt record", p.display()))?);
+            out.push(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{}: corrupt record", p.display()))?,
+            );
         }
         out.sort_by(|a: &ContainerRecord, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
         Ok(out)
     }
 
     fn write_container(&self, c: &ContainerRecord) -> anyhow::Result<()> {
-        util::write_atomic(&self.container_dir(&c.id).join("container.json"), &serde_json::to_vec_pretty(c)?)
+        util::write_atomic(
+            &self.container_dir(&c.id).join("container.json"),
+            &serde_json::to_vec_pretty(c)?,
+        )
     }
 
     /// All containers, oldest first.
@@ -101,10 +108,17 @@ impl Store {
             return Ok(c.clone());
         }
         let hex = key.strip_prefix("sha256:").unwrap_or(key);
-        let by_id: Vec<_> = all.iter().filter(|c| hex.len() >= 4 && c.id.hex().starts_with(hex)).collect();
+        let by_id: Vec<_> = all
+            .iter()
+            .filter(|c| hex.len() >= 4 && c.id.hex().starts_with(hex))
+            .collect();
         match by_id.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(StoreError::NotFound { kind: "container", name: key.into() }.into()),
+            [] => Err(StoreError::NotFound {
+                kind: "container",
+                name: key.into(),
+            }
+            .into()),
             _ => bail!("container {key:?}: ambiguous id prefix"),
         }
     }
@@ -116,18 +130,32 @@ impl Store {
     }
 
     /// The container mounted at `mountpoint`, if any.
-    pub fn container_by_mountpoint(&self, mountpoint: &Path) -> anyhow::Result<Option<ContainerRecord>> {
+    pub fn container_by_mountpoint(
+        &self,
+        mountpoint: &Path,
+    ) -> anyhow::Result<Option<ContainerRecord>> {
         let want = fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-        Ok(self.containers()?.into_iter().find(|c| c.mountpoint.as_deref() == Some(&want)))
+        Ok(self
+            .containers()?
+            .into_iter()
+            .find(|c| c.mountpoint.as_deref() == Some(&want)))
     }
 
     /// Makes a container of `image_ref`: `upper/`, `work/` and its record. `name` defaults to the
     /// first 12 hex digits of its id.
-    pub fn create_container(&self, image_ref: &str, name: Option<&str>) -> anyhow::Result<ContainerRecord> {
+    pub fn create_container(
+        &self,
+        image_ref: &str,
+        name: Option<&str>,
+    ) -> anyhow::Result<ContainerRecord> {
         let _l = self.lock_exclusive()?;
         let img = self.resolve_image_locked(image_ref)?;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let id = Digest::of(format!("{image_ref}\0{name:?}\0{nanos}\0{}", std::process::id()).as_bytes());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let id = Digest::of(
+            format!("{image_ref}\0{name:?}\0{nanos}\0{}", std::process::id()).as_bytes(),
+        );
         let name = name.map_or_else(|| id.short(), str::to_string);
         if !valid_name(&name) {
             bail!("container name {name:?}: invalid (want [a-zA-Z0-9][a-zA-Z0-9_.-]*)");
@@ -152,22 +180,37 @@ impl Store {
             fs::create_dir(staged.path().join(d))?;
         }
         let dir = self.container_dir(&id);
-        util::write_atomic(&staged.path().join("container.json"), &serde_json::to_vec_pretty(&rec)?)?;
-        fs::rename(staged.path(), &dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        util::write_atomic(
+            &staged.path().join("container.json"),
+            &serde_json::to_vec_pretty(&rec)?,
+        )?;
+        fs::rename(staged.path(), &dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
         Ok(rec)
     }
 
     /// The dirs an overlay mount of `c` needs.
     pub fn container_dirs(&self, c: &ContainerRecord) -> ContainerDirs {
         let dir = self.container_dir(&c.id);
-        ContainerDirs { upper: dir.join("upper"), work: dir.join("work"), lowers: c.lowers.clone() }
+        ContainerDirs {
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            lowers: c.lowers.clone(),
+        }
     }
 
     /// Records that container `key` is mounted at `mountpoint`, served by `pid`.
-    pub fn set_container_mounted(&self, key: &str, mountpoint: &Path, pid: u32, options: &[String]) -> anyhow::Result<()> {
+    pub fn set_container_mounted(
+        &self,
+        key: &str,
+        mountpoint: &Path,
+        pid: u32,
+        options: &[String],
+    ) -> anyhow::Result<()> {
         let _l = self.lock_exclusive()?;
         let mut c = self.container_locked(key)?;
-        c.mountpoint = Some(fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf()));
+        c.mountpoint =
+            Some(fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf()));
         c.pid = Some(pid);
         c.options = options.to_vec();
         self.write_container(&c)
@@ -191,7 +234,9 @@ impl Store {
                 what: format!("container {}", c.name),
                 reason: format!(
                     "mounted at {} (umount it first)",
-                    c.mountpoint.as_ref().map_or(String::new(), |p| p.display().to_string())
+                    c.mountpoint
+                        .as_ref()
+                        .map_or(String::new(), |p| p.display().to_string())
                 ),
             }
             .into());

@@ -52,7 +52,9 @@ impl Digest {
 impl FromStr for Digest {
     type Err = BadDigest;
     fn from_str(s: &str) -> Result<Self, BadDigest> {
-        let hex = s.strip_prefix("sha256:").ok_or_else(|| BadDigest(s.to_string()))?;
+        let hex = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| BadDigest(s.to_string()))?;
         Digest::from_hex(hex).map_err(|_| BadDigest(s.to_string()))
     }
 }
@@ -86,7 +88,9 @@ impl<'de> Deserialize<'de> for Digest {
 /// ChainID(L0..n) = sha256(ChainID(L0..n-1) + " " + DiffID(Ln)). `None` for an empty stack.
 pub fn chain_id(diff_ids: &[Digest]) -> Option<Digest> {
     let (first, rest) = diff_ids.split_first()?;
-    Some(rest.iter().fold(*first, |parent, d| chain_step(&parent.to_string(), &d.to_string())))
+    Some(rest.iter().fold(*first, |parent, d| {
+        chain_step(&parent.to_string(), &d.to_string())
+    }))
 }
 
 /// One step of [`chain_id`] on the printed operands: sha256(`parent` + " " + `diff_id`).
@@ -104,7 +108,11 @@ pub struct HashReader<R> {
 impl<R: Read> HashReader<R> {
     /// Wraps `inner`.
     pub fn new(inner: R) -> Self {
-        HashReader { inner, hasher: Sha256::new(), count: 0 }
+        HashReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
 
     /// Reads the rest of the stream (to EOF), so the digest covers all of it.
@@ -147,7 +155,11 @@ pub struct HashWriter<W> {
 impl<W: Write> HashWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        HashWriter { inner, hasher: Sha256::new(), count: 0 }
+        HashWriter {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
 
     /// The digest and size of everything written, and the inner writer.
@@ -169,6 +181,7 @@ impl<W: Write> Write for HashWriter<W> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -193,7 +206,13 @@ mod tests {
 
     #[test]
     fn parse_rejects_garbage() {
-        for s in ["", "sha256:", "sha256:zz", "md5:00", &format!("sha256:{}", "A".repeat(64))] {
+        for s in [
+            "",
+            "sha256:",
+            "sha256:zz",
+            "md5:00",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
             assert!(s.parse::<Digest>().is_err(), "{s}");
         }
         let d = Digest::of(b"x");

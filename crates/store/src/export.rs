@@ -27,8 +27,12 @@ use crate::format::{self, DirMark, NameKind};
 /// Writes the layer tar of `dir` into `out`; returns its digest (the diff_id) and size.
 pub fn write_layer_tar(dir: &Path, out: impl Write) -> anyhow::Result<(Digest, u64)> {
     let root = sys::open_root(dir).with_context(|| format!("{}: cannot open", dir.display()))?;
-    let mut w = TarWriter { b: tar::Builder::new(HashWriter::new(out)), links: HashMap::new() };
-    w.dir(root.as_fd(), &[]).with_context(|| format!("{}: cannot export", dir.display()))?;
+    let mut w = TarWriter {
+        b: tar::Builder::new(HashWriter::new(out)),
+        links: HashMap::new(),
+    };
+    w.dir(root.as_fd(), &[])
+        .with_context(|| format!("{}: cannot export", dir.display()))?;
     let hw = w.b.into_inner()?;
     let (digest, size, mut inner) = hw.finish();
     inner.flush()?;
@@ -67,7 +71,8 @@ impl<W: Write> TarWriter<W> {
                 NameKind::WhiteoutFor(t) => whiteouts.push(t.to_vec()),
                 NameKind::Plain => {
                     let xwh = mark == DirMark::HasXWhiteouts
-                        && sys::open_path(dir, &c).is_ok_and(|fd| format::is_xwhiteout(fd.as_fd(), &st));
+                        && sys::open_path(dir, &c)
+                            .is_ok_and(|fd| format::is_xwhiteout(fd.as_fd(), &st));
                     if format::is_chardev_whiteout(&st) || xwh {
                         whiteouts.push(c.as_bytes().to_vec());
                     } else {
@@ -104,7 +109,13 @@ impl<W: Write> TarWriter<W> {
         self.append(h, path, None, Vec::new(), io::empty())
     }
 
-    fn node(&mut self, dir: BorrowedFd<'_>, name: &Component, st: &Stat, path: &[u8]) -> anyhow::Result<()> {
+    fn node(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &Component,
+        st: &Stat,
+        path: &[u8],
+    ) -> anyhow::Result<()> {
         let fd = sys::open_path(dir, name)?;
         let kind = sys::file_type(st);
         let mut h = Header::new_ustar();
@@ -154,7 +165,10 @@ impl<W: Write> TarWriter<W> {
                 h.set_entry_type(EntryType::Regular);
                 h.set_size(st.st_size as u64);
                 let file = File::from(sys::reopen(fd.as_fd(), OFlags::RDONLY)?);
-                let data = Exact { inner: file.take(st.st_size as u64), left: st.st_size as u64 };
+                let data = Exact {
+                    inner: file.take(st.st_size as u64),
+                    left: st.st_size as u64,
+                };
                 self.append(h, &path, None, pax, data)?;
             }
             FileType::Symlink => {
@@ -167,7 +181,11 @@ impl<W: Write> TarWriter<W> {
                 self.append(h, &path, None, pax, io::empty())?;
             }
             FileType::CharacterDevice | FileType::BlockDevice => {
-                let t = if kind == FileType::CharacterDevice { EntryType::Char } else { EntryType::Block };
+                let t = if kind == FileType::CharacterDevice {
+                    EntryType::Char
+                } else {
+                    EntryType::Block
+                };
                 h.set_entry_type(t);
                 h.set_device_major(rustix::fs::major(st.st_rdev))?;
                 h.set_device_minor(rustix::fs::minor(st.st_rdev))?;
@@ -197,7 +215,9 @@ impl<W: Write> TarWriter<W> {
         }
         pax.sort();
         {
-            let u = h.as_ustar_mut().ok_or_else(|| io::Error::other("not a ustar header"))?;
+            let u = h
+                .as_ustar_mut()
+                .ok_or_else(|| io::Error::other("not a ustar header"))?;
             let n = path.len().min(100);
             u.name[..n].copy_from_slice(&path[..n]);
             if let Some(l) = link {
@@ -219,10 +239,15 @@ impl<W: Write> TarWriter<W> {
                 body.push(b'\n');
             }
             let mut ph = Header::new_ustar();
-            let base = path.rsplit(|b| *b == b'/').find(|s| !s.is_empty()).unwrap_or(b"x");
+            let base = path
+                .rsplit(|b| *b == b'/')
+                .find(|s| !s.is_empty())
+                .unwrap_or(b"x");
             let mut pname = b"PaxHeaders.0/".to_vec();
             pname.extend_from_slice(&base[..base.len().min(80)]);
-            let u = ph.as_ustar_mut().ok_or_else(|| io::Error::other("not a ustar header"))?;
+            let u = ph
+                .as_ustar_mut()
+                .ok_or_else(|| io::Error::other("not a ustar header"))?;
             u.name[..pname.len()].copy_from_slice(&pname);
             ph.set_entry_type(EntryType::XHeader);
             ph.set_mode(0o644);
@@ -238,7 +263,11 @@ impl<W: Write> TarWriter<W> {
 
 fn set_id(h: &mut Header, pax: &mut Vec<(String, Vec<u8>)>, key: &str, id: u64) {
     let v = if id < 0o7777777 { id } else { 0 };
-    if key == "uid" { h.set_uid(v) } else { h.set_gid(v) }
+    if key == "uid" {
+        h.set_uid(v)
+    } else {
+        h.set_gid(v)
+    }
     if id >= 0o7777777 {
         pax.push((key.into(), id.to_string().into_bytes()));
     }
@@ -255,7 +284,10 @@ impl<R: Read> Read for Exact<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && self.left > 0 && !buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being exported"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while being exported",
+            ));
         }
         self.left -= n as u64;
         Ok(n)

@@ -109,19 +109,29 @@ pub fn extract_layer(
     };
     let mut last = String::from("-");
     for entry in archive.entries().map_err(|e| bad("-", e.to_string()))? {
-        let mut entry = entry.map_err(|e| bad(&last, format!("truncated or corrupt tar after this entry: {e}")))?;
+        let mut entry = entry.map_err(|e| {
+            bad(
+                &last,
+                format!("truncated or corrupt tar after this entry: {e}"),
+            )
+        })?;
         last = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         ex.entry(&mut entry).map_err(|reason| bad(&last, reason))?;
     }
     ex.finish_dirs().map_err(|reason| bad("-", reason))?;
     let mut tee = archive.into_inner();
-    io::copy(&mut tee, &mut io::sink()).map_err(|e| bad(&last, format!("reading past the end: {e}")))?;
+    io::copy(&mut tee, &mut io::sink())
+        .map_err(|e| bad(&last, format!("reading past the end: {e}")))?;
     let (diff_id, tar_size) = tee.into_inner().finish();
     let size = ex.size;
     drop(ex);
     let split = Rc::try_unwrap(split).map_err(|_| anyhow::anyhow!("tar-split still shared"))?;
     split.into_inner().finish()?;
-    Ok(Extracted { diff_id, size, tar_size })
+    Ok(Extracted {
+        diff_id,
+        size,
+        tar_size,
+    })
 }
 
 /// Attributes of an entry (for a directory: applied after all entries).
@@ -163,17 +173,21 @@ fn clean(name: &[u8]) -> R<Vec<Component>> {
         match part {
             b"" | b"." => {}
             b".." => return Err("path contains `..` (would leave the layer)".into()),
-            p => out.push(
-                Component::new(OsStr::from_bytes(p))
-                    .map_err(|e| errno(&format!("bad name {:?}", String::from_utf8_lossy(p)), e))?,
-            ),
+            p => out
+                .push(Component::new(OsStr::from_bytes(p)).map_err(|e| {
+                    errno(&format!("bad name {:?}", String::from_utf8_lossy(p)), e)
+                })?),
         }
     }
     Ok(out)
 }
 
 fn join(parts: &[Component]) -> Vec<u8> {
-    parts.iter().map(Component::as_bytes).collect::<Vec<_>>().join(&b'/')
+    parts
+        .iter()
+        .map(Component::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b'/')
 }
 
 fn pax_num(entry: &mut tar::Entry<'_, impl Read>, key: &str) -> Option<f64> {
@@ -205,10 +219,12 @@ impl Extractor {
             NameKind::Meta => Ok(()),
             NameKind::OpaqueMarker => {
                 let dir = self.parent(parents)?;
-                format::set_opaque(dir.as_fd(), self.encoding).map_err(|e| errno("cannot mark opaque", e))
+                format::set_opaque(dir.as_fd(), self.encoding)
+                    .map_err(|e| errno("cannot mark opaque", e))
             }
             NameKind::WhiteoutFor(target) => {
-                let target = Component::new(OsStr::from_bytes(target)).map_err(|e| errno("bad whiteout", e))?;
+                let target = Component::new(OsStr::from_bytes(target))
+                    .map_err(|e| errno("bad whiteout", e))?;
                 let dir = self.parent(parents)?;
                 let mut tpath = join(parents);
                 if !tpath.is_empty() {
@@ -229,8 +245,9 @@ impl Extractor {
     fn attrs(&self, entry: &mut tar::Entry<'_, impl Read>) -> R<Attrs> {
         let h = entry.header();
         let mode = h.mode().map_err(|e| e.to_string())?;
-        let mut uid = h.uid().map_err(|e| e.to_string())?;
-        let mut gid = h.gid().map_err(|e| e.to_string())?;
+        // Some writers leave the id fields blank: that is 0.
+        let mut uid = h.uid().unwrap_or(0);
+        let mut gid = h.gid().unwrap_or(0);
         let mut secs = h.mtime().map_err(|e| e.to_string())? as f64;
         if let Some(v) = pax_num(entry, "uid") {
             uid = v as u64;
@@ -245,18 +262,27 @@ impl Extractor {
             tv_sec: secs.floor() as i64,
             tv_nsec: ((secs - secs.floor()) * 1e9).round().min(999_999_999.0) as _,
         };
-        let xattrs = xattrs_of(entry)?.into_iter().filter(|(k, _)| !format::is_private_xattr(k)).collect();
-        Ok(Attrs { mode, uid, gid, mtime, xattrs })
+        let xattrs = xattrs_of(entry)?
+            .into_iter()
+            .filter(|(k, _)| !format::is_private_xattr(k))
+            .collect();
+        Ok(Attrs {
+            mode,
+            uid,
+            gid,
+            mtime,
+            xattrs,
+        })
     }
 
     /// The directory at `parents`, made (0755) where missing; a symlink or non-directory on the
     /// way is refused.
     fn parent(&mut self, parents: &[Component]) -> R<OwnedFd> {
         let key = join(parents);
-        if let Some((p, fd)) = &self.cache {
-            if *p == key {
-                return fd.try_clone().map_err(|e| e.to_string());
-            }
+        if let Some((p, fd)) = &self.cache
+            && *p == key
+        {
+            return fd.try_clone().map_err(|e| e.to_string());
         }
         let mut cur = self.root.try_clone().map_err(|e| e.to_string())?;
         for (i, c) in parents.iter().enumerate() {
@@ -270,15 +296,20 @@ impl Extractor {
                 Ok(st) => match sys::file_type(&st) {
                     FileType::Directory => {}
                     FileType::Symlink => {
-                        return Err(format!("parent {} is a symlink (would resolve outside the layer)", here()));
+                        return Err(format!(
+                            "parent {} is a symlink (would resolve outside the layer)",
+                            here()
+                        ));
                     }
                     _ if format::is_chardev_whiteout(&st) => {
                         // Deleted below, re-created here: a new, opaque directory.
                         sys::unlink_at(cur.as_fd(), c, false).map_err(|e| errno(&here(), e))?;
                         sys::mkdir_at(cur.as_fd(), c, Mode::from_raw_mode(0o755))
                             .map_err(|e| errno(&here(), e))?;
-                        let d = sys::open_path_dir(cur.as_fd(), c).map_err(|e| errno(&here(), e))?;
-                        format::set_opaque(d.as_fd(), self.encoding).map_err(|e| errno(&here(), e))?;
+                        let d =
+                            sys::open_path_dir(cur.as_fd(), c).map_err(|e| errno(&here(), e))?;
+                        format::set_opaque(d.as_fd(), self.encoding)
+                            .map_err(|e| errno(&here(), e))?;
                     }
                     _ => return Err(format!("parent {} is not a directory", here())),
                 },
@@ -291,7 +322,12 @@ impl Extractor {
 
     /// Removes whatever is at `dir/name` (path `path`), keeping recorded contents for the
     /// tar-split. Returns what was there.
-    fn remove_existing(&mut self, dir: BorrowedFd<'_>, name: &Component, path: &[u8]) -> R<Option<sys::Stat>> {
+    fn remove_existing(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &Component,
+        path: &[u8],
+    ) -> R<Option<sys::Stat>> {
         let st = match sys::stat_at(dir, name) {
             Err(Errno::NOENT) => return Ok(None),
             Err(e) => return Err(errno("cannot stat existing entry", e)),
@@ -309,13 +345,18 @@ impl Extractor {
             let rel = Path::new(OsStr::from_bytes(&p));
             let fd = sys::open_in_root(self.root.as_fd(), rel, OFlags::PATH | OFlags::NOFOLLOW)
                 .map_err(|e| errno("cannot reopen replaced file", e))?;
-            self.split.borrow_mut().save_contents(idx, fd.as_fd()).map_err(|e| e.to_string())?;
+            self.split
+                .borrow_mut()
+                .save_contents(idx, fd.as_fd())
+                .map_err(|e| e.to_string())?;
             self.recorded.remove(&p);
         }
-        self.seen.retain(|p| !(p.as_slice() == path || p.starts_with(&prefix)));
+        self.seen
+            .retain(|p| !(p.as_slice() == path || p.starts_with(&prefix)));
         if sys::file_type(&st) == FileType::Directory {
             self.cache = None;
-            self.dirs.retain(|p, _| !(p.as_slice() == path || p.starts_with(&prefix)));
+            self.dirs
+                .retain(|p, _| !(p.as_slice() == path || p.starts_with(&prefix)));
             remove_tree_at(dir, name).map_err(|e| errno("cannot replace directory", e))?;
         } else {
             sys::unlink_at(dir, name, false).map_err(|e| errno("cannot replace entry", e))?;
@@ -333,17 +374,17 @@ impl Extractor {
     ) -> R<()> {
         let attrs = self.attrs(entry)?;
         // Directory over directory: attributes only.
-        if kind.is_dir() {
-            if let Ok(st) = sys::stat_at(dir, name) {
-                if sys::file_type(&st) == FileType::Directory {
-                    self.dirs.insert(path.to_vec(), attrs);
-                    return Ok(());
-                }
-            }
+        if kind.is_dir()
+            && sys::stat_at(dir, name).is_ok_and(|st| sys::file_type(&st) == FileType::Directory)
+        {
+            self.dirs.insert(path.to_vec(), attrs);
+            return Ok(());
         }
         // A hard link's target is checked before anything is replaced.
         let link_target = if kind.is_hard_link() {
-            let raw = entry.link_name_bytes().ok_or("hard link without a target")?;
+            let raw = entry
+                .link_name_bytes()
+                .ok_or("hard link without a target")?;
             let tparts = clean(&raw)?;
             let tpath = join(&tparts);
             if tpath == path || !self.seen.contains(&tpath) {
@@ -363,29 +404,46 @@ impl Extractor {
         let mode = Mode::from_raw_mode(attrs.mode & 0o7777);
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                let fd = sys::open_at(dir, name, OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY, Mode::from_raw_mode(0o600))
-                    .map_err(|e| errno("cannot create file", e))?;
+                let fd = sys::open_at(
+                    dir,
+                    name,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| errno("cannot create file", e))?;
                 let mut file = File::from(fd);
                 let sparse = kind == EntryType::GNUSparse;
                 let want = entry.size();
                 if !sparse && want > 0 {
-                    self.split.borrow_mut().begin_file().map_err(|e| e.to_string())?;
+                    self.split
+                        .borrow_mut()
+                        .begin_file()
+                        .map_err(|e| e.to_string())?;
                 }
-                let copied = io::copy(entry, &mut file).map_err(|e| format!("reading file data: {e}"))?;
+                let copied =
+                    io::copy(entry, &mut file).map_err(|e| format!("reading file data: {e}"))?;
                 if !sparse && want > 0 {
-                    let idx = self.split.borrow_mut().end_file(path, copied).map_err(|e| e.to_string())?;
+                    let idx = self
+                        .split
+                        .borrow_mut()
+                        .end_file(path, copied)
+                        .map_err(|e| e.to_string())?;
                     self.recorded.insert(path.to_vec(), idx);
                 }
                 if !sparse && copied != want {
-                    return Err(format!("truncated: file data ends after {copied} of {want} bytes"));
+                    return Err(format!(
+                        "truncated: file data ends after {copied} of {want} bytes"
+                    ));
                 }
                 self.size += copied;
             }
             EntryType::Directory => {
-                sys::mkdir_at(dir, name, Mode::from_raw_mode(0o700)).map_err(|e| errno("cannot create directory", e))?;
+                sys::mkdir_at(dir, name, Mode::from_raw_mode(0o700))
+                    .map_err(|e| errno("cannot create directory", e))?;
                 if was_whiteout {
                     let d = sys::open_path_dir(dir, name).map_err(|e| errno("directory", e))?;
-                    format::set_opaque(d.as_fd(), self.encoding).map_err(|e| errno("cannot mark opaque", e))?;
+                    format::set_opaque(d.as_fd(), self.encoding)
+                        .map_err(|e| errno("cannot mark opaque", e))?;
                 }
                 self.dirs.insert(path.to_vec(), attrs);
                 return Ok(());
@@ -395,11 +453,13 @@ impl Extractor {
                 if target.is_empty() {
                     return Err("symlink with an empty target".into());
                 }
-                sys::symlink_at(&target, dir, name).map_err(|e| errno("cannot create symlink", e))?;
+                sys::symlink_at(&target, dir, name)
+                    .map_err(|e| errno("cannot create symlink", e))?;
             }
             EntryType::Link => {
                 let target = link_target.ok_or("hard link target vanished")?;
-                sys::link_fd(target.as_fd(), dir, name).map_err(|e| errno("cannot create hard link", e))?;
+                sys::link_fd(target.as_fd(), dir, name)
+                    .map_err(|e| errno("cannot create hard link", e))?;
                 self.seen.insert(path.to_vec());
                 return Ok(());
             }
@@ -410,14 +470,21 @@ impl Extractor {
                         let h = entry.header();
                         let major = h.device_major().ok().flatten().unwrap_or(0);
                         let minor = h.device_minor().ok().flatten().unwrap_or(0);
-                        let ft = if k == EntryType::Char { FileType::CharacterDevice } else { FileType::BlockDevice };
+                        let ft = if k == EntryType::Char {
+                            FileType::CharacterDevice
+                        } else {
+                            FileType::BlockDevice
+                        };
                         (ft, rustix::fs::makedev(major, minor))
                     }
                 };
                 match sys::mknod_at(dir, name, ft, mode, rdev) {
                     Ok(()) => {}
                     Err(Errno::PERM) if ft != FileType::Fifo => {
-                        tracing::warn!("{}: device node skipped (needs root)", String::from_utf8_lossy(path));
+                        tracing::warn!(
+                            "{}: device node skipped (needs root)",
+                            String::from_utf8_lossy(path)
+                        );
                         return Ok(());
                     }
                     Err(e) => return Err(errno("cannot create node", e)),
@@ -429,7 +496,10 @@ impl Extractor {
         let fd = sys::open_path(dir, name).map_err(|e| errno("reopen", e))?;
         let is_link = kind == EntryType::Symlink;
         self.apply(fd.as_fd(), &attrs, is_link)?;
-        let times = Timestamps { last_access: attrs.mtime, last_modification: attrs.mtime };
+        let times = Timestamps {
+            last_access: attrs.mtime,
+            last_modification: attrs.mtime,
+        };
         sys::utimes_at(dir, name, &times).map_err(|e| errno("cannot set times", e))
     }
 
@@ -441,12 +511,19 @@ impl Extractor {
             Err(e) => return Err(errno("cannot set owner", e)),
         }
         if !is_link {
-            sys::chmod_fd(fd, Mode::from_raw_mode(attrs.mode & 0o7777)).map_err(|e| errno("cannot set mode", e))?;
+            sys::chmod_fd(fd, Mode::from_raw_mode(attrs.mode & 0o7777))
+                .map_err(|e| errno("cannot set mode", e))?;
             for (k, v) in &attrs.xattrs {
                 match sys::xattr::set(fd, OsStr::from_bytes(k), v, 0) {
                     Ok(()) => {}
-                    Err(Errno::PERM | Errno::OPNOTSUPP) if !rustix::process::geteuid().is_root() => {}
-                    Err(e) => return Err(errno(&format!("cannot set xattr {}", String::from_utf8_lossy(k)), e)),
+                    Err(Errno::PERM | Errno::OPNOTSUPP)
+                        if !rustix::process::geteuid().is_root() => {}
+                    Err(e) => {
+                        return Err(errno(
+                            &format!("cannot set xattr {}", String::from_utf8_lossy(k)),
+                            e,
+                        ));
+                    }
                 }
             }
         }
@@ -457,20 +534,30 @@ impl Extractor {
         self.cache = None;
         let mut dirs: Vec<_> = std::mem::take(&mut self.dirs).into_iter().collect();
         // Deepest first, so setting a child's times does not disturb a finished parent.
-        dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.iter().filter(|b| **b == b'/').count() + usize::from(!p.is_empty())));
+        dirs.sort_by_key(|(p, _)| {
+            std::cmp::Reverse(p.iter().filter(|b| **b == b'/').count() + usize::from(!p.is_empty()))
+        });
         for (path, attrs) in dirs {
             let fd = if path.is_empty() {
                 self.root.try_clone().map_err(|e| e.to_string())?
             } else {
                 let rel = Path::new(OsStr::from_bytes(&path));
-                match sys::open_in_root(self.root.as_fd(), rel, OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY) {
+                match sys::open_in_root(
+                    self.root.as_fd(),
+                    rel,
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY,
+                ) {
                     Ok(fd) => fd,
                     Err(_) => continue,
                 }
             };
             self.apply(fd.as_fd(), &attrs, false)?;
-            let times = Timestamps { last_access: attrs.mtime, last_modification: attrs.mtime };
-            sys::utimes_fd(fd.as_fd(), &times).map_err(|e| errno("cannot set directory times", e))?;
+            let times = Timestamps {
+                last_access: attrs.mtime,
+                last_modification: attrs.mtime,
+            };
+            sys::utimes_fd(fd.as_fd(), &times)
+                .map_err(|e| errno("cannot set directory times", e))?;
         }
         Ok(())
     }
@@ -478,7 +565,9 @@ impl Extractor {
 
 /// The `SCHILY.xattr.*` records of one entry.
 fn xattrs_of(entry: &mut tar::Entry<'_, impl Read>) -> R<Vec<(Vec<u8>, Vec<u8>)>> {
-    let Some(exts) = entry.pax_extensions().map_err(|e| e.to_string())? else { return Ok(Vec::new()) };
+    let Some(exts) = entry.pax_extensions().map_err(|e| e.to_string())? else {
+        return Ok(Vec::new());
+    };
     let mut out = Vec::new();
     for e in exts {
         let e = e.map_err(|e| e.to_string())?;

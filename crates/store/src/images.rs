@@ -14,7 +14,11 @@ use crate::{tarsplit, util};
 /// `busybox` → `busybox:latest`; `reg:5000/x` → `reg:5000/x:latest`; `a:b` stays.
 pub fn normalize_tag(name: &str) -> String {
     let last = name.rsplit('/').next().unwrap_or(name);
-    if last.contains(':') || last.contains('@') { name.to_string() } else { format!("{name}:latest") }
+    if last.contains(':') || last.contains('@') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
 }
 
 /// Splits `repo:tag` at the tag's colon.
@@ -31,7 +35,9 @@ pub fn valid_tag(tag: &str) -> bool {
     !tag.is_empty()
         && tag.len() <= 255
         && !tag.starts_with(['-', '.', ':', '/'])
-        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:".contains(&b))
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:".contains(&b))
         && !tag.ends_with([':', '/'])
 }
 
@@ -42,7 +48,10 @@ pub fn config_of(img: &ImageRecord) -> Value {
 
 /// Seconds since the epoch of the config's `created` (0 if absent).
 pub fn created_secs(img: &ImageRecord) -> i64 {
-    config_of(img)["created"].as_str().and_then(util::parse_rfc3339).unwrap_or(0)
+    config_of(img)["created"]
+        .as_str()
+        .and_then(util::parse_rfc3339)
+        .unwrap_or(0)
 }
 
 /// One row of `images`.
@@ -112,9 +121,16 @@ impl Store {
         let _l = self.lock_shared()?;
         let mut rows = Vec::new();
         for img in self.images_locked()?.into_iter().rev() {
-            let created = config_of(&img)["created"].as_str().unwrap_or("").to_string();
+            let created = config_of(&img)["created"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             let size = self.image_size(&img);
-            let tags = if img.tags.is_empty() { vec!["<none>:<none>".to_string()] } else { img.tags.clone() };
+            let tags = if img.tags.is_empty() {
+                vec!["<none>:<none>".to_string()]
+            } else {
+                img.tags.clone()
+            };
             for t in tags {
                 let (repo, tag) = split_tag(&t);
                 rows.push(ImageSummary {
@@ -131,7 +147,11 @@ impl Store {
 
     /// Sum of the layer sizes of `img`.
     pub fn image_size(&self, img: &ImageRecord) -> u64 {
-        img.layers.iter().filter_map(|c| self.layer(c).ok()).map(|l| l.size).sum()
+        img.layers
+            .iter()
+            .filter_map(|c| self.layer(c).ok())
+            .map(|l| l.size)
+            .sum()
     }
 
     /// `history IMAGE`: one row per config history entry, newest first.
@@ -147,7 +167,10 @@ impl Store {
             let size = if empty_layer {
                 0
             } else {
-                layers.next().and_then(|c| self.layer(c).ok()).map_or(0, |l| l.size)
+                layers
+                    .next()
+                    .and_then(|c| self.layer(c).ok())
+                    .map_or(0, |l| l.size)
             };
             rows.push(HistoryRow {
                 id: "<missing>".into(),
@@ -171,10 +194,17 @@ impl Store {
         let _l = self.lock_shared()?;
         let img = self.resolve_image_locked(reference)?;
         let cfg = config_of(&img);
-        let mut dirs = self.image_lower_dirs(&img).into_iter().map(|p| p.display().to_string());
+        let mut dirs = self
+            .image_lower_dirs(&img)
+            .into_iter()
+            .map(|p| p.display().to_string());
         let upper = dirs.next().unwrap_or_default();
         let lower: Vec<String> = dirs.collect();
-        let top = img.layers.last().map(|c| self.layer_dir(c).display().to_string()).unwrap_or_default();
+        let top = img
+            .layers
+            .last()
+            .map(|c| self.layer_dir(c).display().to_string())
+            .unwrap_or_default();
         let mut data = json!({ "UpperDir": upper, "WorkDir": format!("{top}/work"), "MergedDir": format!("{top}/merged") });
         if !lower.is_empty() {
             data["LowerDir"] = json!(lower.join(":"));
@@ -232,13 +262,26 @@ impl Store {
         if img.tags.contains(&tag) && img.tags.len() > 1 {
             img.tags.retain(|t| *t != tag);
             self.write_image(&img)?;
-            return Ok(RmiReport { untagged: vec![tag], deleted: None });
+            return Ok(RmiReport {
+                untagged: vec![tag],
+                deleted: None,
+            });
         }
-        let users: Vec<_> = self.containers_locked()?.into_iter().filter(|c| c.image == img.id).collect();
+        let users: Vec<_> = self
+            .containers_locked()?
+            .into_iter()
+            .filter(|c| c.image == img.id)
+            .collect();
         if let Some(m) = users.iter().find(|c| c.is_mounted()) {
             return Err(StoreError::InUse {
                 what: format!("image {reference}"),
-                reason: format!("container {} is mounted at {}", m.name, m.mountpoint.as_ref().map_or(String::new(), |p| p.display().to_string())),
+                reason: format!(
+                    "container {} is mounted at {}",
+                    m.name,
+                    m.mountpoint
+                        .as_ref()
+                        .map_or(String::new(), |p| p.display().to_string())
+                ),
             }
             .into());
         }
@@ -246,12 +289,18 @@ impl Store {
             let names: Vec<_> = users.iter().map(|c| c.name.as_str()).collect();
             return Err(StoreError::InUse {
                 what: format!("image {reference}"),
-                reason: format!("used by container(s) {} (remove them, or use --force)", names.join(", ")),
+                reason: format!(
+                    "used by container(s) {} (remove them, or use --force)",
+                    names.join(", ")
+                ),
             }
             .into());
         }
         fs::remove_file(self.image_path(&img.id))?;
-        Ok(RmiReport { untagged: img.tags, deleted: Some(img.id) })
+        Ok(RmiReport {
+            untagged: img.tags,
+            deleted: Some(img.id),
+        })
     }
 
     /// Chain ids that an image or a container still uses.
@@ -273,7 +322,13 @@ impl Store {
         let mut report = PruneReport::default();
         for e in fs::read_dir(self.root().join("layers"))? {
             let e = e?;
-            let Some(chain) = e.file_name().to_str().and_then(|n| Digest::from_hex(n).ok()) else { continue };
+            let Some(chain) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| Digest::from_hex(n).ok())
+            else {
+                continue;
+            };
             if keep.contains(&chain) {
                 continue;
             }
@@ -281,7 +336,8 @@ impl Store {
             report.bytes_freed += util::disk_usage(&dir);
             // Unpublish first (rename into tmp/), so a crash never leaves half a layer in layers/.
             let doomed = self.tmp_dir().join(format!("prune-{}", chain.hex()));
-            fs::rename(&dir, &doomed).with_context(|| format!("{}: cannot remove", dir.display()))?;
+            fs::rename(&dir, &doomed)
+                .with_context(|| format!("{}: cannot remove", dir.display()))?;
             util::remove_tree(&doomed)?;
             report.layers.push(chain);
         }
@@ -305,13 +361,18 @@ impl Store {
                 Ok((d, _)) => Some(format!("content changed: hashes to {d}")),
                 Err(e) => Some(format!("cannot rebuild layer tar: {e}")),
             };
-            rows.push(VerifyRow { chain_id: l.chain_id, diff_id: l.diff_id, problem });
+            rows.push(VerifyRow {
+                chain_id: l.chain_id,
+                diff_id: l.diff_id,
+                problem,
+            });
         }
         Ok(rows)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

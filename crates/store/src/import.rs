@@ -97,7 +97,12 @@ struct DockerEntry {
 }
 
 fn bad(file: &str, entry: &str, reason: impl Into<String>) -> anyhow::Error {
-    StoreError::BadInput { file: file.into(), entry: entry.into(), reason: reason.into() }.into()
+    StoreError::BadInput {
+        file: file.into(),
+        entry: entry.into(),
+        reason: reason.into(),
+    }
+    .into()
 }
 
 /// `blobs/sha256/<hex>` or `<hex>.json` → the digest the name promises.
@@ -114,7 +119,7 @@ fn short_repo_name(name: &str) -> String {
     n.strip_prefix("library/").unwrap_or(n).to_string()
 }
 
-fn host_arch() -> &'static str {
+pub(crate) fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -125,21 +130,47 @@ fn host_arch() -> &'static str {
 }
 
 fn stem(path: &Path) -> String {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "layer".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "layer".into());
     let base = name.split('.').next().unwrap_or(&name).to_ascii_lowercase();
-    let clean: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' }).collect();
-    if clean.is_empty() { "imported".into() } else { clean }
+    let clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "imported".into()
+    } else {
+        clean
+    }
 }
 
 /// Reads a JSON blob of a source, checking digest and size when known.
 fn read_blob(src: &Source, blob: &BlobRef) -> anyhow::Result<Vec<u8>> {
     let label = src.label();
-    let bytes = src.read(&blob.name).map_err(|e| bad(&label, &blob.name, format!("cannot read: {e:#}")))?;
+    let bytes = src
+        .read(&blob.name)
+        .map_err(|e| bad(&label, &blob.name, format!("cannot read: {e:#}")))?;
     if let Some(s) = blob.size.filter(|s| *s != bytes.len() as u64) {
-        return Err(bad(&label, &blob.name, format!("size is {} but the descriptor says {s}", bytes.len())));
+        return Err(bad(
+            &label,
+            &blob.name,
+            format!("size is {} but the descriptor says {s}", bytes.len()),
+        ));
     }
     if let Some(d) = blob.digest.filter(|d| *d != Digest::of(&bytes)) {
-        return Err(bad(&label, &blob.name, format!("digest is {} but should be {d}", Digest::of(&bytes))));
+        return Err(bad(
+            &label,
+            &blob.name,
+            format!("digest is {} but should be {d}", Digest::of(&bytes)),
+        ));
     }
     Ok(bytes)
 }
@@ -147,23 +178,46 @@ fn read_blob(src: &Source, blob: &BlobRef) -> anyhow::Result<Vec<u8>> {
 fn docker_plans(src: &Source) -> anyhow::Result<Vec<ImagePlan>> {
     let label = src.label();
     let bytes = src.read("manifest.json")?;
-    let entries: Vec<DockerEntry> =
-        serde_json::from_slice(&bytes).map_err(|e| bad(&label, "manifest.json", format!("not a docker manifest: {e}")))?;
+    let entries: Vec<DockerEntry> = serde_json::from_slice(&bytes).map_err(|e| {
+        bad(
+            &label,
+            "manifest.json",
+            format!("not a docker manifest: {e}"),
+        )
+    })?;
     let mut plans = Vec::new();
     for e in entries {
-        let cref = BlobRef { name: e.config.clone(), digest: digest_in_name(&e.config), size: None };
+        let cref = BlobRef {
+            name: e.config.clone(),
+            digest: digest_in_name(&e.config),
+            size: None,
+        };
         let config = read_blob(src, &cref)?;
         let layers = e
             .layers
             .iter()
             .map(|l| BlobRef {
                 name: l.clone(),
-                digest: l.contains("blobs/sha256/").then(|| digest_in_name(l)).flatten(),
+                digest: l
+                    .contains("blobs/sha256/")
+                    .then(|| digest_in_name(l))
+                    .flatten(),
                 size: None,
             })
             .collect();
-        let tags = e.repo_tags.unwrap_or_default().iter().map(|t| normalize_tag(&short_repo_name(t))).collect();
-        plans.push(ImagePlan { config, config_name: e.config, layers, tags, manifest_digest: None });
+        let tags = e
+            .repo_tags
+            .unwrap_or_default()
+            .iter()
+            .map(|t| normalize_tag(&short_repo_name(t)))
+            .collect();
+        plans.push(ImagePlan {
+            config,
+            config_name: e.config,
+            layers,
+            tags,
+            manifest_digest: None,
+        });
     }
     Ok(plans)
 }
@@ -181,11 +235,18 @@ struct Descriptor {
 }
 
 fn blob_of(src: &Source, d: &Descriptor, from: &str) -> anyhow::Result<BlobRef> {
-    let digest: Digest = d
-        .digest
-        .parse()
-        .map_err(|_| bad(&src.label(), from, format!("unsupported digest {:?} (sha256 only)", d.digest)))?;
-    Ok(BlobRef { name: format!("blobs/sha256/{}", digest.hex()), digest: Some(digest), size: Some(d.size) })
+    let digest: Digest = d.digest.parse().map_err(|_| {
+        bad(
+            &src.label(),
+            from,
+            format!("unsupported digest {:?} (sha256 only)", d.digest),
+        )
+    })?;
+    Ok(BlobRef {
+        name: format!("blobs/sha256/{}", digest.hex()),
+        digest: Some(digest),
+        size: Some(d.size),
+    })
 }
 
 fn oci_plans(src: &Source, source_path: &Path) -> anyhow::Result<Vec<ImagePlan>> {
@@ -197,10 +258,15 @@ fn oci_plans(src: &Source, source_path: &Path) -> anyhow::Result<Vec<ImagePlan>>
         .read("manifest.json")
         .ok()
         .and_then(|b| serde_json::from_slice::<Vec<DockerEntry>>(&b).ok())
-        .map(|es| es.into_iter().flat_map(|e| e.repo_tags.unwrap_or_default()).collect())
+        .map(|es| {
+            es.into_iter()
+                .flat_map(|e| e.repo_tags.unwrap_or_default())
+                .collect()
+        })
         .unwrap_or_default();
     let mut plans = Vec::new();
-    let mut queue: Vec<(Value, String, serde_json::Map<String, Value>)> = vec![(index, "index.json".into(), Default::default())];
+    let mut queue: Vec<(Value, String, serde_json::Map<String, Value>)> =
+        vec![(index, "index.json".into(), Default::default())];
     let mut depth = 0;
     while let Some((idx, idx_name, inherited)) = queue.pop() {
         depth += 1;
@@ -212,17 +278,26 @@ fn oci_plans(src: &Source, source_path: &Path) -> anyhow::Result<Vec<ImagePlan>>
         let matching: Vec<&Descriptor> = descs
             .iter()
             .filter(|d| {
-                d.platform.as_ref().is_none_or(|p| p["architecture"].as_str().is_none_or(|a| a == host_arch()))
+                d.platform
+                    .as_ref()
+                    .is_none_or(|p| p["architecture"].as_str().is_none_or(|a| a == host_arch()))
             })
             .collect();
-        let chosen: Vec<&Descriptor> = if matching.is_empty() { descs.iter().take(1).collect() } else { matching };
+        let chosen: Vec<&Descriptor> = if matching.is_empty() {
+            descs.iter().take(1).collect()
+        } else {
+            matching
+        };
         for d in chosen {
             let mut ann = inherited.clone();
             ann.extend(d.annotations.clone());
             let blob = blob_of(src, d, &idx_name)?;
             let bytes = read_blob(src, &blob)?;
-            let doc: Value = serde_json::from_slice(&bytes).map_err(|e| bad(&label, &blob.name, format!("not JSON: {e}")))?;
-            let is_index = d.media_type.contains("index") || d.media_type.contains("manifest.list") || doc.get("manifests").is_some();
+            let doc: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| bad(&label, &blob.name, format!("not JSON: {e}")))?;
+            let is_index = d.media_type.contains("index")
+                || d.media_type.contains("manifest.list")
+                || doc.get("manifests").is_some();
             if is_index {
                 queue.push((doc, blob.name.clone(), ann));
                 continue;
@@ -233,20 +308,37 @@ fn oci_plans(src: &Source, source_path: &Path) -> anyhow::Result<Vec<ImagePlan>>
             let config = read_blob(src, &cblob)?;
             let ldescs: Vec<Descriptor> = serde_json::from_value(doc["layers"].clone())
                 .map_err(|e| bad(&label, &blob.name, format!("bad layers list: {e}")))?;
-            let layers = ldescs.iter().map(|l| blob_of(src, l, &blob.name)).collect::<anyhow::Result<Vec<_>>>()?;
+            let layers = ldescs
+                .iter()
+                .map(|l| blob_of(src, l, &blob.name))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let full = ann.get("io.containerd.image.name").and_then(Value::as_str);
-            let refname = ann.get("org.opencontainers.image.ref.name").and_then(Value::as_str);
+            let refname = ann
+                .get("org.opencontainers.image.ref.name")
+                .and_then(Value::as_str);
             let mut tags = Vec::new();
             match (full, refname) {
                 (Some(f), _) => tags.push(normalize_tag(&short_repo_name(f))),
-                (None, Some(r)) if r.contains(':') || r.contains('/') => tags.push(normalize_tag(&short_repo_name(r))),
+                (None, Some(r)) if r.contains(':') || r.contains('/') => {
+                    tags.push(normalize_tag(&short_repo_name(r)))
+                }
                 (None, Some(r)) => tags.push(format!("{}:{r}", stem(source_path))),
                 (None, None) => {}
             }
             if tags.is_empty() && plans.is_empty() {
-                tags.extend(docker_tags.iter().map(|t| normalize_tag(&short_repo_name(t))));
+                tags.extend(
+                    docker_tags
+                        .iter()
+                        .map(|t| normalize_tag(&short_repo_name(t))),
+                );
             }
-            plans.push(ImagePlan { config, config_name: cblob.name, layers, tags, manifest_digest: blob.digest });
+            plans.push(ImagePlan {
+                config,
+                config_name: cblob.name,
+                layers,
+                tags,
+                manifest_digest: blob.digest,
+            });
         }
     }
     Ok(plans)
@@ -273,7 +365,9 @@ fn bar(show: bool, size: u64, what: &str) -> Option<indicatif::ProgressBar> {
         return None;
     }
     let b = indicatif::ProgressBar::new(size);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    ) {
         b.set_style(style.progress_chars("=> "));
     }
     b.set_message(what.to_string());
@@ -285,6 +379,21 @@ pub(crate) struct Txn<'a> {
     store: &'a Store,
     published: Vec<Digest>,
     done: bool,
+}
+
+impl<'a> Txn<'a> {
+    pub(crate) fn new(store: &'a Store) -> Self {
+        Txn {
+            store,
+            published: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Keeps what was published.
+    pub(crate) fn commit(mut self) {
+        self.done = true;
+    }
 }
 
 impl Drop for Txn<'_> {
@@ -305,15 +414,19 @@ impl Store {
     /// Imports `source` (see the module doc for the forms), naming the first image `tag` if given.
     /// Progress bars are drawn when stderr is a terminal.
     pub fn import(&self, source: &Path, tag: Option<&str>) -> anyhow::Result<ImportReport> {
-        let opts = ImportOptions { tag: tag.map(str::to_string), progress: io::stderr().is_terminal() };
+        let opts = ImportOptions {
+            tag: tag.map(str::to_string),
+            progress: io::stderr().is_terminal(),
+        };
         self.import_with(source, &opts)
     }
 
     /// [`Store::import`] with options.
     pub fn import_with(&self, source: &Path, opts: &ImportOptions) -> anyhow::Result<ImportReport> {
         let _l = self.lock_exclusive()?;
-        let md = fs::metadata(source).with_context(|| format!("{}: cannot read", source.display()))?;
-        let mut txn = Txn { store: self, published: Vec::new(), done: false };
+        let md =
+            fs::metadata(source).with_context(|| format!("{}: cannot read", source.display()))?;
+        let mut txn = Txn::new(self);
         let report = if md.is_dir() {
             let src = Source::dir(source)?;
             if src.exists("index.json") && src.exists("oci-layout") {
@@ -333,7 +446,13 @@ impl Store {
                 let path = staging.path().join("archive.tar");
                 let mut out = File::create(&path)?;
                 let mut r = extract::decompress(File::open(source)?)?;
-                io::copy(&mut r, &mut out).map_err(|e| bad(&source.display().to_string(), "-", format!("cannot decompress: {e}")))?;
+                io::copy(&mut r, &mut out).map_err(|e| {
+                    bad(
+                        &source.display().to_string(),
+                        "-",
+                        format!("cannot decompress: {e}"),
+                    )
+                })?;
                 File::open(&path)?
             };
             let src = Source::archive(source, file).ok();
@@ -341,7 +460,9 @@ impl Store {
                 Some(src) if src.exists("index.json") && src.exists("oci-layout") => {
                     self.import_plans(&src, oci_plans(&src, source)?, opts, &mut txn)?
                 }
-                Some(src) if src.exists("manifest.json") => self.import_plans(&src, docker_plans(&src)?, opts, &mut txn)?,
+                Some(src) if src.exists("manifest.json") => {
+                    self.import_plans(&src, docker_plans(&src)?, opts, &mut txn)?
+                }
                 _ => {
                     drop(staging);
                     let label = source.display().to_string();
@@ -349,7 +470,7 @@ impl Store {
                 }
             }
         };
-        txn.done = true;
+        txn.commit();
         Ok(report)
     }
 
@@ -366,28 +487,54 @@ impl Store {
         }
         let mut pending = Vec::new();
         for plan in plans {
-            let cfg: Value = serde_json::from_slice(&plan.config)
-                .map_err(|e| bad(&label, &plan.config_name, format!("config is not JSON: {e}")))?;
+            let cfg: Value = serde_json::from_slice(&plan.config).map_err(|e| {
+                bad(
+                    &label,
+                    &plan.config_name,
+                    format!("config is not JSON: {e}"),
+                )
+            })?;
             if cfg["rootfs"]["type"].as_str() != Some("layers") {
-                return Err(bad(&label, &plan.config_name, "rootfs.type is not \"layers\""));
+                return Err(bad(
+                    &label,
+                    &plan.config_name,
+                    "rootfs.type is not \"layers\"",
+                ));
             }
             let diff_ids: Vec<Digest> = serde_json::from_value(cfg["rootfs"]["diff_ids"].clone())
-                .map_err(|e| bad(&label, &plan.config_name, format!("bad rootfs.diff_ids: {e}")))?;
+                .map_err(|e| {
+                bad(
+                    &label,
+                    &plan.config_name,
+                    format!("bad rootfs.diff_ids: {e}"),
+                )
+            })?;
             if diff_ids.len() != plan.layers.len() {
                 return Err(bad(
                     &label,
                     &plan.config_name,
-                    format!("config lists {} diff_ids but the manifest has {} layers", diff_ids.len(), plan.layers.len()),
+                    format!(
+                        "config lists {} diff_ids but the manifest has {} layers",
+                        diff_ids.len(),
+                        plan.layers.len()
+                    ),
                 ));
             }
             let empty = Vec::new();
             let history = cfg["history"].as_array().unwrap_or(&empty);
-            let steps: Vec<&Value> = history.iter().filter(|h| !h["empty_layer"].as_bool().unwrap_or(false)).collect();
+            let steps: Vec<&Value> = history
+                .iter()
+                .filter(|h| !h["empty_layer"].as_bool().unwrap_or(false))
+                .collect();
             if !history.is_empty() && steps.len() != diff_ids.len() {
                 return Err(bad(
                     &label,
                     &plan.config_name,
-                    format!("history has {} non-empty steps but there are {} layers", steps.len(), diff_ids.len()),
+                    format!(
+                        "history has {} non-empty steps but there are {} layers",
+                        steps.len(),
+                        diff_ids.len()
+                    ),
                 ));
             }
             let mut outcomes = Vec::new();
@@ -398,32 +545,58 @@ impl Store {
                 chains.push(chain);
                 if self.has_layer(&chain) {
                     let size = self.layer(&chain).map_or(0, |l| l.size);
-                    outcomes.push(LayerOutcome { diff_id: diff_ids[i], chain_id: chain, size, shared: true });
+                    outcomes.push(LayerOutcome {
+                        diff_id: diff_ids[i],
+                        chain_id: chain,
+                        size,
+                        shared: true,
+                    });
                     continue;
                 }
-                let created_by = steps.get(i).and_then(|h| h["created_by"].as_str()).unwrap_or("").to_string();
-                let (reader, size) = src.open(&blob.name).map_err(|e| bad(&label, &blob.name, format!("{e:#}")))?;
+                let created_by = steps
+                    .get(i)
+                    .and_then(|h| h["created_by"].as_str())
+                    .unwrap_or("")
+                    .to_string();
+                let (reader, size) = src
+                    .open(&blob.name)
+                    .map_err(|e| bad(&label, &blob.name, format!("{e:#}")))?;
                 if let Some(want) = blob.size.filter(|w| *w != size) {
-                    return Err(bad(&label, &blob.name, format!("size is {size} but the descriptor says {want}")));
+                    return Err(bad(
+                        &label,
+                        &blob.name,
+                        format!("size is {size} but the descriptor says {want}"),
+                    ));
                 }
                 let staging = self.staging()?;
                 let what = format!("{label}: {}", blob.name);
                 let short = diff_ids[i].short();
-                let mut hr = HashReader::new(Progress { inner: reader, bar: bar(opts.progress, size, &short) });
+                let mut hr = HashReader::new(Progress {
+                    inner: reader,
+                    bar: bar(opts.progress, size, &short),
+                });
                 let ex = extract::extract_layer(&mut hr, staging.path(), self.encoding(), &what)?;
-                hr.drain().map_err(|e| bad(&label, &blob.name, format!("cannot read: {e}")))?;
+                hr.drain()
+                    .map_err(|e| bad(&label, &blob.name, format!("cannot read: {e}")))?;
                 if let Some(b) = &hr.get_mut().bar {
                     b.finish_and_clear();
                 }
                 let (blob_digest, _) = hr.finish();
                 if let Some(want) = blob.digest.filter(|w| *w != blob_digest) {
-                    return Err(bad(&label, &blob.name, format!("digest is {blob_digest} but should be {want}")));
+                    return Err(bad(
+                        &label,
+                        &blob.name,
+                        format!("digest is {blob_digest} but should be {want}"),
+                    ));
                 }
                 if ex.diff_id != diff_ids[i] {
                     return Err(bad(
                         &label,
                         &blob.name,
-                        format!("uncompressed digest is {} but the config says {}", ex.diff_id, diff_ids[i]),
+                        format!(
+                            "uncompressed digest is {} but the config says {}",
+                            ex.diff_id, diff_ids[i]
+                        ),
                     ));
                 }
                 let rec = LayerRecord {
@@ -435,7 +608,12 @@ impl Store {
                     created_by,
                 };
                 let shared = self.finish_layer(staging.path(), &rec, txn)?;
-                outcomes.push(LayerOutcome { diff_id: ex.diff_id, chain_id: chain, size: ex.size, shared });
+                outcomes.push(LayerOutcome {
+                    diff_id: ex.diff_id,
+                    chain_id: chain,
+                    size: ex.size,
+                    shared,
+                });
             }
             pending.push((plan, chains, outcomes));
         }
@@ -445,7 +623,8 @@ impl Store {
                 (Some(t), 0) => vec![normalize_tag(t)],
                 _ => plan.tags,
             };
-            let config = String::from_utf8(plan.config).map_err(|_| bad(&label, &plan.config_name, "config is not UTF-8"))?;
+            let config = String::from_utf8(plan.config)
+                .map_err(|_| bad(&label, &plan.config_name, "config is not UTF-8"))?;
             let img = ImageRecord {
                 id: Digest::of(config.as_bytes()),
                 config,
@@ -455,14 +634,23 @@ impl Store {
                 manifest_digest: plan.manifest_digest,
             };
             let tags = self.write_image_with_tags(img.clone(), &tags)?;
-            report.images.push(ImportedImage { id: img.id, tags, layers });
+            report.images.push(ImportedImage {
+                id: img.id,
+                tags,
+                layers,
+            });
         }
         Ok(report)
     }
 
     /// Writes `layer.json` into a staged layer dir and publishes it; `true` if it was already
     /// present (shared).
-    pub(crate) fn finish_layer(&self, staged: &Path, rec: &LayerRecord, txn: &mut Txn<'_>) -> anyhow::Result<bool> {
+    pub(crate) fn finish_layer(
+        &self,
+        staged: &Path,
+        rec: &LayerRecord,
+        txn: &mut Txn<'_>,
+    ) -> anyhow::Result<bool> {
         util::write_atomic(&staged.join("layer.json"), &serde_json::to_vec_pretty(rec)?)?;
         let fresh = self.publish_layer(staged, &rec.chain_id)?;
         if fresh {
@@ -472,7 +660,11 @@ impl Store {
     }
 
     /// Writes an image record (keeping tags it already had) and gives it `tags`.
-    pub(crate) fn write_image_with_tags(&self, mut img: ImageRecord, tags: &[String]) -> anyhow::Result<Vec<String>> {
+    pub(crate) fn write_image_with_tags(
+        &self,
+        mut img: ImageRecord,
+        tags: &[String],
+    ) -> anyhow::Result<Vec<String>> {
         if let Ok(old) = self.read_image(&img.id) {
             img.tags = old.tags;
             img.source = old.source;
@@ -496,7 +688,12 @@ impl Store {
         let staging = self.staging()?;
         let ex = extract::extract_layer(blob, staging.path(), self.encoding(), label)?;
         let now = util::rfc3339(util::now_secs());
-        let created_by = format!("layerfs import {}", source.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned()));
+        let created_by = format!(
+            "layerfs import {}",
+            source
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+        );
         let rec = LayerRecord {
             diff_id: ex.diff_id,
             chain_id: ex.diff_id,
@@ -525,16 +722,38 @@ impl Store {
         };
         let tag = opts.tag.clone().unwrap_or_else(|| stem(source));
         let tags = self.write_image_with_tags(img.clone(), &[normalize_tag(&tag)])?;
-        let layer = LayerOutcome { diff_id: ex.diff_id, chain_id: ex.diff_id, size: ex.size, shared };
-        Ok(ImportReport { images: vec![ImportedImage { id: img.id, tags, layers: vec![layer] }] })
+        let layer = LayerOutcome {
+            diff_id: ex.diff_id,
+            chain_id: ex.diff_id,
+            size: ex.size,
+            shared,
+        };
+        Ok(ImportReport {
+            images: vec![ImportedImage {
+                id: img.id,
+                tags,
+                layers: vec![layer],
+            }],
+        })
     }
 
     /// A plain directory: its reproducible layer tar, then as a single layer.
-    fn import_directory(&self, dir: &Path, opts: &ImportOptions, txn: &mut Txn<'_>) -> anyhow::Result<ImportReport> {
+    fn import_directory(
+        &self,
+        dir: &Path,
+        opts: &ImportOptions,
+        txn: &mut Txn<'_>,
+    ) -> anyhow::Result<ImportReport> {
         let staging = self.staging()?;
         let tar_path = staging.path().join("layer.tar");
         let out = io::BufWriter::new(File::create(&tar_path)?);
         export::write_layer_tar(dir, out)?;
-        self.import_single_layer(File::open(&tar_path)?, &dir.display().to_string(), dir, opts, txn)
+        self.import_single_layer(
+            File::open(&tar_path)?,
+            &dir.display().to_string(),
+            dir,
+            opts,
+            txn,
+        )
     }
 }

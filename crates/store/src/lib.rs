@@ -29,6 +29,7 @@
 //! - fsync policy: one `syncfs` of the store's filesystem before each publishing rename, and an
 //!   fsync of every record file before its rename; nothing else.
 
+pub mod commit;
 pub mod containers;
 pub mod digest;
 pub mod export;

@@ -25,7 +25,11 @@ pub(crate) enum Source {
     /// A directory; files are opened with `RESOLVE_IN_ROOT`.
     Dir { path: PathBuf, root: OwnedFd },
     /// An uncompressed tar with its member index.
-    Archive { path: PathBuf, file: File, members: HashMap<String, Member> },
+    Archive {
+        path: PathBuf,
+        file: File,
+        members: HashMap<String, Member>,
+    },
 }
 
 /// `a/./b/`, `/a/b`, `./a/b` → `a/b`; `..` pops (never above the top). `None` if it would leave.
@@ -45,8 +49,12 @@ pub(crate) fn clean_name(name: &str) -> Option<String> {
 
 impl Source {
     pub(crate) fn dir(path: &Path) -> anyhow::Result<Source> {
-        let root = sys::open_root(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        Ok(Source::Dir { path: path.to_path_buf(), root })
+        let root =
+            sys::open_root(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        Ok(Source::Dir {
+            path: path.to_path_buf(),
+            root,
+        })
     }
 
     /// Indexes the uncompressed tar `file` (named `path` in errors).
@@ -56,25 +64,40 @@ impl Source {
         let mut members = HashMap::new();
         {
             let mut ar = tar::Archive::new(&file);
-            for e in ar.entries_with_seek().with_context(|| format!("{label}: not a tar archive"))? {
+            for e in ar
+                .entries_with_seek()
+                .with_context(|| format!("{label}: not a tar archive"))?
+            {
                 let e = e.with_context(|| format!("{label}: truncated or corrupt tar"))?;
                 let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
-                let Some(clean) = clean_name(&name) else { continue };
+                let Some(clean) = clean_name(&name) else {
+                    continue;
+                };
                 let kind = e.header().entry_type();
-                let link = || e.link_name_bytes().map(|l| String::from_utf8_lossy(&l).into_owned());
+                let link = || {
+                    e.link_name_bytes()
+                        .map(|l| String::from_utf8_lossy(&l).into_owned())
+                };
                 let m = if kind.is_symlink() {
                     Member::Symlink(link().unwrap_or_default())
                 } else if kind.is_hard_link() {
                     Member::Hardlink(link().unwrap_or_default())
                 } else if kind.is_file() {
-                    Member::Data { offset: e.raw_file_position(), size: e.size() }
+                    Member::Data {
+                        offset: e.raw_file_position(),
+                        size: e.size(),
+                    }
                 } else {
                     continue;
                 };
                 members.insert(clean, m);
             }
         }
-        Ok(Source::Archive { path: path.to_path_buf(), file, members })
+        Ok(Source::Archive {
+            path: path.to_path_buf(),
+            file,
+            members,
+        })
     }
 
     /// The source's name for messages.
@@ -92,7 +115,8 @@ impl Source {
     /// Opens member `name` for reading; returns it and its size.
     pub(crate) fn open(&self, name: &str) -> anyhow::Result<(Box<dyn Read + '_>, u64)> {
         let label = self.label();
-        let clean = clean_name(name).with_context(|| format!("{label}: {name}: path leaves the archive"))?;
+        let clean = clean_name(name)
+            .with_context(|| format!("{label}: {name}: path leaves the archive"))?;
         match self {
             Source::Dir { root, .. } => {
                 let fd = sys::open_in_root(root.as_fd(), Path::new(&clean), OFlags::RDONLY)
@@ -110,17 +134,27 @@ impl Source {
                     match members.get(&cur) {
                         None => bail!("{label}: {name}: no such member"),
                         Some(Member::Data { offset, size }) => {
-                            let r = SectionReader { file, pos: *offset, end: offset + size };
+                            let r = SectionReader {
+                                file,
+                                pos: *offset,
+                                end: offset + size,
+                            };
                             return Ok((Box::new(r), *size));
                         }
                         Some(Member::Hardlink(t)) => {
-                            cur = clean_name(t).with_context(|| format!("{label}: {name}: bad link"))?;
+                            cur = clean_name(t)
+                                .with_context(|| format!("{label}: {name}: bad link"))?;
                         }
                         Some(Member::Symlink(t)) => {
                             let base = cur.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                            let joined = if t.starts_with('/') { t.clone() } else { format!("{base}/{t}") };
-                            cur = clean_name(&joined)
-                                .with_context(|| format!("{label}: {name}: symlink leaves the archive"))?;
+                            let joined = if t.starts_with('/') {
+                                t.clone()
+                            } else {
+                                format!("{base}/{t}")
+                            };
+                            cur = clean_name(&joined).with_context(|| {
+                                format!("{label}: {name}: symlink leaves the archive")
+                            })?;
                         }
                     }
                 }
@@ -133,7 +167,10 @@ impl Source {
     pub(crate) fn read(&self, name: &str) -> anyhow::Result<Vec<u8>> {
         let (r, size) = self.open(name)?;
         if size > MAX_JSON {
-            bail!("{}: {name}: {size} bytes is too large for a JSON document", self.label());
+            bail!(
+                "{}: {name}: {size} bytes is too large for a JSON document",
+                self.label()
+            );
         }
         let mut buf = Vec::with_capacity(size as usize);
         r.take(MAX_JSON).read_to_end(&mut buf)?;
@@ -157,7 +194,10 @@ impl Read for SectionReader<'_> {
         }
         let n = self.file.read_at(&mut buf[..left], self.pos)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "archive member ends early"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive member ends early",
+            ));
         }
         self.pos += n as u64;
         Ok(n)
@@ -165,6 +205,7 @@ impl Read for SectionReader<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::clean_name;
 

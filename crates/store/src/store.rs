@@ -115,10 +115,14 @@ impl Store {
         let root = root.unwrap_or_else(Store::default_root);
         for sub in ["layers", "images", "containers", "tmp"] {
             let p = root.join(sub);
-            fs::create_dir_all(&p).with_context(|| format!("{}: cannot create store", p.display()))?;
+            fs::create_dir_all(&p)
+                .with_context(|| format!("{}: cannot create store", p.display()))?;
         }
         let root = fs::canonicalize(&root)?;
-        Ok(Store { root, encoding: Encoding::for_this_process() })
+        Ok(Store {
+            root,
+            encoding: Encoding::for_this_process(),
+        })
     }
 
     /// The store root.
@@ -179,8 +183,10 @@ impl Store {
     /// Reads one layer record.
     pub fn layer(&self, chain: &Digest) -> anyhow::Result<LayerRecord> {
         let p = self.layer_dir(chain).join("layer.json");
-        let bytes = fs::read(&p)
-            .map_err(|_| StoreError::NotFound { kind: "layer", name: chain.to_string() })?;
+        let bytes = fs::read(&p).map_err(|_| StoreError::NotFound {
+            kind: "layer",
+            name: chain.to_string(),
+        })?;
         serde_json::from_slice(&bytes).with_context(|| format!("{}: corrupt record", p.display()))
     }
 
@@ -189,7 +195,11 @@ impl Store {
         let mut out = Vec::new();
         for e in fs::read_dir(self.root.join("layers"))? {
             let e = e?;
-            let Some(d) = e.file_name().to_str().and_then(|n| Digest::from_hex(n).ok()) else {
+            let Some(d) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| Digest::from_hex(n).ok())
+            else {
                 continue;
             };
             if let Ok(rec) = self.layer(&d) {
@@ -210,8 +220,12 @@ impl Store {
         for e in fs::read_dir(self.root.join("images"))? {
             let e = e?;
             let name = e.file_name();
-            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
-            let Ok(id) = Digest::from_hex(hex) else { continue };
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            let Ok(id) = Digest::from_hex(hex) else {
+                continue;
+            };
             out.push(self.read_image(&id)?);
         }
         out.sort_by_key(|i| (crate::images::created_secs(i), i.id));
@@ -220,8 +234,10 @@ impl Store {
 
     pub(crate) fn read_image(&self, id: &Digest) -> anyhow::Result<ImageRecord> {
         let p = self.image_path(id);
-        let bytes = fs::read(&p)
-            .map_err(|_| StoreError::NotFound { kind: "image", name: id.to_string() })?;
+        let bytes = fs::read(&p).map_err(|_| StoreError::NotFound {
+            kind: "image",
+            name: id.to_string(),
+        })?;
         serde_json::from_slice(&bytes).with_context(|| format!("{}: corrupt record", p.display()))
     }
 
@@ -240,24 +256,36 @@ impl Store {
     pub(crate) fn resolve_image_locked(&self, reference: &str) -> anyhow::Result<ImageRecord> {
         let images = self.images_locked()?;
         let tag = crate::images::normalize_tag(reference);
-        if let Some(i) = images.iter().find(|i| i.tags.iter().any(|t| *t == tag)) {
+        if let Some(i) = images.iter().find(|i| i.tags.contains(&tag)) {
             return Ok(i.clone());
         }
         let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
         if hex.len() >= 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let found: Vec<_> = images.iter().filter(|i| i.id.hex().starts_with(hex)).collect();
+            let found: Vec<_> = images
+                .iter()
+                .filter(|i| i.id.hex().starts_with(hex))
+                .collect();
             match found.as_slice() {
                 [one] => return Ok((*one).clone()),
                 [] => {}
                 _ => bail!("image {reference:?}: ambiguous id prefix"),
             }
         }
-        Err(StoreError::NotFound { kind: "image", name: reference.to_string() }.into())
+        Err(StoreError::NotFound {
+            kind: "image",
+            name: reference.to_string(),
+        }
+        .into())
     }
 
     /// The diff dirs of an image's layers, top (nearest) first: the overlay's `lowerdir` order.
     pub fn image_lower_dirs(&self, image: &ImageRecord) -> Vec<PathBuf> {
-        image.layers.iter().rev().map(|c| self.layer_diff_dir(c)).collect()
+        image
+            .layers
+            .iter()
+            .rev()
+            .map(|c| self.layer_diff_dir(c))
+            .collect()
     }
 
     /// A fresh staging directory under `tmp/`, removed on drop unless kept.
@@ -280,8 +308,8 @@ impl Store {
             // Not a complete layer (no record): a leftover; replace it.
             util::remove_tree(&dest)?;
         }
-        let fd = layerfs_sys::open_root(staged)?;
-        layerfs_sys::syncfs(&fd)?;
+        let dir = fs::File::open(staged)?;
+        layerfs_sys::syncfs(&dir)?;
         match fs::rename(staged, &dest) {
             Ok(()) => Ok(true),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY)) => Ok(false),

@@ -64,7 +64,8 @@ impl SplitWriter {
     fn flush_raw(&mut self) -> io::Result<()> {
         if !self.pending.is_empty() {
             self.out.write_all(b"R")?;
-            self.out.write_all(&(self.pending.len() as u64).to_le_bytes())?;
+            self.out
+                .write_all(&(self.pending.len() as u64).to_le_bytes())?;
             self.out.write_all(&self.pending)?;
             self.pending.clear();
             self.next_index += 1;
@@ -169,7 +170,11 @@ pub fn rebuild(layer_dir: &Path, out: impl Write) -> io::Result<(Digest, u64)> {
                     File::open(saved)?
                 } else {
                     let p = Path::new(std::ffi::OsStr::from_bytes(&path));
-                    File::from(sys::open_in_root(root.as_fd(), p, OFlags::RDONLY | OFlags::NOFOLLOW)?)
+                    File::from(sys::open_in_root(
+                        root.as_fd(),
+                        p,
+                        OFlags::RDONLY | OFlags::NOFOLLOW,
+                    )?)
                 };
                 let copied = io::copy(&mut file.take(len), &mut out)?;
                 if copied != len {

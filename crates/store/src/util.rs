@@ -9,7 +9,10 @@ use anyhow::Context;
 
 /// Seconds since the epoch, now.
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// RFC 3339 UTC (`2024-01-02T03:04:05Z`) for `secs` since the epoch.
@@ -26,7 +29,12 @@ pub fn rfc3339(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Seconds since the epoch of an RFC 3339 time (fraction and offset honoured); `None` if unparsable.
@@ -64,7 +72,9 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
 
 /// "3 minutes ago" style age of an RFC 3339 time, as `docker images` prints it.
 pub fn age(created: &str) -> String {
-    let Some(t) = parse_rfc3339(created) else { return "N/A".into() };
+    let Some(t) = parse_rfc3339(created) else {
+        return "N/A".into();
+    };
     let s = (now_secs() - t).max(0);
     let (n, unit) = match s {
         0..=59 => return "Less than a minute ago".into(),
@@ -75,7 +85,11 @@ pub fn age(created: &str) -> String {
         5_184_000..=63_071_999 => (s / 2_592_000, "month"),
         _ => (s / 31_536_000, "year"),
     };
-    if n == 1 { format!("1 {unit} ago") } else { format!("{n} {unit}s ago") }
+    if n == 1 {
+        format!("1 {unit} ago")
+    } else {
+        format!("{n} {unit}s ago")
+    }
 }
 
 /// Human size with SI units, as docker prints it (`1.23MB`).
@@ -87,7 +101,15 @@ pub fn human_size(bytes: u64) -> String {
         v /= 1000.0;
         i += 1;
     }
-    if i == 0 { format!("{bytes}B") } else { format!("{:.3}", v).trim_end_matches('0').trim_end_matches('.').to_string() + UNITS[i] }
+    if i == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{:.3}", v)
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+            + UNITS[i]
+    }
 }
 
 /// Writes `bytes` to `path` atomically: a temp file in the same dir, fsync, rename.
@@ -97,7 +119,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot create temp file", dir.display()))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("{}: cannot write", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())
 }
 
@@ -117,21 +141,24 @@ pub fn disk_usage(path: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![path.to_path_buf()];
     while let Some(p) = stack.pop() {
-        let Ok(md) = fs::symlink_metadata(&p) else { continue };
+        let Ok(md) = fs::symlink_metadata(&p) else {
+            continue;
+        };
         if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
             continue;
         }
         total += md.blocks() * 512;
-        if md.is_dir() {
-            if let Ok(rd) = fs::read_dir(&p) {
-                stack.extend(rd.flatten().map(|e| e.path()));
-            }
+        if md.is_dir()
+            && let Ok(rd) = fs::read_dir(&p)
+        {
+            stack.extend(rd.flatten().map(|e| e.path()));
         }
     }
     total
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -141,7 +168,10 @@ mod tests {
             assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t), "{}", rfc3339(t));
         }
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(parse_rfc3339("2024-02-29T12:00:00.123456789+01:00"), Some(1_709_204_400));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:00:00.123456789+01:00"),
+            Some(1_709_204_400)
+        );
     }
 
     #[test]

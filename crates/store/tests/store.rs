@@ -1,0 +1,579 @@
+//! Layer store tests on real images built by umoci and converted by skopeo.
+
+#![allow(clippy::unwrap_used)]
+
+mod fixture;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fixture::{image, merge, run, snapshot, store, store_listing, tools};
+use layerfs_store::commit::CommitOptions;
+use layerfs_store::save::SaveFormat;
+use layerfs_store::{Digest, Store};
+
+fn diff_ids(store: &Store, reference: &str) -> Vec<Digest> {
+    let img = store.resolve_image(reference).unwrap();
+    img.layers
+        .iter()
+        .map(|c| store.layer(c).unwrap().diff_id)
+        .collect()
+}
+
+fn assert_same_tree(store: &Store, reference: &str, want: &Path) {
+    let img = store.resolve_image(reference).unwrap();
+    let got = merge(&store.image_lower_dirs(&img));
+    let want = snapshot(want);
+    let keys = |m: &std::collections::BTreeMap<String, fixture::Node>| {
+        m.keys().cloned().collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&got), keys(&want), "paths differ for {reference}");
+    for (k, w) in &want {
+        assert_eq!(&got[k], w, "{reference}: {k} differs");
+    }
+}
+
+#[test]
+fn every_import_form_matches_umoci_unpack() {
+    let Some(()) = tools() else { return };
+    let img = image();
+    let forms: [(&str, &PathBuf, Option<&str>); 4] = [
+        ("oci layout (gzip)", &img.layout, None),
+        ("docker-archive", &img.docker_archive, Some("x:docker")),
+        ("oci-archive", &img.oci_archive, Some("x:oci")),
+        ("oci layout (zstd)", &img.zstd_layout, Some("x:zstd")),
+    ];
+    let mut ids = Vec::new();
+    for (what, path, tag) in forms {
+        let (_t, s) = store();
+        let start = std::time::Instant::now();
+        let rep = s
+            .import(path, tag)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        eprintln!(
+            "import {what}: {} bytes in {:?}",
+            fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            start.elapsed()
+        );
+        let name = match tag {
+            Some(t) => t.to_string(),
+            None => {
+                // umoci's layout: both tags come in, named after the directory.
+                let tags: Vec<_> = rep.images.iter().flat_map(|i| i.tags.clone()).collect();
+                assert!(tags.contains(&"oci:final".to_string()), "{tags:?}");
+                "oci:final".to_string()
+            }
+        };
+        assert_same_tree(&s, &name, &img.rootfs);
+        ids.push(diff_ids(&s, &name));
+        let bad: Vec<_> = s
+            .verify()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.problem.is_some())
+            .collect();
+        assert!(bad.is_empty(), "{what}: verify: {bad:?}");
+    }
+    assert_eq!(ids[0].len(), 3);
+    // zstd layers are the same tars: the same diff_ids everywhere.
+    assert!(ids.iter().all(|d| *d == ids[0]), "{ids:?}");
+}
+
+#[test]
+fn layer_semantics_in_store() {
+    let Some(()) = tools() else { return };
+    let (_t, s) = store();
+    s.import(&image().docker_archive, Some("t")).unwrap();
+    let img = s.resolve_image("t").unwrap();
+    let lowers = s.image_lower_dirs(&img);
+    // Layer 2 deletes etc/motd with a whiteout in the store's encoding.
+    let l2 = &lowers[1];
+    let md = fs::symlink_metadata(l2.join("etc/motd")).unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if fixture::root() {
+        assert!(
+            md.file_type().is_char_device() && md.rdev() == 0,
+            "etc/motd is not a 0/0 whiteout"
+        );
+        // Layer 3 marks opt/old opaque.
+        let fd = layerfs_sys::open_root(&lowers[0].join("opt/old")).unwrap();
+        assert_eq!(
+            layerfs_store::format::dir_mark(std::os::fd::AsFd::as_fd(&fd)),
+            layerfs_store::format::DirMark::Opaque
+        );
+        let ping = fixture::node(&l2.join("bin/ping"));
+        assert!(
+            ping.xattrs.iter().any(|(k, _)| k == "security.capability"),
+            "{ping:?}"
+        );
+        assert_eq!(ping.mode, 0o4755);
+        assert_eq!(fixture::node(&l2.join("dev/null")).kind, "char");
+    }
+    assert_eq!(fixture::node(&l2.join("var/fifo")).kind, "fifo");
+    assert!(
+        fixture::node(&l2.join("etc/hosts"))
+            .xattrs
+            .iter()
+            .any(|(k, v)| k == "user.layerfs-test" && v == b"hello")
+    );
+}
+
+#[test]
+fn shared_base_is_stored_once() {
+    let Some(()) = tools() else { return };
+    let (_t, s) = store();
+    let rep = s.import(&image().layout, None).unwrap();
+    assert_eq!(rep.images.len(), 2, "base and final");
+    assert_eq!(
+        s.layers().unwrap().len(),
+        3,
+        "the base layer is shared by both images"
+    );
+    let before = layerfs_store::util::disk_usage(&s.root().join("layers"));
+    let rep = s.import(&image().docker_archive, Some("again")).unwrap();
+    assert!(rep.images[0].layers.iter().all(|l| l.shared), "{rep:?}");
+    assert_eq!(s.layers().unwrap().len(), 3);
+    assert_eq!(
+        layerfs_store::util::disk_usage(&s.root().join("layers")),
+        before
+    );
+    assert_eq!(s.list_images().unwrap().len(), 3);
+}
+
+#[test]
+fn saved_images_feed_back_to_skopeo_and_reimport() {
+    let Some(()) = tools() else { return };
+    let (t, s) = store();
+    s.import(&image().oci_archive, Some("test/final:1"))
+        .unwrap();
+    let want = diff_ids(&s, "test/final:1");
+    let id = s.resolve_image("test/final:1").unwrap().id;
+    let da = t.path().join("saved-docker.tar");
+    let oa = t.path().join("saved-oci.tar");
+    let od = t.path().join("saved-oci-dir");
+    s.save(&["test/final:1"], &da, SaveFormat::DockerArchive)
+        .unwrap();
+    s.save(&["test/final:1"], &oa, SaveFormat::OciArchive)
+        .unwrap();
+    s.save_oci_dir(&["test/final:1"], &od).unwrap();
+    let out = run(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("docker-archive:{}", da.display())));
+    assert!(out.contains(&want[0].to_string()), "{out}");
+    run(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci-archive:{}", oa.display())));
+    let copied = t.path().join("copied");
+    run(Command::new("skopeo")
+        .args(["copy", "-q"])
+        .arg(format!("oci:{}:test/final:1", od.display()))
+        .arg(format!("dir:{}", copied.display())));
+    run(Command::new("skopeo")
+        .args(["copy", "-q"])
+        .arg(format!("docker-archive:{}", da.display()))
+        .arg(format!("oci:{}:back", t.path().join("back").display())));
+    for saved in [&da, &oa, &od] {
+        let (_t2, s2) = store();
+        s2.import(saved, Some("re"))
+            .unwrap_or_else(|e| panic!("{}: {e:#}", saved.display()));
+        assert_eq!(diff_ids(&s2, "re"), want, "{}", saved.display());
+        assert_eq!(
+            s2.resolve_image("re").unwrap().id,
+            id,
+            "{}",
+            saved.display()
+        );
+        assert_same_tree(&s2, "re", &image().rootfs);
+    }
+}
+
+/// A tar built entry by entry with raw names (hostile ones included).
+fn raw_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, link, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        let bytes = name.as_bytes();
+        h.as_gnu_mut().unwrap().name[..bytes.len()].copy_from_slice(bytes);
+        if !link.is_empty() {
+            h.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_entry_type(*kind);
+        h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn hostile_layers_are_refused_and_leave_nothing() {
+    use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
+    let outside = std::env::temp_dir().join(format!("layerfs-escape-{}", std::process::id()));
+    let out_s = outside.to_str().unwrap().to_string();
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "dotdot",
+            raw_tar(&[("a/../../evil", F, "", b"x")]),
+            "a/../../evil",
+            "`..`",
+        ),
+        (
+            "symlink parent",
+            raw_tar(&[("a", S, &out_s, b""), ("a/x", F, "", b"x")]),
+            "a/x",
+            "symlink",
+        ),
+        (
+            "link outside",
+            raw_tar(&[("h", H, "../../etc/passwd", b"")]),
+            "h",
+            "`..`",
+        ),
+        (
+            "link to later",
+            raw_tar(&[("h", H, "later", b""), ("later", F, "", b"x")]),
+            "h",
+            "not an earlier file",
+        ),
+        (
+            "link to dir",
+            raw_tar(&[("d", D, "", b""), ("h", H, "d", b"")]),
+            "h",
+            "not an earlier file",
+        ),
+        (
+            "bare whiteout",
+            raw_tar(&[("etc", D, "", b""), ("etc/.wh.", F, "", b"")]),
+            "etc/.wh.",
+            "bare `.wh.`",
+        ),
+        (
+            "truncated",
+            {
+                let mut t = raw_tar(&[("big", F, "", &[7u8; 4096])]);
+                t.truncate(512 + 1000);
+                t
+            },
+            "big",
+            "truncated",
+        ),
+    ];
+    fs::create_dir_all(&outside).unwrap();
+    for (what, tar, entry, reason) in cases {
+        let (t, s) = store();
+        let before = store_listing(&s);
+        let file = t.path().join(format!("{}.tar", what.replace(' ', "-")));
+        fs::write(&file, &tar).unwrap();
+        let err = format!("{:#}", s.import(&file, Some("bad")).expect_err(what));
+        assert!(
+            err.contains(file.to_str().unwrap()),
+            "{what}: no file in {err:?}"
+        );
+        assert!(err.contains(entry), "{what}: no entry {entry:?} in {err:?}");
+        assert!(
+            err.contains(reason),
+            "{what}: no reason {reason:?} in {err:?}"
+        );
+        assert!(!err.contains('\n'), "{what}: not one line: {err:?}");
+        assert_eq!(store_listing(&s), before, "{what}: store changed");
+        assert!(
+            fs::read_dir(&outside).unwrap().next().is_none(),
+            "{what}: wrote outside"
+        );
+    }
+    fs::remove_dir(&outside).unwrap();
+}
+
+#[test]
+fn absolute_and_odd_names_are_cleaned() {
+    use tar::EntryType::{Directory as D, Link as H, Regular as F};
+    let (t, s) = store();
+    let tar = raw_tar(&[
+        ("/abs/file", F, "", b"abs"),
+        ("./dot/./x", F, "", b"dot"),
+        ("deep/missing/parents/f", F, "", b"p"),
+        ("dup", F, "", b"first"),
+        ("dup", F, "", b"second"),
+        ("d", D, "", b""),
+        ("d/", D, "", b""),
+        ("hl", H, "/dup", b""),
+    ]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar[..tar.len() / 2]).unwrap();
+    let mut both = gz.finish().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar[tar.len() / 2..]).unwrap();
+    both.extend(gz.finish().unwrap());
+    let file = t.path().join("odd.tar.gz");
+    fs::write(&file, &both).unwrap();
+    let rep = s.import(&file, Some("odd")).unwrap();
+    let layer = &rep.images[0].layers[0];
+    use sha2::Digest as _;
+    assert_eq!(
+        layer.diff_id.hex(),
+        hex::encode(sha2::Sha256::digest(&tar)),
+        "diff_id over the whole stream"
+    );
+    let diff = s.layer_diff_dir(&layer.chain_id);
+    assert_eq!(fs::read(diff.join("abs/file")).unwrap(), b"abs");
+    assert_eq!(fs::read(diff.join("dot/x")).unwrap(), b"dot");
+    assert_eq!(fs::read(diff.join("dup")).unwrap(), b"second");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        fs::metadata(diff.join("hl")).unwrap().ino(),
+        fs::metadata(diff.join("dup")).unwrap().ino()
+    );
+    assert_eq!(
+        fs::metadata(diff.join("deep/missing")).unwrap().mode() & 0o7777,
+        0o755
+    );
+    // The tar-split still rebuilds the original bytes (the first `dup` was replaced).
+    assert!(s.verify().unwrap().iter().all(|r| r.problem.is_none()));
+    // Tars without end-of-archive blocks are read all the same.
+    let cut = &tar[..tar.len() - 1024];
+    let file2 = t.path().join("noend.tar");
+    fs::write(&file2, cut).unwrap();
+    s.import(&file2, Some("noend")).unwrap();
+}
+
+#[test]
+fn broken_images_are_refused_and_leave_nothing() {
+    let Some(()) = tools() else { return };
+    let (t, s) = store();
+    let before = store_listing(&s);
+    // Wrong digest in an OCI layout: a layer blob replaced by other bytes.
+    let bad = t.path().join("bad-layout");
+    run(Command::new("cp").arg("-a").arg(&image().layout).arg(&bad));
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(bad.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(bad.join("blobs/sha256").join(&mdigest)).unwrap())
+            .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = bad.join("blobs/sha256").join(&layer);
+    let mut bytes = fs::read(&blob).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    fs::write(&blob, &bytes).unwrap();
+    let err = format!("{:#}", s.import(&bad, None).expect_err("corrupt blob"));
+    assert!(err.contains(&layer), "{err}");
+    assert!(
+        err.contains("digest") || err.contains("corrupt") || err.contains("read"),
+        "{err}"
+    );
+    assert_eq!(store_listing(&s), before);
+
+    // History that does not match the layers: an extracted docker save with one step too many.
+    let dir = t.path().join("docker-dir");
+    fs::create_dir(&dir).unwrap();
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .arg("-xf")
+        .arg(&image().docker_archive));
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let cfg_name = m[0]["Config"].as_str().unwrap().to_string();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join(&cfg_name)).unwrap()).unwrap();
+    cfg["history"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"created_by": "extra"}));
+    fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    m[0]["Config"] = "config.json".into();
+    fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    let err = format!("{:#}", s.import(&dir, None).expect_err("history"));
+    assert!(
+        err.contains("config.json") && err.contains("history"),
+        "{err}"
+    );
+    assert_eq!(store_listing(&s), before);
+}
+
+fn mknod_whiteout(path: &Path) {
+    run(Command::new("mknod").arg(path).args(["c", "0", "0"]));
+}
+
+#[test]
+fn commit_is_reproducible_and_round_trips() {
+    let Some(()) = tools() else { return };
+    let (t, s) = store();
+    s.import(&image().docker_archive, Some("base")).unwrap();
+    let c = s.create_container("base", Some("c1")).unwrap();
+    let dirs = s.container_dirs(&c);
+    assert_eq!(dirs.lowers.len(), 3);
+    fs::create_dir_all(dirs.upper.join("etc")).unwrap();
+    fs::write(dirs.upper.join("etc/new"), "new\n").unwrap();
+    fs::create_dir_all(dirs.upper.join("opt")).unwrap();
+    fs::write(dirs.upper.join("opt/only"), "only\n").unwrap();
+    if fixture::root() {
+        mknod_whiteout(&dirs.upper.join("etc/passwd"));
+        let fd = layerfs_sys::open_root(&dirs.upper.join("opt")).unwrap();
+        layerfs_store::format::set_opaque(
+            std::os::fd::AsFd::as_fd(&fd),
+            layerfs_store::format::Encoding::Kernel,
+        )
+        .unwrap();
+        layerfs_sys::xattr::set(
+            std::os::fd::AsFd::as_fd(&fd),
+            std::ffi::OsStr::new("trusted.overlay.origin"),
+            b"x",
+            0,
+        )
+        .unwrap();
+    }
+    let opts = CommitOptions {
+        tag: Some("base:edited".into()),
+        ..Default::default()
+    };
+    let a = s.commit_container("c1", &opts).unwrap();
+    let b = s
+        .commit_container(
+            "c1",
+            &CommitOptions {
+                tag: Some("base:again".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(a.diff_id, b.diff_id, "same upper, same diff_id");
+    assert!(b.shared);
+    let hist = s.history("base:edited").unwrap();
+    assert_eq!(hist[0].created_by, "layerfs commit c1");
+    // The committed image = upper over the lowers.
+    let mut stack = vec![dirs.upper.clone()];
+    stack.extend(dirs.lowers.clone());
+    let img = s.resolve_image("base:edited").unwrap();
+    assert_eq!(merge(&s.image_lower_dirs(&img)), merge(&stack));
+    if fixture::root() {
+        let m = merge(&s.image_lower_dirs(&img));
+        assert!(!m.contains_key("etc/passwd") && m.contains_key("etc/new"));
+        assert_eq!(
+            m.keys()
+                .filter(|k| k.starts_with("opt/"))
+                .collect::<Vec<_>>(),
+            ["opt/only"]
+        );
+    }
+    // The saved layer holds OCI whiteouts and no private xattrs.
+    let out = t.path().join("edited.tar");
+    s.save(&["base:edited"], &out, SaveFormat::DockerArchive)
+        .unwrap();
+    run(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("docker-archive:{}", out.display())));
+    let layer_tar = fs::read(
+        s.root()
+            .join("layers")
+            .join(a.chain_id.hex())
+            .join("diff")
+            .parent()
+            .unwrap()
+            .join("layer.json"),
+    )
+    .unwrap();
+    assert!(!layer_tar.is_empty());
+    let mut rebuilt = Vec::new();
+    layerfs_store::tarsplit::rebuild(&s.layer_dir(&a.chain_id), &mut rebuilt).unwrap();
+    let mut names = Vec::new();
+    let mut ar = tar::Archive::new(&rebuilt[..]);
+    for e in ar.entries().unwrap() {
+        let e = e.unwrap();
+        names.push(String::from_utf8_lossy(&e.path_bytes()).into_owned());
+        if let Some(x) = e.header().as_ustar() {
+            let _ = x;
+        }
+    }
+    if fixture::root() {
+        assert!(names.contains(&"etc/.wh.passwd".to_string()), "{names:?}");
+        assert!(names.contains(&"opt/.wh..wh..opq".to_string()), "{names:?}");
+        assert!(
+            !String::from_utf8_lossy(&rebuilt).contains("trusted.overlay"),
+            "private xattr exported"
+        );
+    }
+}
+
+#[test]
+fn rmi_prune_verify_and_containers() {
+    let Some(()) = tools() else { return };
+    let (_t, s) = store();
+    s.import(&image().layout, None).unwrap();
+    s.tag("oci:final", "other:tag").unwrap();
+    let c = s.create_container("oci:final", Some("web")).unwrap();
+    // A tag with other tags left: just untagged.
+    let r = s.rmi("other:tag", false).unwrap();
+    assert!(r.deleted.is_none());
+    let err = format!("{:#}", s.rmi("oci:final", false).unwrap_err());
+    assert!(err.contains("web") && err.contains("--force"), "{err}");
+    s.set_container_mounted("web", Path::new("/"), std::process::id(), &[])
+        .unwrap();
+    let err = format!("{:#}", s.rmi("oci:final", true).unwrap_err());
+    assert!(err.contains("mounted"), "{err}");
+    assert!(
+        s.remove_container("web").is_err(),
+        "mounted container removed"
+    );
+    s.set_container_unmounted("web").unwrap();
+    assert!(s.rmi("oci:final", true).unwrap().deleted.is_some());
+    // The container still holds its layers.
+    assert_eq!(s.prune().unwrap().layers.len(), 0);
+    s.remove_container(&c.name).unwrap();
+    let p = s.prune().unwrap();
+    assert_eq!(p.layers.len(), 2, "base layer stays for oci:base");
+    assert!(p.bytes_freed > 0);
+    assert!(s.verify().unwrap().iter().all(|r| r.problem.is_none()));
+    // Damage a stored file: verify names the layer.
+    let base = s.resolve_image("oci:base").unwrap();
+    let f = s.layer_diff_dir(&base.layers[0]).join("etc/passwd");
+    fs::write(&f, "evil\n").unwrap();
+    let rows = s.verify().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r.chain_id == base.layers[0] && r.problem.is_some()),
+        "{rows:?}"
+    );
+    let inspect = s.inspect_image("oci:base").unwrap();
+    assert_eq!(inspect["RootFS"]["Layers"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn concurrent_imports_are_safe() {
+    let Some(()) = tools() else { return };
+    let (_t, s) = store();
+    let img = image();
+    std::thread::scope(|sc| {
+        let a = sc.spawn(|| {
+            s.import(&img.docker_archive, Some("a"))
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        });
+        let b = sc.spawn(|| {
+            s.import(&img.oci_archive, Some("b"))
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        });
+        let c = sc.spawn(|| s.prune().map(|_| ()).map_err(|e| format!("{e:#}")));
+        a.join().unwrap().unwrap();
+        b.join().unwrap().unwrap();
+        c.join().unwrap().unwrap();
+    });
+    assert_eq!(s.layers().unwrap().len(), 3);
+    assert_eq!(diff_ids(&s, "a"), diff_ids(&s, "b"));
+}
