@@ -125,6 +125,13 @@ impl Store {
         })
     }
 
+    /// The same store writing whiteouts and opaque marks in `encoding` (the default is
+    /// [`Encoding::for_this_process`]; `Unprivileged` lets root build layers for rootless use).
+    pub fn with_encoding(mut self, encoding: Encoding) -> Store {
+        self.encoding = encoding;
+        self
+    }
+
     /// The store root.
     pub fn root(&self) -> &Path {
         &self.root

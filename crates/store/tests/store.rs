@@ -112,11 +112,52 @@ fn layer_semantics_in_store() {
         assert_eq!(fixture::node(&l2.join("dev/null")).kind, "char");
     }
     assert_eq!(fixture::node(&l2.join("var/fifo")).kind, "fifo");
+    // umoci wrote bin/ls as a hard link to bin/busybox in the same layer.
+    assert_eq!(
+        fs::symlink_metadata(l2.join("bin/ls")).unwrap().ino(),
+        fs::symlink_metadata(l2.join("bin/busybox")).unwrap().ino()
+    );
     assert!(
         fixture::node(&l2.join("etc/hosts"))
             .xattrs
             .iter()
             .any(|(k, v)| k == "user.layerfs-test" && v == b"hello")
+    );
+}
+
+#[test]
+fn unprivileged_encoding_gives_the_same_tree() {
+    let Some(()) = tools() else { return };
+    let (_t, s) = store();
+    let s = s.with_encoding(layerfs_store::format::Encoding::Unprivileged);
+    s.import(&image().oci_archive, Some("u")).unwrap();
+    let img = s.resolve_image("u").unwrap();
+    let lowers = s.image_lower_dirs(&img);
+    assert!(
+        lowers[1].join("etc/.wh.motd").is_file(),
+        "whiteout as a .wh. file"
+    );
+    assert_same_tree(&s, "u", &image().rootfs);
+    // Commit of an unprivileged upper: .wh. files and user.overlay.opaque.
+    let c = s.create_container("u", None).unwrap();
+    let up = s.container_dirs(&c).upper;
+    fs::create_dir_all(up.join("etc")).unwrap();
+    fs::write(up.join("etc/.wh.hosts"), "").unwrap();
+    fs::create_dir_all(up.join("bin")).unwrap();
+    let fd = layerfs_sys::open_root(&up.join("bin")).unwrap();
+    layerfs_store::format::set_opaque(
+        std::os::fd::AsFd::as_fd(&fd),
+        layerfs_store::format::Encoding::Unprivileged,
+    )
+    .unwrap();
+    let r = s
+        .commit_container(&c.name, &CommitOptions::default())
+        .unwrap();
+    let m = merge(&s.image_lower_dirs(&s.resolve_image(&r.image.to_string()).unwrap()));
+    assert!(!m.contains_key("etc/hosts") && m.contains_key("etc/passwd"));
+    assert!(
+        !m.keys().any(|k| k.starts_with("bin/")),
+        "bin is opaque and empty"
     );
 }
 
