@@ -103,20 +103,32 @@ pub enum StoreCommand {
     },
 }
 
+/// `println!` that treats a closed stdout (`layerfs images | head`) as the end of output, not as
+/// a crash.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        match writeln!(std::io::stdout().lock(), $($arg)*) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            other => other?,
+        }
+    }};
+}
+
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 /// Prints rows as left-aligned columns separated by three spaces.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+fn table(header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let line = |cells: Vec<String>| -> anyhow::Result<()> {
         let n = cells.len();
         let mut s = String::new();
         for (i, c) in cells.into_iter().enumerate() {
@@ -126,12 +138,14 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{c:<width$}   ", width = w[i]));
             }
         }
-        println!("{}", s.trim_end());
+        outln!("{}", s.trim_end());
+        Ok(())
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(header.iter().map(|h| h.to_string()).collect())?;
     for r in rows {
-        line(r.clone());
+        line(r.clone())?;
     }
+    Ok(())
 }
 
 fn trunc(s: &str, n: usize) -> String {
@@ -165,10 +179,10 @@ pub fn run(cmd: StoreCommand, root: Option<PathBuf>, json: bool) -> anyhow::Resu
                     );
                 }
                 if img.tags.is_empty() {
-                    println!("Loaded image ID: {}", img.id);
+                    outln!("Loaded image ID: {}", img.id);
                 }
                 for t in &img.tags {
-                    println!("Loaded image: {t}");
+                    outln!("Loaded image: {t}");
                 }
             }
         }
@@ -180,7 +194,7 @@ pub fn run(cmd: StoreCommand, root: Option<PathBuf>, json: bool) -> anyhow::Resu
             if quiet {
                 let mut seen = std::collections::HashSet::new();
                 for r in rows.iter().filter(|r| seen.insert(r.id)) {
-                    println!("{}", r.id.short());
+                    outln!("{}", r.id.short());
                 }
                 return Ok(());
             }
@@ -199,7 +213,7 @@ pub fn run(cmd: StoreCommand, root: Option<PathBuf>, json: bool) -> anyhow::Resu
             table(
                 &["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
                 &cells,
-            );
+            )?;
         }
         StoreCommand::History { image, no_trunc } => {
             let rows = store.history(&image)?;
@@ -230,7 +244,7 @@ pub fn run(cmd: StoreCommand, root: Option<PathBuf>, json: bool) -> anyhow::Resu
             table(
                 &["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
                 &cells,
-            );
+            )?;
         }
         StoreCommand::Inspect { names } => {
             let mut out = Vec::new();
@@ -252,10 +266,10 @@ pub fn run(cmd: StoreCommand, root: Option<PathBuf>, json: bool) -> anyhow::Resu
                 let r = store.rmi(i, force)?;
                 if !json {
                     for t in &r.untagged {
-                        println!("Untagged: {t}");
+                        outln!("Untagged: {t}");
                     }
                     if let Some(d) = &r.deleted {
-                        println!("Deleted: {d}");
+                        outln!("Deleted: {d}");
                     }
                 }
                 reports.push(r);
@@ -270,9 +284,9 @@ pub fn run(cmd: StoreCommand, root: Option<PathBuf>, json: bool) -> anyhow::Resu
                 return print_json(&r);
             }
             for l in &r.layers {
-                println!("Deleted layer: {l}");
+                outln!("Deleted layer: {l}");
             }
-            println!("Total reclaimed space: {}", human_size(r.bytes_freed));
+            outln!("Total reclaimed space: {}", human_size(r.bytes_freed));
         }
         StoreCommand::Verify => {
             let rows = store.verify()?;
@@ -290,7 +304,7 @@ pub fn run(cmd: StoreCommand, root: Option<PathBuf>, json: bool) -> anyhow::Resu
                         ]
                     })
                     .collect();
-                table(&["LAYER", "DIFF ID", "STATUS"], &cells);
+                table(&["LAYER", "DIFF ID", "STATUS"], &cells)?;
             }
             if bad > 0 {
                 bail!("verify: {bad} of {} layers changed on disk", rows.len());
@@ -350,13 +364,13 @@ pub fn run(cmd: StoreCommand, root: Option<PathBuf>, json: bool) -> anyhow::Resu
             table(
                 &["CONTAINER ID", "NAME", "IMAGE", "CREATED", "MOUNTED AT"],
                 &cells,
-            );
+            )?;
         }
         StoreCommand::Rm { containers } => {
             for c in &containers {
                 let rec = store.remove_container(c)?;
                 if !json {
-                    println!("{}", rec.name);
+                    outln!("{}", rec.name);
                 }
             }
         }
