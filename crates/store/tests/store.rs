@@ -39,7 +39,18 @@ fn assert_same_tree(store: &Store, reference: &str, want: &Path) {
 fn every_import_form_matches_umoci_unpack() {
     let Some(()) = tools() else { return };
     let img = image();
-    let forms: [(&str, &PathBuf, Option<&str>); 4] = [
+    // `docker save | gzip`: a compressed archive.
+    let gz = img.dir.join("docker.tar.gz");
+    if !gz.exists() {
+        let mut enc = flate2::write::GzEncoder::new(
+            fs::File::create(&gz).unwrap(),
+            flate2::Compression::fast(),
+        );
+        std::io::copy(&mut fs::File::open(&img.docker_archive).unwrap(), &mut enc).unwrap();
+        enc.finish().unwrap();
+    }
+    let forms: [(&str, &PathBuf, Option<&str>); 5] = [
+        ("docker-archive.gz", &gz, Some("x:gz")),
         ("oci layout (gzip)", &img.layout, None),
         ("docker-archive", &img.docker_archive, Some("x:docker")),
         ("oci-archive", &img.oci_archive, Some("x:oci")),
