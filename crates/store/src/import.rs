@@ -175,6 +175,12 @@ fn read_blob(src: &Source, blob: &BlobRef) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// A `manifest.json` that parses as docker save's (a layer may hold a file of that name too).
+fn is_docker_save(src: &Source) -> bool {
+    src.read("manifest.json")
+        .is_ok_and(|b| serde_json::from_slice::<Vec<DockerEntry>>(&b).is_ok())
+}
+
 fn docker_plans(src: &Source) -> anyhow::Result<Vec<ImagePlan>> {
     let label = src.label();
     let bytes = src.read("manifest.json")?;
@@ -431,7 +437,7 @@ impl Store {
             let src = Source::dir(source)?;
             if src.exists("index.json") && src.exists("oci-layout") {
                 self.import_plans(&src, oci_plans(&src, source)?, opts, &mut txn)?
-            } else if src.exists("manifest.json") {
+            } else if is_docker_save(&src) {
                 self.import_plans(&src, docker_plans(&src)?, opts, &mut txn)?
             } else {
                 self.import_directory(source, opts, &mut txn)?
@@ -460,7 +466,7 @@ impl Store {
                 Some(src) if src.exists("index.json") && src.exists("oci-layout") => {
                     self.import_plans(&src, oci_plans(&src, source)?, opts, &mut txn)?
                 }
-                Some(src) if src.exists("manifest.json") => {
+                Some(src) if is_docker_save(&src) => {
                     self.import_plans(&src, docker_plans(&src)?, opts, &mut txn)?
                 }
                 _ => {

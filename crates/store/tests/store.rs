@@ -173,6 +173,42 @@ fn unprivileged_encoding_gives_the_same_tree() {
 }
 
 #[test]
+fn full_disk_mid_import_leaves_the_store_as_it_was() {
+    let Some(()) = tools() else { return };
+    if !fixture::root() {
+        eprintln!("*** skipped: full-disk test needs root to mount a small tmpfs ***");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mnt = t.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&mnt));
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(mnt.clone());
+    let s = Store::open(Some(mnt.join("store"))).unwrap();
+    // The base image (2 MB) fits; the final one (6 MB) does not.
+    s.import(&image().layout, Some("fits")).map(|_| ()).ok();
+    let before = store_listing(&s);
+    let err = format!(
+        "{:#}",
+        s.import(&image().docker_archive, Some("big"))
+            .expect_err("disk full")
+    );
+    assert!(
+        err.contains("No space left") || err.contains("os error 28"),
+        "{err}"
+    );
+    assert_eq!(store_listing(&s), before, "store changed");
+}
+
+#[test]
 fn shared_base_is_stored_once() {
     let Some(()) = tools() else { return };
     let (_t, s) = store();
@@ -404,7 +440,13 @@ fn broken_images_are_refused_and_leave_nothing() {
     run(Command::new("cp").arg("-a").arg(&image().layout).arg(&bad));
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(bad.join("index.json")).unwrap()).unwrap();
-    let mdigest = index["manifests"][0]["digest"]
+    let fin = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "final")
+        .unwrap();
+    let mdigest = fin["digest"]
         .as_str()
         .unwrap()
         .trim_start_matches("sha256:")
@@ -419,15 +461,33 @@ fn broken_images_are_refused_and_leave_nothing() {
         .to_string();
     let blob = bad.join("blobs/sha256").join(&layer);
     let mut bytes = fs::read(&blob).unwrap();
-    let n = bytes.len();
-    bytes[n - 1] ^= 0xff;
+    // Byte 4 is the gzip header's MTIME: the blob still decompresses, only its digest is wrong.
+    assert_eq!(&bytes[..2], &[0x1f, 0x8b]);
+    bytes[4] ^= 0xff;
     fs::write(&blob, &bytes).unwrap();
     let err = format!("{:#}", s.import(&bad, None).expect_err("corrupt blob"));
     assert!(err.contains(&layer), "{err}");
     assert!(
-        err.contains("digest") || err.contains("corrupt") || err.contains("read"),
+        err.contains("digest is") && err.contains("should be"),
         "{err}"
     );
+    assert_eq!(store_listing(&s), before);
+
+    // A layer blob swapped for another valid blob: the digest check names it.
+    run(Command::new("rm").arg("-rf").arg(&bad));
+    run(Command::new("cp").arg("-a").arg(&image().layout).arg(&bad));
+    let other = manifest["layers"][2]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    fs::copy(bad.join("blobs/sha256").join(&other), &blob).unwrap();
+    let err = format!("{:#}", s.import(&bad, None).expect_err("swapped blob"));
+    assert!(
+        err.contains(&layer) && err.contains("size is") && err.contains("descriptor says"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "{err}");
     assert_eq!(store_listing(&s), before);
 
     // History that does not match the layers: an extracted docker save with one step too many.
