@@ -613,6 +613,20 @@ fn commit_is_reproducible_and_round_trips() {
         }
     }
     if fixture::root() {
+        let at = |n: &str| {
+            names
+                .iter()
+                .position(|x| x == n)
+                .unwrap_or_else(|| panic!("no {n} in {names:?}"))
+        };
+        assert!(
+            at("etc/") < at("etc/.wh.passwd") && at("etc/.wh.passwd") < at("etc/new"),
+            "{names:?}"
+        );
+        assert!(
+            at("opt/") < at("opt/.wh..wh..opq") && at("opt/.wh..wh..opq") < at("opt/only"),
+            "{names:?}"
+        );
         assert!(names.contains(&"etc/.wh.passwd".to_string()), "{names:?}");
         assert!(names.contains(&"opt/.wh..wh..opq".to_string()), "{names:?}");
         assert!(
