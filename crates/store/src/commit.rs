@@ -137,8 +137,9 @@ impl Store {
 
         let staging = self.staging()?;
         let tar_path = staging.path().join("layer.tar");
+        let lower_dirs: Vec<PathBuf> = base.iter().rev().map(|c| self.layer_diff_dir(c)).collect();
         let (diff_id, _) =
-            export::write_layer_tar(upper, BufWriter::new(File::create(&tar_path)?))?;
+            export::write_upper_tar(upper, &lower_dirs, BufWriter::new(File::create(&tar_path)?))?;
         diff_ids.push(diff_id);
         let chain = chain_id(&diff_ids).context("empty chain")?;
         let now = util::rfc3339(util::now_secs());

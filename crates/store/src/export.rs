@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -24,25 +24,103 @@ use tar::{EntryType, Header};
 use crate::digest::{Digest, HashWriter};
 use crate::format::{self, DirMark, NameKind};
 
-/// Writes the layer tar of `dir` into `out`; returns its digest (the diff_id) and size.
+/// Writes the layer tar of `dir` into `out`; returns its digest (the diff_id) and size. `dir`
+/// must not hold redirected directories (see [`write_upper_tar`]).
 pub fn write_layer_tar(dir: &Path, out: impl Write) -> anyhow::Result<(Digest, u64)> {
-    let root = sys::open_root(dir).with_context(|| format!("{}: cannot open", dir.display()))?;
+    write_upper_tar(dir, &[], out)
+}
+
+/// Writes the layer tar of the overlay upper dir `upper` over `lowers` (layer dirs, top first).
+/// The lowers are read only for directories the overlay renamed (`overlay.redirect`): such a
+/// directory is written as an opaque directory holding its whole merged content.
+pub fn write_upper_tar(
+    upper: &Path,
+    lowers: &[std::path::PathBuf],
+    out: impl Write,
+) -> anyhow::Result<(Digest, u64)> {
+    let root =
+        sys::open_root(upper).with_context(|| format!("{}: cannot open", upper.display()))?;
+    let lowers = lowers
+        .iter()
+        .map(|l| sys::open_root(l).with_context(|| format!("{}: cannot open", l.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut w = TarWriter {
         b: tar::Builder::new(HashWriter::new(out)),
         links: HashMap::new(),
+        lowers,
     };
     w.dir(root.as_fd(), &[])
-        .with_context(|| format!("{}: cannot export", dir.display()))?;
+        .with_context(|| format!("{}: cannot export", upper.display()))?;
     let hw = w.b.into_inner()?;
     let (digest, size, mut inner) = hw.finish();
     inner.flush()?;
     Ok((digest, size))
 }
 
+/// What is written below a directory's own entry.
+enum Below {
+    /// The upper dir's entries as they are (whiteouts included).
+    Upper,
+    /// The merged content of this upper dir over the lower dirs given (top first).
+    MergedUpper(Vec<OwnedFd>),
+    /// The merged content of the lower dirs given (top first; the first is this dir).
+    MergedLower(Vec<OwnedFd>),
+}
+
+/// The redirect target of an upper directory, if the overlay recorded one.
+fn redirect_of(dir: BorrowedFd<'_>) -> Option<Vec<u8>> {
+    ["trusted.overlay.redirect", "user.overlay.redirect"]
+        .iter()
+        .find_map(|n| sys::xattr::get(dir, OsStr::new(n)).ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether a layer directory hides everything below it.
+fn is_opaque(dir: BorrowedFd<'_>) -> bool {
+    format::dir_mark(dir) == DirMark::Opaque
+        || Component::new(OsStr::from_bytes(format::OPAQUE_MARKER))
+            .is_ok_and(|m| sys::stat_at(dir, &m).is_ok())
+}
+
+/// Whether `dir` (a layer directory) holds a whiteout for `name`.
+fn whited_out(dir: BorrowedFd<'_>, name: &Component, st: Option<&Stat>) -> bool {
+    st.is_some_and(format::is_chardev_whiteout)
+        || format::whiteout_file_name(name).is_ok_and(|wh| sys::stat_at(dir, &wh).is_ok())
+}
+
+/// The directories named `name` in the layer dirs `stack` (top first) that the merged view
+/// combines: down to the first whiteout, non-directory or opaque directory.
+fn child_stack(stack: &[OwnedFd], name: &Component) -> sys::SysResult<Vec<OwnedFd>> {
+    let mut out = Vec::new();
+    for layer in stack {
+        let st = match sys::stat_at(layer.as_fd(), name) {
+            Ok(st) => Some(st),
+            Err(sys::Errno::NOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if whited_out(layer.as_fd(), name, st.as_ref()) {
+            break;
+        }
+        let Some(st) = st else { continue };
+        if sys::file_type(&st) != FileType::Directory {
+            break;
+        }
+        let d = sys::open_path_dir(layer.as_fd(), name)?;
+        let stop = is_opaque(d.as_fd());
+        out.push(d);
+        if stop {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 struct TarWriter<W: Write> {
     b: tar::Builder<HashWriter<W>>,
     /// (dev, ino) of regular files with several names → the first name written.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// Root fds of the lower layers, top first (only read below redirected directories).
+    lowers: Vec<OwnedFd>,
 }
 
 fn child(prefix: &[u8], name: &[u8]) -> Vec<u8> {
@@ -92,7 +170,7 @@ impl<W: Write> TarWriter<W> {
             self.marker(&child(prefix, &name))?;
         }
         for (c, st) in nodes {
-            self.node(dir, &c, &st, &child(prefix, c.as_bytes()))?;
+            self.node(dir, &c, &st, &child(prefix, c.as_bytes()), Below::Upper)?;
         }
         Ok(())
     }
@@ -109,12 +187,103 @@ impl<W: Write> TarWriter<W> {
         self.append(h, path, None, Vec::new(), io::empty())
     }
 
+    /// The lower dirs (top first) that a redirect target names, from the layer roots.
+    fn lower_stack(&self, path: &[u8]) -> anyhow::Result<Vec<OwnedFd>> {
+        let mut stack: Vec<OwnedFd> = self
+            .lowers
+            .iter()
+            .map(|l| l.try_clone())
+            .collect::<io::Result<_>>()?;
+        for part in path
+            .split(|b| *b == b'/')
+            .filter(|p| !p.is_empty() && *p != b".")
+        {
+            let c = Component::new(OsStr::from_bytes(part))?;
+            stack = child_stack(&stack, &c)?;
+        }
+        Ok(stack)
+    }
+
+    /// Writes the merged content of `upper` (if any) over `stack`, below `prefix`: every entry
+    /// of the union, upper first, none of the whiteouts (the caller made `prefix` opaque).
+    fn merged(
+        &mut self,
+        upper: Option<BorrowedFd<'_>>,
+        stack: Vec<OwnedFd>,
+        prefix: &[u8],
+    ) -> anyhow::Result<()> {
+        // name → (layer index, or None for upper; its stat)
+        let mut decided: std::collections::BTreeMap<Vec<u8>, (Option<usize>, Stat)> =
+            Default::default();
+        let mut deleted = std::collections::HashSet::new();
+        let stack = match upper {
+            Some(u) if is_opaque(u) => Vec::new(),
+            _ => stack,
+        };
+        let layers: Vec<(Option<usize>, BorrowedFd<'_>)> = upper
+            .map(|u| (None, u))
+            .into_iter()
+            .chain(stack.iter().enumerate().map(|(i, l)| (Some(i), l.as_fd())))
+            .collect();
+        for (idx, dir) in &layers {
+            for e in sys::dir::read_all(*dir)? {
+                let c = Component::new(&e.name)?;
+                let st = sys::stat_at(*dir, &c)?;
+                match format::classify_name(c.as_bytes()) {
+                    NameKind::WhiteoutFor(t) => {
+                        deleted.insert(t.to_vec());
+                    }
+                    NameKind::Plain if format::is_chardev_whiteout(&st) => {
+                        deleted.insert(c.as_bytes().to_vec());
+                    }
+                    NameKind::Plain => {
+                        let n = c.as_bytes().to_vec();
+                        if !decided.contains_key(&n) && !deleted.contains(&n) {
+                            decided.insert(n, (*idx, st));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (name, (idx, st)) in decided {
+            let c = Component::new(OsStr::from_bytes(&name))?;
+            let path = child(prefix, &name);
+            let is_dir = sys::file_type(&st) == FileType::Directory;
+            match idx {
+                None => {
+                    let u = upper.context("upper vanished")?;
+                    let below = if !is_dir {
+                        Below::Upper
+                    } else {
+                        let sub = sys::open_path_dir(u, &c)?;
+                        match redirect_of(sub.as_fd()) {
+                            Some(r) => Below::MergedUpper(self.lower_stack(&origin(&path, &r))?),
+                            None => Below::MergedUpper(child_stack(&stack, &c)?),
+                        }
+                    };
+                    self.node(u, &c, &st, &path, below)?;
+                }
+                Some(i) => {
+                    let below = if is_dir {
+                        Below::MergedLower(child_stack(&stack[i..], &c)?)
+                    } else {
+                        Below::Upper
+                    };
+                    self.node(stack[i].as_fd(), &c, &st, &path, below)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn node(
         &mut self,
         dir: BorrowedFd<'_>,
         name: &Component,
         st: &Stat,
         path: &[u8],
+        below: Below,
     ) -> anyhow::Result<()> {
         let fd = sys::open_path(dir, name)?;
         let kind = sys::file_type(st);
@@ -151,7 +320,24 @@ impl<W: Write> TarWriter<W> {
                 self.append(h, &path, None, pax, io::empty())?;
                 let sub = sys::open_path_dir(dir, name)?;
                 let bare = &path[..path.len() - 1];
-                return self.dir(sub.as_fd(), bare);
+                return match below {
+                    Below::MergedUpper(stack) => self.merged(Some(sub.as_fd()), stack, bare),
+                    Below::MergedLower(stack) => self.merged(None, stack, bare),
+                    Below::Upper => match redirect_of(sub.as_fd()) {
+                        Some(r) if !is_opaque(sub.as_fd()) => {
+                            if self.lowers.is_empty() {
+                                anyhow::bail!(
+                                    "{}: renamed directory (overlay.redirect) but no lower layers given",
+                                    String::from_utf8_lossy(bare)
+                                );
+                            }
+                            self.marker(&child(bare, format::OPAQUE_MARKER))?;
+                            let stack = self.lower_stack(&origin(bare, &r))?;
+                            self.merged(Some(sub.as_fd()), stack, bare)
+                        }
+                        _ => self.dir(sub.as_fd(), bare),
+                    },
+                };
             }
             FileType::RegularFile => {
                 if st.st_nlink > 1 {
@@ -258,6 +444,17 @@ impl<W: Write> TarWriter<W> {
         }
         h.set_cksum();
         self.b.append(&h, data)
+    }
+}
+
+/// The path a redirect names: absolute from the root, or a name beside `path`.
+fn origin(path: &[u8], redirect: &[u8]) -> Vec<u8> {
+    if redirect.starts_with(b"/") {
+        return redirect.to_vec();
+    }
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => child(&path[..i], redirect),
+        None => redirect.to_vec(),
     }
 }
 

@@ -209,6 +209,95 @@ fn full_disk_mid_import_leaves_the_store_as_it_was() {
 }
 
 #[test]
+fn commit_of_a_kernel_overlay_upper_matches_its_merged_view() {
+    let Some(()) = tools() else { return };
+    if !fixture::root() {
+        eprintln!("*** skipped: kernel overlay test needs root ***");
+        return;
+    }
+    let (t, s) = store();
+    s.import(&image().docker_archive, Some("base")).unwrap();
+    let c = s.create_container("base", Some("k")).unwrap();
+    let d = s.container_dirs(&c);
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let lower = d
+        .lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={},redirect_dir=on,index=off,metacopy=off",
+        d.upper.display(),
+        d.work.display()
+    );
+    let mounted = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&mnt)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("*** skipped: cannot mount kernel overlayfs here ***");
+        return;
+    }
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let guard = Umount(mnt.clone());
+    // Edits of every kind: new, changed, deleted, replaced dir, renamed lower dir, hard link.
+    fs::write(mnt.join("etc/new"), "new\n").unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("etc/passwd"))
+        .unwrap()
+        .write_all(b"x:x:1:1::/:/bin/sh\n")
+        .unwrap();
+    fs::remove_file(mnt.join("etc/hosts")).unwrap();
+    fs::remove_dir_all(mnt.join("opt/old")).unwrap();
+    fs::create_dir(mnt.join("opt/old")).unwrap();
+    fs::write(mnt.join("opt/old/fresh"), "fresh\n").unwrap();
+    fs::rename(mnt.join("usr/share/doc"), mnt.join("usr/doc-moved")).unwrap();
+    fs::write(mnt.join("usr/doc-moved/added"), "added\n").unwrap();
+    fs::hard_link(mnt.join("etc/passwd"), mnt.join("etc/passwd2")).unwrap();
+    std::os::unix::fs::symlink("../etc/new", mnt.join("bin/new-link")).unwrap();
+    let want = snapshot(&mnt);
+    drop(guard);
+    assert!(
+        layerfs_sys::xattr::get(
+            std::os::fd::AsFd::as_fd(
+                &layerfs_sys::open_root(&d.upper.join("usr/doc-moved")).unwrap()
+            ),
+            std::ffi::OsStr::new("trusted.overlay.redirect")
+        )
+        .is_ok(),
+        "the kernel recorded a redirect"
+    );
+    let a = s
+        .commit_container(
+            "k",
+            &CommitOptions {
+                tag: Some("k:1".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let b = s.commit_container("k", &CommitOptions::default()).unwrap();
+    assert_eq!(a.diff_id, b.diff_id);
+    let img = s.resolve_image("k:1").unwrap();
+    let got = merge(&s.image_lower_dirs(&img));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, w) in &want {
+        assert_eq!(&got[k], w, "{k}");
+    }
+}
+
+#[test]
 fn shared_base_is_stored_once() {
     let Some(()) = tools() else { return };
     let (_t, s) = store();
