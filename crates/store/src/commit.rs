@@ -168,6 +168,7 @@ impl Store {
                 size: ex.size,
                 created: now.clone(),
                 created_by: created_by.clone(),
+                meta_digest: None,
             };
             (
                 self.finish_layer(layer_stage.path(), &rec, &mut txn)?,

@@ -356,10 +356,17 @@ impl Store {
         let _l = self.lock_shared()?;
         let mut rows = Vec::new();
         for l in self.layers()? {
-            let problem = match tarsplit::rebuild(&self.layer_dir(&l.chain_id), std::io::sink()) {
-                Ok((d, _)) if d == l.diff_id => None,
-                Ok((d, _)) => Some(format!("content changed: hashes to {d}")),
+            let dir = self.layer_dir(&l.chain_id);
+            let problem = match tarsplit::rebuild(&dir, std::io::sink()) {
+                Ok((d, _)) if d != l.diff_id => Some(format!("content changed: hashes to {d}")),
                 Err(e) => Some(format!("cannot rebuild layer tar: {e}")),
+                Ok(_) => match (l.meta_digest, tarsplit::meta_digest(&dir.join("diff"))) {
+                    (Some(want), Ok(got)) if want != got => {
+                        Some("metadata changed (mode, owner, times, xattrs or names)".into())
+                    }
+                    (_, Err(e)) => Some(format!("cannot read layer: {e}")),
+                    _ => None,
+                },
             };
             rows.push(VerifyRow {
                 chain_id: l.chain_id,

@@ -612,6 +612,7 @@ impl Store {
                     size: ex.size,
                     created: util::rfc3339(util::now_secs()),
                     created_by,
+                    meta_digest: None,
                 };
                 let shared = self.finish_layer(staging.path(), &rec, txn)?;
                 outcomes.push(LayerOutcome {
@@ -657,7 +658,12 @@ impl Store {
         rec: &LayerRecord,
         txn: &mut Txn<'_>,
     ) -> anyhow::Result<bool> {
-        util::write_atomic(&staged.join("layer.json"), &serde_json::to_vec_pretty(rec)?)?;
+        let mut rec = rec.clone();
+        rec.meta_digest = Some(crate::tarsplit::meta_digest(&staged.join("diff"))?);
+        util::write_atomic(
+            &staged.join("layer.json"),
+            &serde_json::to_vec_pretty(&rec)?,
+        )?;
         let fresh = self.publish_layer(staged, &rec.chain_id)?;
         if fresh {
             txn.published.push(rec.chain_id);
@@ -707,6 +713,7 @@ impl Store {
             size: ex.size,
             created: now.clone(),
             created_by: created_by.clone(),
+            meta_digest: None,
         };
         let shared = self.finish_layer(staging.path(), &rec, txn)?;
         let config = json!({

@@ -59,6 +59,10 @@ pub struct LayerRecord {
     pub created: String,
     /// What made it (from the image history, or the import/commit command).
     pub created_by: String,
+    /// Digest of the metadata of `diff/` when published (see [`crate::tarsplit::meta_digest`]);
+    /// `verify` compares it.
+    #[serde(default)]
+    pub meta_digest: Option<Digest>,
 }
 
 /// One image: `images/<id hex>.json`. The id is the sha256 of `config`.

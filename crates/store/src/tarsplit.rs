@@ -193,6 +193,67 @@ pub fn rebuild(layer_dir: &Path, out: impl Write) -> io::Result<(Digest, u64)> {
     Ok((digest, size))
 }
 
+/// A digest of the metadata of the tree `diff`: per entry, in name order, its path, type, mode,
+/// owner, mtime, size, device number, symlink target and every xattr (private ones included:
+/// they carry opaque marks). File contents are covered by [`rebuild`].
+pub fn meta_digest(diff: &Path) -> io::Result<Digest> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let root = sys::open_root(diff)?;
+    let mut stack = vec![(root, Vec::<u8>::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        let mut entries = sys::dir::read_all(dir.as_fd())?;
+        entries.sort_by(|a, b| b.name.as_bytes().cmp(a.name.as_bytes()));
+        for e in entries {
+            let c = sys::Component::new(&e.name)?;
+            let st = sys::stat_at(dir.as_fd(), &c)?;
+            let fd = sys::open_path(dir.as_fd(), &c)?;
+            let mut path = prefix.clone();
+            path.push(b'/');
+            path.extend_from_slice(c.as_bytes());
+            let kind = sys::file_type(&st);
+            let size = if kind == sys::FileType::RegularFile {
+                st.st_size
+            } else {
+                0
+            };
+            h.update(&path);
+            h.update(
+                format!(
+                    "\0{:o} {} {} {}.{} {} {}\0",
+                    st.st_mode,
+                    st.st_uid,
+                    st.st_gid,
+                    st.st_mtime,
+                    st.st_mtime_nsec,
+                    size,
+                    st.st_rdev
+                )
+                .as_bytes(),
+            );
+            if kind == sys::FileType::Symlink {
+                h.update(sys::readlink_fd(fd.as_fd())?);
+            } else {
+                let mut names = sys::xattr::list(fd.as_fd()).unwrap_or_default();
+                names.sort();
+                for n in names {
+                    let v = sys::xattr::get(fd.as_fd(), std::ffi::OsStr::from_bytes(&n))
+                        .unwrap_or_default();
+                    h.update(&n);
+                    h.update(b"=");
+                    h.update(&v);
+                    h.update(b"\0");
+                }
+            }
+            h.update(b"\n");
+            if kind == sys::FileType::Directory {
+                stack.push((sys::open_path_dir(dir.as_fd(), &c)?, path));
+            }
+        }
+    }
+    Ok(Digest::from_hasher(h))
+}
+
 fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;

@@ -754,6 +754,17 @@ fn rmi_prune_verify_and_containers() {
     assert_eq!(p.layers.len(), 2, "base layer stays for oci:base");
     assert!(p.bytes_freed > 0);
     assert!(s.verify().unwrap().iter().all(|r| r.problem.is_none()));
+    // A mode change in a stored layer: verify sees the metadata.
+    let fin = s.resolve_image("oci:base").unwrap();
+    let diff0 = s.layer_diff_dir(&fin.layers[0]);
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(diff0.join("etc/motd"), fs::Permissions::from_mode(0o600)).unwrap();
+    let rows = s.verify().unwrap();
+    let row = rows.iter().find(|r| r.chain_id == fin.layers[0]).unwrap();
+    assert!(
+        row.problem.as_deref().unwrap_or("").contains("metadata"),
+        "{rows:?}"
+    );
     // Damage a stored file: verify names the layer.
     let base = s.resolve_image("oci:base").unwrap();
     let f = s.layer_diff_dir(&base.layers[0]).join("etc/passwd");
