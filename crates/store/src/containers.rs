@@ -141,6 +141,18 @@ impl Store {
             .find(|c| c.mountpoint.as_deref() == Some(&want)))
     }
 
+    /// A container by mountpoint (when `arg` is a directory a container is mounted at), else by
+    /// name or id: what `diff`, `commit` and `umount` take.
+    pub fn find_container(&self, arg: &str) -> anyhow::Result<ContainerRecord> {
+        let p = Path::new(arg);
+        if p.is_dir()
+            && let Some(c) = self.container_by_mountpoint(p)?
+        {
+            return Ok(c);
+        }
+        self.container(arg)
+    }
+
     /// Makes a container of `image_ref`: `upper/`, `work/` and its record. `name` defaults to the
     /// first 12 hex digits of its id.
     pub fn create_container(
