@@ -92,6 +92,59 @@ fn every_import_form_matches_umoci_unpack() {
     assert!(ids.iter().all(|d| *d == ids[0]), "{ids:?}");
 }
 
+/// Old-Docker form: manifest.json naming `<id>/layer.tar`, which skopeo writes as symlinks to
+/// `../<digest>.tar`; as an extracted directory and as a re-made tar.
+#[test]
+fn legacy_layer_paths_through_symlinks() {
+    let Some(()) = tools() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("legacy");
+    fs::create_dir(&dir).unwrap();
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .arg("-xf")
+        .arg(&image().docker_archive));
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let mut legacy = Vec::new();
+    for l in m[0]["Layers"].as_array().unwrap() {
+        let want = l.as_str().unwrap();
+        let link = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("layer.tar"))
+            .find(|p| fs::read_link(p).is_ok_and(|t| t.ends_with(want)))
+            .unwrap();
+        legacy.push(format!(
+            "{}/layer.tar",
+            link.parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+        ));
+    }
+    m[0]["Layers"] = serde_json::json!(legacy);
+    fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    let tarred = t.path().join("legacy.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .arg("-cf")
+        .arg(&tarred)
+        .arg("."));
+    for src in [&dir, &tarred] {
+        let (_t, s) = store();
+        let rep = s
+            .import(src, None)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", src.display()));
+        assert_eq!(rep.images[0].tags, ["test/final:1"]);
+        assert_same_tree(&s, "test/final:1", &image().rootfs);
+    }
+}
+
 #[test]
 fn layer_semantics_in_store() {
     let Some(()) = tools() else { return };
