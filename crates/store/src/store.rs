@@ -305,7 +305,7 @@ impl Store {
             .prefix("stage-")
             .tempdir_in(self.tmp_dir())
             .context("cannot create staging dir in store tmp/")?;
-        Ok(Staging { dir })
+        Ok(Staging { path: dir.keep() })
     }
 
     /// Publishes a staged layer directory (`diff/`, `layer.json`, `tar-split.zst`) as
@@ -332,11 +332,20 @@ impl Store {
 /// A staging directory in the store's `tmp/`; the tree is removed on drop, so a failed import
 /// leaves nothing behind.
 pub(crate) struct Staging {
-    dir: tempfile::TempDir,
+    path: PathBuf,
 }
 
 impl Staging {
     pub(crate) fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // Published staging dirs were renamed away: then there is nothing left to remove.
+        if let Err(e) = util::remove_tree(&self.path) {
+            tracing::warn!("{}: cannot remove staging dir: {e}", self.path.display());
+        }
     }
 }

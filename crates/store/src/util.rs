@@ -126,11 +126,37 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Removes a tree that lives inside the store. Symlinks are removed, never followed
-/// (`remove_dir_all` works fd-relative). A missing tree is fine.
+/// (`remove_dir_all` works fd-relative). A missing tree is fine. Directories without write
+/// permission (a layer's `0555` dirs, for a non-root user) are made writable first.
 pub fn remove_tree(path: &Path) -> std::io::Result<()> {
     match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            make_dirs_writable(path);
+            fs::remove_dir_all(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn make_dirs_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(md) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if !md.is_dir() {
+            continue;
+        }
+        let mode = md.permissions().mode();
+        if mode & 0o700 != 0o700 {
+            let _ = fs::set_permissions(&p, fs::Permissions::from_mode(mode | 0o700));
+        }
+        if let Ok(rd) = fs::read_dir(&p) {
+            stack.extend(rd.flatten().map(|e| e.path()));
+        }
     }
 }
 
