@@ -343,8 +343,7 @@ impl Extractor {
             .map(|(p, i)| (p.clone(), *i))
             .collect();
         for (p, idx) in doomed {
-            let rel = Path::new(OsStr::from_bytes(&p));
-            let fd = sys::open_in_root(self.root.as_fd(), rel, OFlags::PATH | OFlags::NOFOLLOW)
+            let fd = sys::open_beneath(self.root.as_fd(), &p, OFlags::PATH)
                 .map_err(|e| errno("cannot reopen replaced file", e))?;
             self.split
                 .borrow_mut()
@@ -542,14 +541,14 @@ impl Extractor {
             let fd = if path.is_empty() {
                 self.root.try_clone().map_err(|e| e.to_string())?
             } else {
-                let rel = Path::new(OsStr::from_bytes(&path));
-                match sys::open_in_root(
-                    self.root.as_fd(),
-                    rel,
-                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY,
-                ) {
+                match sys::open_beneath(self.root.as_fd(), &path, OFlags::PATH | OFlags::DIRECTORY)
+                {
                     Ok(fd) => fd,
-                    Err(_) => continue,
+                    // Replaced by a non-directory after its entry: nothing to apply.
+                    Err(Errno::NOTDIR | Errno::NOENT | Errno::LOOP) => continue,
+                    Err(e) => {
+                        return Err(errno(&format!("{}", String::from_utf8_lossy(&path)), e));
+                    }
                 }
             };
             self.apply(fd.as_fd(), &attrs, false)?;

@@ -139,7 +139,7 @@ impl<R: Read> Read for TeeReader<R> {
 }
 
 /// Rebuilds the layer tar of the layer directory `layer_dir` into `out`; returns its digest and
-/// size. Files are opened below `diff/` with `RESOLVE_IN_ROOT`.
+/// size. Files are opened below `diff/` per component, never following a symlink.
 pub fn rebuild(layer_dir: &Path, out: impl Write) -> io::Result<(Digest, u64)> {
     let mut r = zstd::Decoder::new(BufReader::new(File::open(layer_dir.join(SPLIT_FILE))?))?;
     let root = sys::open_root(&layer_dir.join("diff"))?;
@@ -169,12 +169,7 @@ pub fn rebuild(layer_dir: &Path, out: impl Write) -> io::Result<(Digest, u64)> {
                 let file = if saved.exists() {
                     File::open(saved)?
                 } else {
-                    let p = Path::new(std::ffi::OsStr::from_bytes(&path));
-                    File::from(sys::open_in_root(
-                        root.as_fd(),
-                        p,
-                        OFlags::RDONLY | OFlags::NOFOLLOW,
-                    )?)
+                    File::from(sys::open_beneath(root.as_fd(), &path, OFlags::RDONLY)?)
                 };
                 let copied = io::copy(&mut file.take(len), &mut out)?;
                 if copied != len {

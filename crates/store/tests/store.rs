@@ -573,6 +573,53 @@ fn absolute_and_odd_names_are_cleaned() {
 }
 
 #[test]
+fn paths_beyond_path_max() {
+    let (t, s) = store();
+    let deep: String = (0..30).map(|i| format!("{i:0>200}/")).collect();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o640);
+    h.set_size(5);
+    h.set_mtime(1);
+    b.append_data(&mut h, format!("{deep}file"), &b"deep\n"[..])
+        .unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o700);
+    h.set_size(0);
+    h.set_mtime(2);
+    b.append_data(&mut h, &deep, &b""[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    assert!(deep.len() > 4096);
+    let file = t.path().join("deep.tar");
+    fs::write(&file, &tar).unwrap();
+    let rep = s.import(&file, Some("deep")).unwrap();
+    let root =
+        layerfs_sys::open_root(&s.layer_diff_dir(&rep.images[0].layers[0].chain_id)).unwrap();
+    let d = layerfs_sys::open_beneath(
+        std::os::fd::AsFd::as_fd(&root),
+        deep.as_bytes(),
+        layerfs_sys::OFlags::PATH,
+    )
+    .unwrap();
+    let st = layerfs_sys::stat_fd(std::os::fd::AsFd::as_fd(&d)).unwrap();
+    assert_eq!(
+        (st.st_mode & 0o7777, st.st_mtime),
+        (0o700, 2),
+        "deep dir attributes applied"
+    );
+    assert!(s.verify().unwrap().iter().all(|r| r.problem.is_none()));
+    let out = t.path().join("deep-saved.tar");
+    s.save(&["deep"], &out, SaveFormat::OciArchive).unwrap();
+    let (_t2, s2) = store();
+    s2.import(&out, Some("again")).unwrap();
+    assert_eq!(
+        diff_ids(&s2, "again"),
+        vec![rep.images[0].layers[0].diff_id]
+    );
+}
+
+#[test]
 fn broken_images_are_refused_and_leave_nothing() {
     let Some(()) = tools() else { return };
     let (t, s) = store();
