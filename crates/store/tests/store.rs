@@ -565,6 +565,14 @@ fn absolute_and_odd_names_are_cleaned() {
     );
     // The tar-split still rebuilds the original bytes (the first `dup` was replaced).
     assert!(s.verify().unwrap().iter().all(|r| r.problem.is_none()));
+    // The same tar as zstd (two frames): the same layer.
+    let mut z = zstd::encode_all(&tar[..100], 3).unwrap();
+    z.extend(zstd::encode_all(&tar[100..], 3).unwrap());
+    let zf = t.path().join("odd.tar.zst");
+    fs::write(&zf, &z).unwrap();
+    let rep = s.import(&zf, Some("oddz")).unwrap();
+    assert_eq!(rep.images[0].layers[0].diff_id, layer.diff_id);
+    assert!(rep.images[0].layers[0].shared);
     // Tars without end-of-archive blocks are read all the same.
     let cut = &tar[..tar.len() - 1024];
     let file2 = t.path().join("noend.tar");
