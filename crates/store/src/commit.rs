@@ -113,6 +113,9 @@ impl Store {
         prefer: Option<Digest>,
         opts: &CommitOptions,
     ) -> anyhow::Result<CommitReport> {
+        if let Some(t) = &opts.tag {
+            crate::images::check_tag(t)?;
+        }
         let _l = self.lock_exclusive()?;
         let images = self.images_locked()?;
         let base_img = prefer

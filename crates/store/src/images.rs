@@ -41,6 +41,15 @@ pub fn valid_tag(tag: &str) -> bool {
         && !tag.ends_with([':', '/'])
 }
 
+/// `target` normalized (`:latest` added), or an error saying why it is not a usable name.
+pub fn check_tag(target: &str) -> anyhow::Result<String> {
+    let tag = normalize_tag(target);
+    if !valid_tag(&tag) {
+        anyhow::bail!("tag {target:?}: invalid name (want repo[:tag] of [a-zA-Z0-9._-/:])");
+    }
+    Ok(tag)
+}
+
 /// The parsed config of an image.
 pub fn config_of(img: &ImageRecord) -> Value {
     serde_json::from_str(&img.config).unwrap_or(Value::Null)
@@ -234,10 +243,7 @@ impl Store {
     }
 
     pub(crate) fn set_tag_locked(&self, id: &Digest, target: &str) -> anyhow::Result<()> {
-        let tag = normalize_tag(target);
-        if !valid_tag(&tag) {
-            anyhow::bail!("tag {target:?}: invalid name (want repo[:tag] of [a-z0-9._-/:])");
-        }
+        let tag = check_tag(target)?;
         for mut other in self.images_locked()? {
             if other.id != *id && other.tags.contains(&tag) {
                 other.tags.retain(|t| *t != tag);

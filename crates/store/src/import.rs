@@ -429,6 +429,9 @@ impl Store {
 
     /// [`Store::import`] with options.
     pub fn import_with(&self, source: &Path, opts: &ImportOptions) -> anyhow::Result<ImportReport> {
+        if let Some(t) = &opts.tag {
+            crate::images::check_tag(t)?;
+        }
         let _l = self.lock_exclusive()?;
         let md =
             fs::metadata(source).with_context(|| format!("{}: cannot read", source.display()))?;
@@ -628,7 +631,17 @@ impl Store {
         for (i, (plan, chains, layers)) in pending.into_iter().enumerate() {
             let tags = match (&opts.tag, i) {
                 (Some(t), 0) => vec![normalize_tag(t)],
-                _ => plan.tags,
+                _ => plan
+                    .tags
+                    .into_iter()
+                    .filter(|t| {
+                        let ok = crate::images::valid_tag(t);
+                        if !ok {
+                            tracing::warn!("{label}: ignoring invalid name {t:?}");
+                        }
+                        ok
+                    })
+                    .collect(),
             };
             let config = String::from_utf8(plan.config)
                 .map_err(|_| bad(&label, &plan.config_name, "config is not UTF-8"))?;

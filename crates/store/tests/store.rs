@@ -565,6 +565,14 @@ fn absolute_and_odd_names_are_cleaned() {
     );
     // The tar-split still rebuilds the original bytes (the first `dup` was replaced).
     assert!(s.verify().unwrap().iter().all(|r| r.problem.is_none()));
+    // A bad name is refused before anything is stored.
+    let before = store_listing(&s);
+    let err = format!("{:#}", s.import(&file, Some("bad name!")).unwrap_err());
+    assert!(
+        err.contains("bad name!") && err.contains("invalid"),
+        "{err}"
+    );
+    assert_eq!(store_listing(&s), before);
     // The same tar as zstd (two frames): the same layer.
     let mut z = zstd::encode_all(&tar[..100], 3).unwrap();
     z.extend(zstd::encode_all(&tar[100..], 3).unwrap());
