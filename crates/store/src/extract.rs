@@ -220,8 +220,7 @@ impl Extractor {
             NameKind::Meta => Ok(()),
             NameKind::OpaqueMarker => {
                 let dir = self.parent(parents)?;
-                format::set_opaque(dir.as_fd(), self.encoding)
-                    .map_err(|e| errno("cannot mark opaque", e))
+                mark_opaque(dir.as_fd(), self.encoding).map_err(|e| errno("cannot mark opaque", e))
             }
             NameKind::WhiteoutFor(target) => {
                 let target = Component::new(OsStr::from_bytes(target))
@@ -309,8 +308,7 @@ impl Extractor {
                             .map_err(|e| errno(&here(), e))?;
                         let d =
                             sys::open_path_dir(cur.as_fd(), c).map_err(|e| errno(&here(), e))?;
-                        format::set_opaque(d.as_fd(), self.encoding)
-                            .map_err(|e| errno(&here(), e))?;
+                        mark_opaque(d.as_fd(), self.encoding).map_err(|e| errno(&here(), e))?;
                     }
                     _ => return Err(format!("parent {} is not a directory", here())),
                 },
@@ -442,7 +440,7 @@ impl Extractor {
                     .map_err(|e| errno("cannot create directory", e))?;
                 if was_whiteout {
                     let d = sys::open_path_dir(dir, name).map_err(|e| errno("directory", e))?;
-                    format::set_opaque(d.as_fd(), self.encoding)
+                    mark_opaque(d.as_fd(), self.encoding)
                         .map_err(|e| errno("cannot mark opaque", e))?;
                 }
                 self.dirs.insert(path.to_vec(), attrs);
@@ -560,6 +558,26 @@ impl Extractor {
                 .map_err(|e| errno("cannot set directory times", e))?;
         }
         Ok(())
+    }
+}
+
+/// Marks a layer directory opaque; where the filesystem takes no `user.` xattrs (unprivileged
+/// encoding), with a `.wh..wh..opq` file instead, which every reader accepts.
+fn mark_opaque(dir: BorrowedFd<'_>, enc: Encoding) -> sys::SysResult<()> {
+    match format::set_opaque(dir, enc) {
+        Err(Errno::OPNOTSUPP | Errno::PERM) if enc == Encoding::Unprivileged => {
+            let marker = Component::new(OsStr::from_bytes(format::OPAQUE_MARKER))?;
+            match sys::open_at(
+                dir,
+                &marker,
+                OFlags::CREATE | OFlags::WRONLY,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        other => other,
     }
 }
 
