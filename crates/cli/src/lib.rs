@@ -46,6 +46,8 @@ enum Command {
 /// Subcommand names, to tell `layerfs mount …` from the helper form `layerfs SOURCE MNT -o …`.
 const SUBCOMMANDS: &[&str] = &["mount", "umount", "diff", "stats", "help"];
 
+pub mod store_cmds;
+
 /// Entry point of the `layerfs` binary.
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
