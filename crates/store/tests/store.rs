@@ -404,6 +404,14 @@ fn saved_images_feed_back_to_skopeo_and_reimport() {
         .args(["copy", "-q"])
         .arg(format!("docker-archive:{}", da.display()))
         .arg(format!("oci:{}:back", t.path().join("back").display())));
+    // umoci (strict about OCI layouts) unpacks the saved directory to the same tree.
+    let bundle = t.path().join("bundle");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:test/final:1", od.display()))
+        .arg(&bundle));
+    assert_eq!(snapshot(&bundle.join("rootfs")), snapshot(&image().rootfs));
     for saved in [&da, &oa, &od] {
         let (_t2, s2) = store();
         s2.import(saved, Some("re"))
