@@ -348,6 +348,23 @@ fn commit_of_a_kernel_overlay_upper_matches_its_merged_view() {
     for (k, w) in &want {
         assert_eq!(&got[k], w, "{k}");
     }
+    // A third party reads the committed layer the same way: umoci unpack of the saved image.
+    let od = t.path().join("k-oci");
+    s.save_oci_dir(&["k:1"], &od).unwrap();
+    let bundle = t.path().join("k-bundle");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:k:1", od.display()))
+        .arg(&bundle));
+    let theirs = snapshot(&bundle.join("rootfs"));
+    assert_eq!(
+        theirs.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, w) in &want {
+        assert_eq!(&theirs[k], w, "umoci: {k}");
+    }
 }
 
 #[test]
