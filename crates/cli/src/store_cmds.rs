@@ -27,7 +27,7 @@ pub enum StoreCommand {
     /// Import an image or layer: docker-save tar, OCI layout dir, OCI archive, layer tar (plain,
     /// gzip, zstd) or a directory.
     Import {
-        /// The file or directory to import.
+        /// The file or directory to import (`-`: standard input).
         source: PathBuf,
         /// Name the (first) image NAME[:TAG].
         #[arg(long, short)]

@@ -190,6 +190,18 @@ impl Store {
                 empty_layer,
             });
         }
+        // A config without history (allowed): one row per layer, from the layer records.
+        for c in layers {
+            let l = self.layer(c)?;
+            rows.push(HistoryRow {
+                id: "<missing>".into(),
+                created: l.created,
+                created_by: l.created_by,
+                size: l.size,
+                comment: String::new(),
+                empty_layer: false,
+            });
+        }
         rows.reverse();
         if let Some(top) = rows.first_mut() {
             top.id = img.id.to_string();

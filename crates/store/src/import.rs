@@ -432,6 +432,12 @@ impl Store {
         if let Some(t) = &opts.tag {
             crate::images::check_tag(t)?;
         }
+        if source == Path::new("-") {
+            // `layerfs import - < image.tar`: spooled to a temp file (archives are read in place).
+            let mut tmp = tempfile::NamedTempFile::new().context("cannot spool stdin")?;
+            io::copy(&mut io::stdin().lock(), &mut tmp).context("reading stdin")?;
+            return self.import_with(tmp.path(), opts);
+        }
         let _l = self.lock_exclusive()?;
         let md =
             fs::metadata(source).with_context(|| format!("{}: cannot read", source.display()))?;

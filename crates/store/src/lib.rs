@@ -9,9 +9,11 @@
 //!     diff/                            the extracted layer in the overlay on-disk format (char 0/0
 //!                                      whiteouts, trusted.overlay.opaque=y as root; `.wh.` files and
 //!                                      user.overlay.opaque=y otherwise); never written after publish
-//!     layer.json                       LayerRecord: diff_id, chain_id, parent, size, created, created_by
+//!     layer.json                       LayerRecord: diff_id, chain_id, parent, size, created,
+//!                                      created_by, meta_digest (metadata of diff/ at publish)
 //!     tar-split.zst                    the layer tar minus file contents: with diff/ it rebuilds the
 //!                                      exact tar whose sha256 is diff_id (save, verify)
+//!     tar-split.saved/<n>              contents of files a later entry of the same tar replaced
 //!   images/<image id hex>.json         ImageRecord: config bytes, layer chain ids, tags, source
 //!   containers/<container id hex>/
 //!     upper/ work/                     the container's overlay upper and work dirs

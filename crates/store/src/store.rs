@@ -159,12 +159,12 @@ impl Store {
     }
 
     /// Takes the store lock exclusively (blocks until free).
-    pub fn lock_exclusive(&self) -> anyhow::Result<StoreLock> {
+    pub(crate) fn lock_exclusive(&self) -> anyhow::Result<StoreLock> {
         self.lock(FlockOperation::LockExclusive)
     }
 
     /// Takes the store lock shared (blocks while someone changes the store).
-    pub fn lock_shared(&self) -> anyhow::Result<StoreLock> {
+    pub(crate) fn lock_shared(&self) -> anyhow::Result<StoreLock> {
         self.lock(FlockOperation::LockShared)
     }
 

@@ -348,6 +348,23 @@ fn commit_of_a_kernel_overlay_upper_matches_its_merged_view() {
     for (k, w) in &want {
         assert_eq!(&got[k], w, "{k}");
     }
+    // A third party reads the committed layer the same way: umoci unpack of the saved image.
+    let od = t.path().join("k-oci");
+    s.save_oci_dir(&["k:1"], &od).unwrap();
+    let bundle = t.path().join("k-bundle");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:k:1", od.display()))
+        .arg(&bundle));
+    let theirs = snapshot(&bundle.join("rootfs"));
+    assert_eq!(
+        theirs.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, w) in &want {
+        assert_eq!(&theirs[k], w, "umoci: {k}");
+    }
 }
 
 #[test]
@@ -404,6 +421,14 @@ fn saved_images_feed_back_to_skopeo_and_reimport() {
         .args(["copy", "-q"])
         .arg(format!("docker-archive:{}", da.display()))
         .arg(format!("oci:{}:back", t.path().join("back").display())));
+    // umoci (strict about OCI layouts) unpacks the saved directory to the same tree.
+    let bundle = t.path().join("bundle");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:test/final:1", od.display()))
+        .arg(&bundle));
+    assert_eq!(snapshot(&bundle.join("rootfs")), snapshot(&image().rootfs));
     for saved in [&da, &oa, &od] {
         let (_t2, s2) = store();
         s2.import(saved, Some("re"))
@@ -533,6 +558,8 @@ fn absolute_and_odd_names_are_cleaned() {
         ("d", D, "", b""),
         ("d/", D, "", b""),
         ("hl", H, "/dup", b""),
+        ("gone/f", F, "", b"in a dir that a file replaces"),
+        ("gone", F, "", b"now a file"),
     ]);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar[..tar.len() / 2]).unwrap();
@@ -554,6 +581,7 @@ fn absolute_and_odd_names_are_cleaned() {
     assert_eq!(fs::read(diff.join("abs/file")).unwrap(), b"abs");
     assert_eq!(fs::read(diff.join("dot/x")).unwrap(), b"dot");
     assert_eq!(fs::read(diff.join("dup")).unwrap(), b"second");
+    assert_eq!(fs::read(diff.join("gone")).unwrap(), b"now a file");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
         fs::metadata(diff.join("hl")).unwrap().ino(),
@@ -586,6 +614,61 @@ fn absolute_and_odd_names_are_cleaned() {
     let file2 = t.path().join("noend.tar");
     fs::write(&file2, cut).unwrap();
     s.import(&file2, Some("noend")).unwrap();
+}
+
+/// A multi-platform index (nested): only the host's image comes in.
+#[test]
+fn nested_multi_platform_index() {
+    let Some(()) = tools() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("multi");
+    run(Command::new("cp").arg("-a").arg(&image().layout).arg(&dir));
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let by_name = |n: &str| {
+        let mut d = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == n)
+            .unwrap()
+            .clone();
+        d.as_object_mut().unwrap().remove("annotations");
+        d
+    };
+    let (mut host, mut other) = (by_name("final"), by_name("base"));
+    let arch = if cfg!(target_arch = "x86_64") {
+        "amd64"
+    } else {
+        "arm64"
+    };
+    let foreign = if arch == "amd64" { "arm64" } else { "amd64" };
+    host["platform"] = serde_json::json!({ "architecture": arch, "os": "linux" });
+    other["platform"] = serde_json::json!({ "architecture": foreign, "os": "linux" });
+    let nested = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [other, host],
+    }))
+    .unwrap();
+    use sha2::Digest as _;
+    let hexd = hex::encode(sha2::Sha256::digest(&nested));
+    fs::write(dir.join("blobs/sha256").join(&hexd), &nested).unwrap();
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{hexd}"),
+            "size": nested.len(),
+            "annotations": { "org.opencontainers.image.ref.name": "multi" },
+        }],
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    let (_t, s) = store();
+    let rep = s.import(&dir, None).unwrap();
+    assert_eq!(rep.images.len(), 1, "{rep:?}");
+    assert_eq!(rep.images[0].tags, ["multi:multi"]);
+    assert_same_tree(&s, "multi:multi", &image().rootfs);
 }
 
 #[test]
