@@ -169,13 +169,12 @@ impl Overlay {
                 return Err(e);
             }
         };
-        if over_whiteout {
-            if let Err(e) =
+        if over_whiteout
+            && let Err(e) =
                 self.publish_over_whiteout(target_dir, &target_name, p.upper.as_fd(), &name)
-            {
-                let _ = crate::layers::remove_tree(target_dir, &target_name);
-                return Err(e);
-            }
+        {
+            let _ = crate::layers::remove_tree(target_dir, &target_name);
+            return Err(e);
         }
         let kind_slot = Some(UpperSlot::Present(kind));
         if let Some(idx) = dir.write().index.as_mut() {

@@ -138,10 +138,10 @@ impl NodeTable {
     /// `same` decides whether an existing node is the same object (else it is replaced).
     pub fn insert_or_get(&self, node: Node, same: impl FnOnce(&Node) -> bool) -> (Arc<Node>, bool) {
         let mut map = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = map.get(&node.ino) {
-            if same(existing) {
-                return (existing.clone(), false);
-            }
+        if let Some(existing) = map.get(&node.ino)
+            && same(existing)
+        {
+            return (existing.clone(), false);
         }
         let node = Arc::new(node);
         map.insert(node.ino, node.clone());

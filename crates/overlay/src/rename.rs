@@ -123,11 +123,11 @@ impl Overlay {
             if !src_is_dir && dst_is_dir {
                 return Err(Errno::ISDIR);
             }
-            if let Some(d) = &dst {
-                if Arc::ptr_eq(d, &src) {
-                    // Two names of one file: nothing to do.
-                    return Ok(());
-                }
+            if let Some(d) = &dst
+                && Arc::ptr_eq(d, &src)
+            {
+                // Two names of one file: nothing to do.
+                return Ok(());
             }
             if !dst_is_dir {
                 self.group_unlinked(&newdir, &newname, &dst_entry)?;
