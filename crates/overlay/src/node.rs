@@ -55,9 +55,64 @@ pub struct NodeState {
     pub unlinked: bool,
     /// A lower hard-link group member served from the group's index entry ([`crate::group`]).
     pub group: bool,
+    /// Further names of a non-directory (hard links) the kernel has looked up.
+    pub aliases: Vec<(u64, Component)>,
 }
 
 impl NodeState {
+    /// Whether the object is known under `name` in directory `parent`.
+    pub fn is_at(&self, parent: u64, name: &Component) -> bool {
+        (self.parent == parent && self.name.as_ref() == Some(name))
+            || self.aliases.iter().any(|(p, n)| *p == parent && n == name)
+    }
+
+    /// Records another name of the object.
+    pub fn add_alias(&mut self, parent: u64, name: &Component) {
+        if !self.is_at(parent, name) {
+            self.aliases.push((parent, name.clone()));
+        }
+    }
+
+    /// The name `parent/name` now reads `to_parent/to_name`.
+    pub fn move_location(
+        &mut self,
+        parent: u64,
+        name: &Component,
+        to_parent: u64,
+        to_name: &Component,
+    ) {
+        if self.parent == parent && self.name.as_ref() == Some(name) {
+            self.parent = to_parent;
+            self.name = Some(to_name.clone());
+        } else if let Some(a) = self
+            .aliases
+            .iter_mut()
+            .find(|(p, n)| *p == parent && n == name)
+        {
+            *a = (to_parent, to_name.clone());
+        } else {
+            self.parent = to_parent;
+            self.name = Some(to_name.clone());
+        }
+    }
+
+    /// Forgets the name `parent/name`; true if the object has no known name left.
+    pub fn drop_location(&mut self, parent: u64, name: &Component) -> bool {
+        if self.parent == parent && self.name.as_ref() == Some(name) {
+            match self.aliases.pop() {
+                Some((p, n)) => {
+                    self.parent = p;
+                    self.name = Some(n);
+                    false
+                }
+                None => true,
+            }
+        } else {
+            self.aliases.retain(|(p, n)| !(*p == parent && n == name));
+            false
+        }
+    }
+
     /// The fd of the topmost object and its layer.
     pub fn top(&self) -> Option<(LayerIdx, Arc<OwnedFd>)> {
         match (&self.upper, &self.lower) {

@@ -104,6 +104,7 @@ impl Overlay {
             index: None,
             unlinked: false,
             group: false,
+            aliases: Vec::new(),
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -412,11 +413,15 @@ impl Overlay {
             index: None,
             unlinked: false,
             group: probe.group,
+            aliases: Vec::new(),
         };
         let node = Node::new(probe.ino, is_dir, state);
         let (node, _) = self
             .nodes
             .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
+        if !is_dir {
+            node.write().add_alias(dir.ino, name);
+        }
         let attr = self.attr_from(&node, probe.st, probe.fd.as_fd());
         (node, attr)
     }
