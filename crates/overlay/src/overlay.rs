@@ -180,6 +180,20 @@ impl Overlay {
         Ok(())
     }
 
+    /// The index entry of `name` in `dir`; the caller holds `dir.op_lock()`.
+    pub(crate) fn entry_locked(
+        &self,
+        dir: &Node,
+        name: &Component,
+    ) -> OvlResult<Option<IndexEntry>> {
+        self.ensure_index_locked(dir)?;
+        Ok(dir
+            .read()
+            .index
+            .as_ref()
+            .and_then(|i| i.get(name.as_bytes()).cloned()))
+    }
+
     /// The index entry of `name` in `dir`.
     pub(crate) fn entry(&self, dir: &Node, name: &Component) -> OvlResult<Option<IndexEntry>> {
         self.with_index(dir, |idx| idx.get(name.as_bytes()).cloned())
