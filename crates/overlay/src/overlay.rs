@@ -452,10 +452,8 @@ impl Overlay {
         }
         // Every name of a hard-link group is one inode, kept in the group's index entry (names
         // of the group may sit in different layers).
-        if group {
-            if let Some(fd) = self.group_entry(node.ino)? {
-                return Ok((place, Arc::new(fd)));
-            }
+        if group && let Some(fd) = self.group_entry(node.ino)? {
+            return Ok((place, Arc::new(fd)));
         }
         let name = name.ok_or(Errno::STALE)?;
         let parent = self.node(parent)?;
