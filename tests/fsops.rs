@@ -388,11 +388,45 @@ fn apply_inner(root: &Path, op: &Op) -> R {
             rfs::access(j(path), rfs::Access::from_bits_retain(*mode))?;
             none()
         }
+        Op::AsUser { uid, op } => {
+            let _creds = Creds::become_user(*uid)?;
+            apply_inner(root, op)
+        }
         Op::CopyFileRange { from, to } => {
             let src = open(&j(from), OFlags::RDONLY, 0)?;
             let dst = open(&j(to), OFlags::WRONLY | OFlags::CREATE, 0o644)?;
             let n = rfs::copy_file_range(&src, None, &dst, None, 1 << 20)?;
             Ok(format!("{n} bytes"))
         }
+    }
+}
+
+/// This thread runs as `uid`/`gid == uid` with no supplementary groups until dropped, then is root again.
+struct Creds {
+    groups: Vec<rustix::process::Gid>,
+}
+
+impl Creds {
+    fn become_user(uid: u32) -> Result<Creds, Errno> {
+        use rustix::process::{Gid, Uid};
+        use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
+        let groups = rustix::process::getgroups()?;
+        let guard = Creds { groups };
+        set_thread_groups(&[])?;
+        set_thread_res_gid(None::<Gid>, Gid::from_raw(uid), None::<Gid>)?;
+        set_thread_res_uid(None::<Uid>, Uid::from_raw(uid), None::<Uid>)?;
+        Ok(guard)
+    }
+}
+
+impl Drop for Creds {
+    fn drop(&mut self) {
+        use rustix::process::{Gid, Uid};
+        use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
+        // Regain root first: only then may gid and groups be set back.
+        let ok = set_thread_res_uid(None::<Uid>, Uid::ROOT, None::<Uid>).is_ok()
+            && set_thread_res_gid(None::<Gid>, Gid::ROOT, None::<Gid>).is_ok()
+            && set_thread_groups(&self.groups).is_ok();
+        assert!(ok, "could not restore root credentials on the test thread");
     }
 }

@@ -497,6 +497,11 @@ pub enum Op {
         from: String,
         to: String,
     },
+    /// The inner op run with uid/gid 1000 (no supplementary groups) on this thread.
+    AsUser {
+        uid: u32,
+        op: Box<Op>,
+    },
 }
 
 impl Op {
@@ -532,6 +537,7 @@ impl Op {
             Op::Fsync { .. } => "fsync",
             Op::Access { .. } => "access",
             Op::CopyFileRange { .. } => "copy-file-range",
+            Op::AsUser { .. } => "as-user",
         }
     }
 }
@@ -621,6 +627,7 @@ impl fmt::Display for Op {
                     "copy_file_range({from:?} -> open({to:?}, O_WRONLY|O_CREAT))"
                 )
             }
+            Op::AsUser { uid, op } => write!(f, "[as uid/gid {uid}] {op}"),
         }
     }
 }
@@ -670,8 +677,20 @@ fn xattr_name(rng: &mut Rng) -> String {
     rng.pick(&names).to_string()
 }
 
-/// One random operation.
+/// One random operation; some run as an unprivileged user.
 pub fn gen_op(rng: &mut Rng) -> Op {
+    let op = gen_plain_op(rng);
+    if rng.chance(15) {
+        Op::AsUser {
+            uid: 1000,
+            op: Box::new(op),
+        }
+    } else {
+        op
+    }
+}
+
+fn gen_plain_op(rng: &mut Rng) -> Op {
     let which = rng.below(32);
     let creates = matches!(which, 0 | 1 | 4 | 8 | 9 | 16 | 23);
     let p = if creates { dest(rng) } else { path(rng) };
