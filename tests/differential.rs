@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::fsops::apply;
+use crate::fsops::{Session, apply};
 use crate::opgen::{Lowers, Op, build_layer, gen_lowers, gen_ops, seq_seed};
 use crate::util::{
     Fixture, Impl, Layers, Mount, SnapOpts, Snapshot, can_mount, diff_snapshots, snapshot, sut,
@@ -97,12 +97,14 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
     let ref_m = Mount::new(Impl::Kernel, &ref_layers, &built.fix.mountpoint(&ref_side));
     let sut_m = Mount::new(sut, &sut_layers, &built.fix.mountpoint(&sut_side));
     let stats = std::env::var_os("LAYERFS_FUZZ_STATS").is_some();
+    let mut ref_s = Session::new(&ref_m.path);
+    let mut sut_s = Session::new(&sut_m.path);
     for (i, op) in ops.iter().enumerate() {
-        let a = apply(&ref_m.path, op);
+        let a = apply(&mut ref_s, op);
         if stats {
             eprintln!("STAT {} {}", op.kind(), a.split(' ').next().unwrap_or(""));
         }
-        let b = apply(&sut_m.path, op);
+        let b = apply(&mut sut_s, op);
         if a != b {
             res.problems.push(format!(
                 "op {}: {op}\n    kernel: {a}\n    {sut}: {b}",
@@ -111,6 +113,8 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
         }
         res.outcomes.push((a, b));
     }
+    ref_s.close_all();
+    sut_s.close_all();
     let sa = snapshot(&ref_m.path, &snap_opts());
     let sb = snapshot(&sut_m.path, &snap_opts());
     for d in diff_snapshots("kernel", &sa, &sut.to_string(), &sb) {

@@ -26,6 +26,7 @@ chown 1000:1000 data/sub/s.txt data/sub
 chmod 0750 data/sub
 mkfifo data/fifo
 chmod 0755 proj/src
+mkdir big && i=0 && while [ $i -lt 600 ]; do : > big/entry-with-a-longish-name-$i; i=$((i+1)); done
 "#;
 
 /// Top lower layer: overrides a file, adds one, whites one out.

@@ -144,12 +144,38 @@ fn ts(t: TimeArg) -> rfs::Timespec {
     }
 }
 
-/// Applies `op` under `root`; returns the rendered outcome.
-pub fn apply(root: &Path, op: &Op) -> String {
-    render(apply_inner(root, op))
+/// One mount's side of a sequence: its root and the fds held open across ops.
+pub struct Session {
+    pub root: std::path::PathBuf,
+    held: [Option<rustix::fd::OwnedFd>; 2],
 }
 
-fn apply_inner(root: &Path, op: &Op) -> R {
+impl Session {
+    pub fn new(root: &Path) -> Session {
+        Session {
+            root: root.to_path_buf(),
+            held: [None, None],
+        }
+    }
+
+    /// Closes held fds (before snapshots and unmounting).
+    pub fn close_all(&mut self) {
+        self.held = [None, None];
+    }
+
+    fn held(&self, slot: usize) -> Result<&rustix::fd::OwnedFd, Errno> {
+        self.held[slot].as_ref().ok_or(Errno::BADF)
+    }
+}
+
+/// Applies `op` in `sess`; returns the rendered outcome.
+pub fn apply(sess: &mut Session, op: &Op) -> String {
+    render(apply_inner(sess, op))
+}
+
+fn apply_inner(sess: &mut Session, op: &Op) -> R {
+    let root = sess.root.clone();
+    let root = root.as_path();
     let j = |p: &str| root.join(p);
     let none = || Ok(String::new());
     match op {
@@ -390,7 +416,33 @@ fn apply_inner(root: &Path, op: &Op) -> R {
         }
         Op::AsUser { uid, op } => {
             let _creds = Creds::become_user(*uid)?;
-            apply_inner(root, op)
+            apply_inner(sess, op)
+        }
+        Op::Hold { slot, path, write } => {
+            sess.held[*slot] = None;
+            let flags = if *write { OFlags::RDWR } else { OFlags::RDONLY };
+            sess.held[*slot] = Some(open(&j(path), flags, 0)?);
+            none()
+        }
+        Op::HeldRead { slot } => {
+            let fd = sess.held(*slot)?;
+            let st = rfs::fstat(fd)?;
+            if kind_of(st.st_mode) != 'f' {
+                return Ok(format!("not a file: {}", kind_of(st.st_mode)));
+            }
+            read_all(fd)
+        }
+        Op::HeldWrite { slot, len } => {
+            let fd = sess.held(*slot)?;
+            write_all_at(fd, &content(&format!("H{len}"), *len), 3)?;
+            none()
+        }
+        Op::HeldStat { slot } => Ok(stat_line(&rfs::fstat(sess.held(*slot)?)?)),
+        Op::CreateLong { len } => {
+            let name = "l".repeat(*len);
+            open(&j(&name), OFlags::CREATE | OFlags::WRONLY, 0o644)?;
+            rfs::unlink(j(&name))?;
+            none()
         }
         Op::CopyFileRange { from, to } => {
             let src = open(&j(from), OFlags::RDONLY, 0)?;

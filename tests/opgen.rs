@@ -497,6 +497,26 @@ pub enum Op {
         from: String,
         to: String,
     },
+    /// Open into fd slot 0 or 1 (closing what was there); the fd stays open across later ops.
+    Hold {
+        slot: usize,
+        path: String,
+        write: bool,
+    },
+    HeldRead {
+        slot: usize,
+    },
+    HeldWrite {
+        slot: usize,
+        len: usize,
+    },
+    HeldStat {
+        slot: usize,
+    },
+    /// Create and unlink a name of `len` bytes in the root (256 must give ENAMETOOLONG).
+    CreateLong {
+        len: usize,
+    },
     /// The inner op run with uid/gid 1000 (no supplementary groups) on this thread.
     AsUser {
         uid: u32,
@@ -538,6 +558,11 @@ impl Op {
             Op::Access { .. } => "access",
             Op::CopyFileRange { .. } => "copy-file-range",
             Op::AsUser { .. } => "as-user",
+            Op::Hold { .. } => "hold-fd",
+            Op::HeldRead { .. } => "held-read",
+            Op::HeldWrite { .. } => "held-write",
+            Op::HeldStat { .. } => "held-fstat",
+            Op::CreateLong { .. } => "create-long-name",
         }
     }
 }
@@ -628,6 +653,15 @@ impl fmt::Display for Op {
                 )
             }
             Op::AsUser { uid, op } => write!(f, "[as uid/gid {uid}] {op}"),
+            Op::Hold { slot, path, write } => write!(
+                f,
+                "fd{slot}=open({path:?}, {}) (kept open)",
+                if *write { "O_RDWR" } else { "O_RDONLY" }
+            ),
+            Op::HeldRead { slot } => write!(f, "pread(fd{slot}, whole file)"),
+            Op::HeldWrite { slot, len } => write!(f, "pwrite(fd{slot}, {len} bytes, off=3)"),
+            Op::HeldStat { slot } => write!(f, "fstat(fd{slot})"),
+            Op::CreateLong { len } => write!(f, "open(<{len}-byte name>, O_CREAT) + unlink"),
         }
     }
 }
@@ -691,6 +725,27 @@ pub fn gen_op(rng: &mut Rng) -> Op {
 }
 
 fn gen_plain_op(rng: &mut Rng) -> Op {
+    if rng.chance(12) {
+        let slot = rng.below(2) as usize;
+        return match rng.below(6) {
+            0 | 1 => Op::Hold {
+                slot,
+                path: path(rng),
+                write: rng.chance(30),
+            },
+            2 | 3 => Op::HeldRead { slot },
+            4 => Op::HeldWrite {
+                slot,
+                len: data_len(rng),
+            },
+            _ => Op::HeldStat { slot },
+        };
+    }
+    if rng.chance(1) {
+        return Op::CreateLong {
+            len: 255 + rng.below(2) as usize,
+        };
+    }
     let which = rng.below(32);
     let creates = matches!(which, 0 | 1 | 4 | 8 | 9 | 16 | 23);
     let p = if creates { dest(rng) } else { path(rng) };

@@ -220,3 +220,41 @@ fn scenario_find_newer() {
     assert_eq!(out, ".\n./etc/app.conf\n./newdir\n./proj/src/lib.rs\n");
     d.assert_same("after find -newer scenario", &scen_opts());
 }
+
+#[test]
+fn scenario_long_paths_and_names() {
+    if !can_mount("scenario_long_paths_and_names") {
+        return;
+    }
+    let d = Dual::new("longpath");
+    // ~3.8 KiB below the mount root, built with relative cd so no single path argument is that long;
+    // then a 255-byte name works and a 256-byte one gives ENAMETOOLONG.
+    let out = d.run(
+        "n=$(printf 'd%.0s' $(seq 200)); i=0; \
+         while [ $i -lt 18 ]; do mkdir $n && cd $n || exit 1; i=$((i+1)); done; \
+         echo deep > file && cat file && \
+         touch $(printf 'f%.0s' $(seq 255)) && ls | wc -l; \
+         touch $(printf 'g%.0s' $(seq 256)) 2>&1 | grep -c 'File name too long'",
+    );
+    assert_eq!(out, "deep\n2\n1\n");
+    d.assert_same("after long paths", &scen_opts());
+}
+
+#[test]
+fn scenario_big_lower_dir_listing() {
+    if !can_mount("scenario_big_lower_dir_listing") {
+        return;
+    }
+    let d = Dual::new("bigdir");
+    // 600 lower entries (several getdents batches), 111 removed and 50 added in the upper.
+    let out = d.run(
+        "ls big | wc -l; rm big/entry-with-a-longish-name-1*; i=0; \
+         while [ $i -lt 50 ]; do : > big/new-$i; i=$((i+1)); done; \
+         ls big | wc -l; ls -f big | sort | md5sum; ls -f big | sort | uniq -d | wc -l",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "600", "{out}");
+    assert_eq!(lines[1], "539", "{out}");
+    assert_eq!(lines[3], "0", "readdir listed duplicates:\n{out}");
+    d.assert_same("after big dir", &scen_opts());
+}
