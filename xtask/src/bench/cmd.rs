@@ -1,0 +1,255 @@
+//! Running external commands and reading `/proc` for the bench.
+//!
+//! Every command runs in its own process group with `LC_ALL=C` and the system directories first in `PATH`
+//! (other users of the machine may drop wrappers into `/usr/local`), is bounded in time (the whole group is
+//! killed on timeout), and is timed from spawn to exit.
+
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// `PATH` for every command the bench runs.
+const SYS_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin";
+
+/// A command that exited with status 0.
+pub struct Ran {
+    /// Wall time from spawn to exit.
+    pub secs: f64,
+    /// Its standard output, lossily decoded.
+    pub stdout: String,
+}
+
+/// Applies the environment every bench command gets.
+pub fn prepare(cmd: &mut Command) -> &mut Command {
+    cmd.env("LC_ALL", "C")
+        .env("LANG", "C")
+        .env("PATH", SYS_PATH)
+        .process_group(0)
+}
+
+/// Runs `script` with `bash -c`; fails on a non-zero exit or after `timeout`.
+pub fn sh(script: &str, timeout: Duration) -> Result<Ran> {
+    run(Command::new("bash").arg("-c").arg(script), script, timeout)
+}
+
+/// Runs `script` with `bash -c` and returns its trimmed stdout, or "" if it fails (for descriptions).
+pub fn sh_quiet(script: &str) -> String {
+    sh(script, Duration::from_secs(30))
+        .map(|r| r.stdout.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Runs `cmd` with stdout and stderr captured; `what` names it in errors.
+pub fn run(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Ran> {
+    prepare(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{what}`"))?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let out = child.wait_with_output();
+        let _ = tx.send((out, Instant::now()));
+    });
+    let (out, end) = match rx.recv_timeout(timeout) {
+        Ok(done) => done,
+        Err(_) => {
+            kill_group(pid);
+            bail!("`{what}` timed out after {} s", timeout.as_secs());
+        }
+    };
+    let out = out.with_context(|| format!("waiting for `{what}`"))?;
+    if !out.status.success() {
+        bail!("`{what}` failed ({}): {}", out.status, tail(&out.stderr));
+    }
+    Ok(Ran {
+        secs: (end - start).as_secs_f64(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    })
+}
+
+/// Runs `cmd` with the terminal's stdout/stderr (for apt-get and cargo, whose progress a person reads).
+pub fn run_visible(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = prepare(cmd)
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot start `{what}`"))?;
+    if !status.success() {
+        bail!("`{what}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// The last few hundred characters of a command's stderr, for an error message.
+pub fn tail(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.trim();
+    let start = s.char_indices().rev().nth(400).map(|(i, _)| i).unwrap_or(0);
+    s[start..].to_string()
+}
+
+/// SIGKILLs the process group `pgid` (a command started by [`prepare`] leads its own group).
+pub fn kill_group(pgid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Sends `signal` (e.g. "TERM") to one process.
+pub fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Clone, Debug)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub target: PathBuf,
+    /// `major:minor` of the superblock (for FUSE, minor is the connection number).
+    pub dev: String,
+    /// Filesystem type, e.g. `overlay`, `fuse.fuse-overlayfs`.
+    pub fstype: String,
+}
+
+/// The mount table of this mount namespace (the last mount on a path wins in [`mounted`]).
+pub fn mounts() -> Vec<MountEntry> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let parts: Vec<&str> = line.split(' ').collect();
+            let sep = parts.iter().position(|p| *p == "-")?;
+            Some(MountEntry {
+                target: PathBuf::from(unescape_octal(parts.get(4)?)),
+                dev: parts.get(2)?.to_string(),
+                fstype: parts.get(sep + 1)?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// What is mounted on `path`, if anything.
+pub fn mounted(path: &Path) -> Option<MountEntry> {
+    mounts().into_iter().rev().find(|m| m.target == path)
+}
+
+/// Whether anything is mounted on or below `path`.
+pub fn mounted_under(path: &Path) -> Option<PathBuf> {
+    mounts()
+        .into_iter()
+        .map(|m| m.target)
+        .find(|t| t.starts_with(path))
+}
+
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Processes (thread-group ids) that hold `/dev/fuse` open.
+pub fn fuse_holders() -> BTreeSet<u32> {
+    let mut res = BTreeSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return res;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")))
+        {
+            res.insert(pid);
+        }
+    }
+    res
+}
+
+/// The command line of `pid`, arguments joined by spaces.
+pub fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z"))
+}
+
+/// Fields of `/proc/PID/stat` after the command name: [0] is the state (field 3 of proc(5)).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Resource use of a FUSE daemon, read just before unmount.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    /// Peak resident set (VmHWM), MiB.
+    pub hwm_mib: f64,
+    /// User + system CPU time, seconds.
+    pub cpu_secs: f64,
+}
+
+/// VmHWM and utime+stime of `pid`.
+pub fn usage(pid: u32) -> Option<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let f = stat_fields(pid)?;
+    // proc(5): utime and stime are fields 14 and 15, i.e. [11] and [12] after the command name.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(Usage {
+        hwm_mib: hwm_kib / 1024.0,
+        cpu_secs: ticks / clock_ticks(),
+    })
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| sh_quiet("getconf CLK_TCK").parse().unwrap_or(100.0))
+}
+
+/// Quotes `s` for bash.
+pub fn q(s: impl AsRef<std::ffi::OsStr>) -> String {
+    let s = s.as_ref().to_string_lossy();
+    format!("'{}'", s.replace('\'', r"'\''"))
+}

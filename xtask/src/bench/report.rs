@@ -1,0 +1,353 @@
+//! Results: one [`Record`] per (workload, round, system) run, aggregated into the markdown report.
+//!
+//! A cell is the median over the measured rounds; the ratio is that median over the kernel's median of the
+//! reference metric (the same metric, except for the volatile copy-up, which the issue compares with the
+//! kernel's ordinary, fsync'd copy-up). FUSE daemons also get a table of peak RSS and CPU time, and layerfs,
+//! when it has `layerfs stats`, a table of its request counters per workload.
+
+use super::cmd::Usage;
+use super::system::System;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One run of one workload on one system.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Workload name.
+    pub workload: &'static str,
+    /// Round number (1-based, measured rounds only).
+    pub round: usize,
+    /// The system.
+    pub sys: System,
+    /// (metric, seconds).
+    pub metrics: Vec<(&'static str, f64)>,
+    /// Seconds to mount.
+    pub mount_secs: f64,
+    /// FUSE daemon usage just before unmount.
+    pub usage: Option<Usage>,
+    /// `layerfs stats` before and after the workload (the request-count hook).
+    pub stats: Option<(String, String)>,
+    /// Why the run failed.
+    pub error: Option<String>,
+    /// Count mismatches.
+    pub checks: Vec<String>,
+    /// Runs thrown away because someone else dropped the page cache during them.
+    pub disturbed: usize,
+}
+
+/// A row of the main table: metric, target from the issue, what it does, reference metric for the ratio.
+struct Row {
+    metric: &'static str,
+    target: &'static str,
+    what: &'static str,
+    reference: &'static str,
+}
+
+const ROWS: &[Row] = &[
+    row(
+        "seq-read",
+        "≤ 1.05×",
+        "dd bs=1M of the big lower file, lower in page cache, fresh mount",
+    ),
+    row(
+        "seq-read-again",
+        "",
+        "the same read a second time on that mount",
+    ),
+    row(
+        "rand-read",
+        "≤ 1.1×",
+        "fio psync 4 KiB random reads of 1/4 of the big file (distinct blocks)",
+    ),
+    row(
+        "seq-write",
+        "≤ 1.0×",
+        "dd of a new file of the big file's size, conv=fsync",
+    ),
+    row("find", "≤ 2×", "find tree -type f | wc -l"),
+    row("stat-all", "≤ 2×", "du -s tree (stat everything)"),
+    row("ls-f", "≤ 2×", "ls -f of the big dir"),
+    row("ls-l", "≤ 2×", "ls -l of the big dir"),
+    row(
+        "tar-read",
+        "≤ 1.5×",
+        "tar c of the tree into a pipe (every byte)",
+    ),
+    row(
+        "copy-up",
+        "≤ 0.5×",
+        "append 1 byte to each of 1/10 of the tree's files (all in the bottom layer)",
+    ),
+    Row {
+        metric: "copy-up-volatile",
+        target: "≤ 0.15×",
+        what: "the same on a `volatile` mount; ratio to the kernel's ordinary copy-up",
+        reference: "copy-up",
+    },
+    row(
+        "untar",
+        "≤ 3×",
+        "tar xf of the small-file archive into the mount",
+    ),
+    row("rm-rf", "≤ 3×", "rm -rf of what was untarred"),
+    row(
+        "stat-bottom",
+        "≤ 2×",
+        "lstat of 1/10 of the tree's files, all in the bottom layer",
+    ),
+    row(
+        "stat-missing",
+        "≤ 2×",
+        "lstat of as many missing names in merged dirs",
+    ),
+    row(
+        "layers50-find",
+        "≤ 2×",
+        "find over 50 thin layers + the tree",
+    ),
+    row("layers50-stat", "≤ 2×", "stat-bottom with 50 layers"),
+    row("layers50-missing", "≤ 2×", "stat-missing with 50 layers"),
+    row(
+        "mount",
+        "",
+        "from the mount command to a mount that answers `stat` (every run)",
+    ),
+];
+
+const fn row(metric: &'static str, target: &'static str, what: &'static str) -> Row {
+    Row {
+        metric,
+        target,
+        what,
+        reference: metric,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s < 0.01 {
+        format!("{:.2} ms", s * 1e3)
+    } else if s < 1.0 {
+        format!("{:.0} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+/// Medians per (metric, system).
+fn medians(records: &[Record]) -> BTreeMap<(&'static str, &'static str), (f64, usize)> {
+    let mut obs: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.error.is_none()) {
+        for (m, v) in &r.metrics {
+            obs.entry((m, r.sys.name())).or_default().push(*v);
+        }
+        obs.entry(("mount", r.sys.name()))
+            .or_default()
+            .push(r.mount_secs);
+    }
+    obs.into_iter()
+        .filter_map(|(k, v)| {
+            let n = v.len();
+            median(v).map(|m| (k, (m, n)))
+        })
+        .collect()
+}
+
+/// The markdown report: header lines (already formatted), the main table, daemon and request tables.
+pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[Record]) -> String {
+    let med = medians(records);
+    let mut out = String::new();
+    for h in header {
+        let _ = writeln!(out, "{h}");
+    }
+    let names: Vec<&str> = systems.iter().map(|s| s.name()).collect();
+    let _ = writeln!(
+        out,
+        "\nMedian seconds over {runs} interleaved rounds; (×) = ratio to kernel overlayfs (lower is better).\n"
+    );
+    let _ = writeln!(out, "| workload | target | {} |", names.join(" | "));
+    let _ = writeln!(out, "|---|---|{}", "---|".repeat(names.len()));
+    let mut known: Vec<&str> = ROWS.iter().map(|r| r.metric).collect();
+    let mut rows: Vec<(&str, &str, &str)> = ROWS
+        .iter()
+        .map(|r| (r.metric, r.target, r.reference))
+        .collect();
+    for ((m, _), _) in med.iter() {
+        if !known.contains(m) {
+            known.push(m);
+            rows.push((m, "", m));
+        }
+    }
+    for (metric, target, reference) in rows {
+        if !names.iter().any(|s| med.contains_key(&(metric, *s))) {
+            continue;
+        }
+        let reference = med.get(&(reference, "kernel")).map(|x| x.0);
+        let cells: Vec<String> = names
+            .iter()
+            .map(|s| match med.get(&(metric, *s)) {
+                None => "-".to_string(),
+                Some((v, n)) => {
+                    let mut cell = fmt_secs(*v);
+                    if let Some(k) = reference
+                        .filter(|k| *k > 0.0 && (*s != "kernel" || metric == "copy-up-volatile"))
+                    {
+                        let _ = write!(cell, " ({:.2}×)", v / k);
+                    }
+                    if *n < runs && metric != "mount" {
+                        let _ = write!(cell, " [n={n}]");
+                    }
+                    cell
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "| {metric} | {target} | {} |", cells.join(" | "));
+    }
+    daemon_table(&mut out, systems, records);
+    request_table(&mut out, systems, records);
+    let _ = writeln!(out, "\nWorkloads:\n");
+    for r in ROWS {
+        let _ = writeln!(out, "- `{}`: {}", r.metric, r.what);
+    }
+    let retried: usize = records.iter().map(|r| r.disturbed).sum();
+    if retried > 0 {
+        let _ = writeln!(
+            out,
+            "\nRuns repeated because another process dropped the page cache: {retried}."
+        );
+    }
+    let bad: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.error.is_some() || !r.checks.is_empty())
+        .collect();
+    if !bad.is_empty() {
+        let _ = writeln!(out, "\nFailures and count mismatches:\n");
+        for r in bad {
+            let _ = writeln!(
+                out,
+                "- {} {} round {}: {}{}",
+                r.sys.name(),
+                r.workload,
+                r.round,
+                r.error.as_deref().unwrap_or(""),
+                r.checks.join("; ")
+            );
+        }
+    }
+    out
+}
+
+fn daemon_table(out: &mut String, systems: &[System], records: &[Record]) {
+    let fuse: Vec<System> = systems.iter().copied().filter(|s| s.is_fuse()).collect();
+    if fuse.is_empty() || records.iter().all(|r| r.usage.is_none()) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nFUSE daemons: peak RSS (VmHWM) and CPU time (utime+stime) at the end of each workload, medians \
+         (target: ≤ 16 MiB after `find`).\n"
+    );
+    let hdr: Vec<&str> = fuse.iter().map(|s| s.name()).collect();
+    let _ = writeln!(out, "| workload | {} |", hdr.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---|".repeat(hdr.len()));
+    let mut workloads: Vec<&str> = Vec::new();
+    for r in records {
+        if !workloads.contains(&r.workload) {
+            workloads.push(r.workload);
+        }
+    }
+    for w in workloads {
+        let cells: Vec<String> = fuse
+            .iter()
+            .map(|s| {
+                let us: Vec<Usage> = records
+                    .iter()
+                    .filter(|r| r.workload == w && r.sys == *s && r.error.is_none())
+                    .filter_map(|r| r.usage)
+                    .collect();
+                match (
+                    median(us.iter().map(|u| u.hwm_mib).collect()),
+                    median(us.iter().map(|u| u.cpu_secs).collect()),
+                ) {
+                    (Some(h), Some(c)) => format!("{h:.1} MiB, {c:.2} s"),
+                    _ => "-".to_string(),
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "| {w} | {} |", cells.join(" | "));
+    }
+}
+
+/// Counters of `layerfs stats` output: lines `name value` or `name: value` with an integer value.
+fn counters(text: &str) -> BTreeMap<String, i64> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.replace([':', '='], " ");
+            let mut it = l.split_whitespace();
+            let k = it.next()?.to_string();
+            let v = it.next()?.parse().ok()?;
+            Some((k, v))
+        })
+        .collect()
+}
+
+fn request_table(out: &mut String, systems: &[System], records: &[Record]) {
+    if !systems.contains(&System::Layerfs) || records.iter().all(|r| r.stats.is_none()) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nlayerfs request counters (`layerfs stats`, after minus before the workload, first measured round):\n"
+    );
+    let _ = writeln!(out, "| workload | counters |\n|---|---|");
+    for r in records
+        .iter()
+        .filter(|r| r.sys == System::Layerfs && r.round == 1)
+    {
+        let Some((before, after)) = &r.stats else {
+            continue;
+        };
+        let (b, a) = (counters(before), counters(after));
+        let deltas: Vec<String> = a
+            .iter()
+            .map(|(k, v)| (k, v - b.get(k).copied().unwrap_or(0)))
+            .filter(|(_, d)| *d != 0)
+            .map(|(k, d)| format!("{k} {d}"))
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", r.workload, deltas.join(", "));
+    }
+}
+
+/// All records as JSON (raw results, for later comparison).
+pub fn json(header: &[String], records: &[Record]) -> serde_json::Value {
+    json!({
+        "header": header,
+        "runs": records.iter().map(|r| json!({
+            "workload": r.workload,
+            "round": r.round,
+            "system": r.sys.name(),
+            "metrics": r.metrics.iter().map(|(m, v)| (m.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "mount_secs": r.mount_secs,
+            "daemon_hwm_mib": r.usage.map(|u| u.hwm_mib),
+            "daemon_cpu_secs": r.usage.map(|u| u.cpu_secs),
+            "stats_before": r.stats.as_ref().map(|s| &s.0),
+            "stats_after": r.stats.as_ref().map(|s| &s.1),
+            "error": r.error,
+            "checks": r.checks,
+            "disturbed": r.disturbed,
+        })).collect::<Vec<_>>(),
+    })
+}
