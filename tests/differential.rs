@@ -6,13 +6,15 @@
 //! - `LAYERFS_FUZZ_SEED` (default fixed): base seed; sequence i uses `seq_seed(base, i)`.
 //! - `LAYERFS_FUZZ_ONLY`: run just this one sequence seed (as printed in a failure).
 //! - `LAYERFS_FUZZ_MAX_FAILS` (default 3): stop after this many failing sequences (each is shrunk).
+//! - `LAYERFS_FUZZ_EXCLUDE=kind,…`: leave out op kinds / `lower-hardlinks` / `private-xattrs` (see
+//!   `opgen::GenConfig`), to look past a known divergence.
 //! - `LAYERFS_SUT=kernel`: kernel-vs-kernel, to check the harness itself.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::fsops::{Session, apply};
-use crate::opgen::{Lowers, Op, build_layer, gen_lowers, gen_ops, seq_seed};
+use crate::opgen::{GenConfig, Lowers, Op, build_layer, gen_lowers, gen_ops, seq_seed};
 use crate::util::{
     Fixture, Impl, Layers, Mount, SnapOpts, Snapshot, can_mount, diff_snapshots, snapshot, sut,
 };
@@ -193,8 +195,9 @@ fn shrink(built: &Built, ops: &[Op], sut: Impl, runs: &mut usize) -> Vec<Op> {
 
 /// Runs one sequence seed; on failure returns a printable minimal reproduction.
 pub fn check_seed(seed: u64, sut: Impl) -> Result<(), String> {
-    let spec = gen_lowers(seed);
-    let ops = gen_ops(seed, 20, 40);
+    let cfg = GenConfig::from_env();
+    let spec = gen_lowers(seed, &cfg);
+    let ops = gen_ops(seed, 20, 40, &cfg);
     let built = build(seed, &spec);
     let res = run_ops(&built, &ops, sut, 0);
     if res.problems.is_empty() {
@@ -204,8 +207,13 @@ pub fn check_seed(seed: u64, sut: Impl) -> Result<(), String> {
     let min = shrink(&built, &ops, sut, &mut runs);
     runs += 1;
     let min_res = run_ops(&built, &min, sut, runs);
+    let excl = if cfg.exclude.is_empty() {
+        String::new()
+    } else {
+        format!(" LAYERFS_FUZZ_EXCLUDE={}", cfg.exclude.join(","))
+    };
     let mut s = format!(
-        "\n=== DIVERGENCE: seed 0x{seed:016x} (replay: LAYERFS_FUZZ_ONLY=0x{seed:x}) ===\n\
+        "\n=== DIVERGENCE: seed 0x{seed:016x} (replay: LAYERFS_FUZZ_ONLY=0x{seed:x}{excl}) ===\n\
          {} ops, shrunk to {} ({} shrink runs)\nlowers:\n{spec}minimal reproduction (outcome kernel | {sut}):\n",
         ops.len(),
         min.len(),
@@ -277,12 +285,13 @@ fn differential_vs_kernel() {
 /// The generator itself: deterministic and covering at least 20 kinds of operation.
 #[test]
 fn generator_is_deterministic_and_broad() {
-    let a = gen_ops(42, 20, 40);
-    let b = gen_ops(42, 20, 40);
+    let cfg = GenConfig::default();
+    let a = gen_ops(42, 20, 40, &cfg);
+    let b = gen_ops(42, 20, 40, &cfg);
     assert_eq!(a, b);
     let mut kinds = std::collections::BTreeSet::new();
     for s in 0..200 {
-        for op in gen_ops(seq_seed(1, s), 20, 40) {
+        for op in gen_ops(seq_seed(1, s), 20, 40, &cfg) {
             kinds.insert(op.kind());
         }
     }

@@ -2,6 +2,7 @@
 //!
 //! `LAYERFS_SUT=kernel cargo test --test integration` runs everything kernel-vs-kernel (harness check).
 
+mod cli;
 mod diff_expect;
 mod differential;
 mod dual;

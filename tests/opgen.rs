@@ -129,7 +129,46 @@ fn gen_xattrs(rng: &mut Rng) -> Vec<(String, String)> {
     x
 }
 
-pub fn gen_lowers(seed: u64) -> Lowers {
+/// What the generator leaves out (`LAYERFS_FUZZ_EXCLUDE=a,b,…`): op kinds as named by `Op::kind`, plus
+/// `lower-hardlinks` (no hard links inside lower layers) and `private-xattrs` (no `trusted.overlay.*` /
+/// `user.overlay.*` names in xattr ops). Used to look past a known divergence for the next one.
+#[derive(Clone, Debug, Default)]
+pub struct GenConfig {
+    pub exclude: Vec<String>,
+}
+
+impl GenConfig {
+    pub fn from_env() -> GenConfig {
+        let exclude = std::env::var("LAYERFS_FUZZ_EXCLUDE")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        GenConfig { exclude }
+    }
+
+    fn excludes(&self, what: &str) -> bool {
+        self.exclude.iter().any(|e| e == what)
+    }
+
+    fn allows(&self, op: &Op) -> bool {
+        if self.excludes(op.kind()) {
+            return false;
+        }
+        let xname = match op {
+            Op::AsUser { op, .. } => return self.allows(op),
+            Op::SetXattr { name, .. }
+            | Op::RemoveXattr { name, .. }
+            | Op::GetXattr { name, .. } => name,
+            _ => return true,
+        };
+        !(self.excludes("private-xattrs")
+            && (xname.starts_with("trusted.overlay.") || xname.starts_with("user.overlay.")))
+    }
+}
+
+pub fn gen_lowers(seed: u64, cfg: &GenConfig) -> Lowers {
     let mut rng = Rng::new(seed ^ 0x10_3e25);
     let n = 1 + rng.below(3) as usize; // 1..=3 layers, mostly 2 or 3
     let mut layers = Vec::new();
@@ -138,6 +177,7 @@ pub fn gen_lowers(seed: u64) -> Lowers {
         let mut entries: Vec<(String, LowerKind, i64)> = Vec::new();
         let mut dirs: Vec<String> = Vec::new();
         let mut files: Vec<String> = Vec::new();
+        let mut opaque_dirs: Vec<String> = Vec::new();
         for &p in POOL {
             if let Some(par) = parent(p)
                 && !dirs.iter().any(|d| d == par)
@@ -175,20 +215,29 @@ pub fn gen_lowers(seed: u64) -> Lowers {
                 }
             } else if r < 88 {
                 dirs.push(p.to_string());
+                let opaque = !bottom && rng.chance(15);
+                if opaque {
+                    opaque_dirs.push(p.to_string());
+                }
                 LowerKind::Dir {
                     mode: *rng.pick(DIR_MODES),
                     uid: *rng.pick(OWNERS),
                     gid: *rng.pick(OWNERS),
-                    opaque: !bottom && rng.chance(15),
+                    opaque,
                     xattrs: gen_xattrs(&mut rng),
                 }
             } else if r < 92 {
                 LowerKind::Symlink(symlink_target(&mut rng, p))
-            } else if r < 96 && !bottom {
+            } else if r < 96
+                && !bottom
+                // A whiteout below an opaque dir of its own layer is an invalid layer (fo#306: the
+                // kernel lists it and lstat gives ENOENT), so never generate one.
+                && !opaque_dirs.iter().any(|o| p.starts_with(&format!("{o}/")))
+            {
                 LowerKind::Whiteout
             } else if r < 98 {
                 LowerKind::Fifo
-            } else if !files.is_empty() {
+            } else if !files.is_empty() && !cfg.excludes("lower-hardlinks") {
                 let to = rng.pick(&files).clone();
                 LowerKind::HardLink(to)
             } else {
@@ -870,8 +919,15 @@ fn gen_plain_op(rng: &mut Rng) -> Op {
 }
 
 /// A sequence of `min..=max` ops.
-pub fn gen_ops(seed: u64, min: usize, max: usize) -> Vec<Op> {
+pub fn gen_ops(seed: u64, min: usize, max: usize, cfg: &GenConfig) -> Vec<Op> {
     let mut rng = Rng::new(seed ^ 0x0905_5eed);
     let n = min + rng.below((max - min + 1) as u64) as usize;
-    (0..n).map(|_| gen_op(&mut rng)).collect()
+    let mut ops = Vec::with_capacity(n);
+    while ops.len() < n {
+        let op = gen_op(&mut rng);
+        if cfg.allows(&op) {
+            ops.push(op);
+        }
+    }
+    ops
 }

@@ -287,23 +287,17 @@ impl Mount {
     /// Unmounts now, asserting success.
     pub fn unmount(mut self) {
         self.mounted = false;
-        let st = umount(&self.path, self.imp);
+        let st = umount(&self.path);
         assert!(st.is_ok(), "umount {}: {:?}", self.path.display(), st);
     }
 }
 
-fn umount(p: &Path, imp: Impl) -> Result<(), String> {
+fn umount(p: &Path) -> Result<(), String> {
     // Exclusive: no other thread is between fork and exec holding copies of fds inside this mount.
     let _g = SPAWN_LOCK.write().unwrap_or_else(|e| e.into_inner());
-    let mut cmd = match imp {
-        Impl::Layerfs => {
-            let mut c = Command::new(layerfs_bin());
-            c.arg("umount");
-            c
-        }
-        Impl::Kernel | Impl::KernelPlain => Command::new("umount"),
-    };
-    let out = cmd
+    // Plain umount(8) for every implementation (the spec allows it for layerfs; `layerfs umount`, which
+    // also waits for the daemon to exit, is tested in `cli.rs`).
+    let out = Command::new("umount")
         .arg(p)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -322,7 +316,7 @@ fn umount(p: &Path, imp: Impl) -> Result<(), String> {
 impl Drop for Mount {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = umount(&self.path, self.imp);
+            let _ = umount(&self.path);
         }
     }
 }
