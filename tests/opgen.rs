@@ -247,7 +247,49 @@ pub fn gen_lowers(seed: u64, cfg: &GenConfig) -> Lowers {
         }
         layers.push(LowerLayer { entries });
     }
+    // The kernel lists a whiteout in a directory that only one lower layer provides (and lstat then
+    // fails): such layers are invalid (fo#327), so turn those whiteouts into FIFOs.
+    let snapshot = layers.clone();
+    for (i, layer) in layers.iter_mut().enumerate() {
+        for (p, kind, _) in layer.entries.iter_mut() {
+            if matches!(kind, LowerKind::Whiteout) {
+                let stack = parent(p).map_or(snapshot.len(), |d| dir_stack(&snapshot, d).len());
+                let below = parent(p).map_or(true, |d| dir_stack(&snapshot, d).contains(&i));
+                if stack < 2 || !below {
+                    *kind = LowerKind::Fifo;
+                }
+            }
+        }
+    }
     Lowers { layers }
+}
+
+/// Indices of the lower layers that make up the merged directory `dir` (top first): resolution walks
+/// down while layers have a directory, stops below an opaque one or at a non-directory.
+fn dir_stack(layers: &[LowerLayer], dir: &str) -> Vec<usize> {
+    let mut stack: Vec<usize> = (0..layers.len()).collect();
+    let mut cur = String::new();
+    for comp in dir.split('/') {
+        if !cur.is_empty() {
+            cur.push('/');
+        }
+        cur.push_str(comp);
+        let mut next = Vec::new();
+        for &i in &stack {
+            match layers[i].entries.iter().find(|(p, _, _)| *p == cur) {
+                Some((_, LowerKind::Dir { opaque, .. }, _)) => {
+                    next.push(i);
+                    if *opaque {
+                        break;
+                    }
+                }
+                Some(_) => break,
+                None => {}
+            }
+        }
+        stack = next;
+    }
+    stack
 }
 
 /// Creates the layer on disk at `dir` (which must exist and be empty).
