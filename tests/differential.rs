@@ -126,7 +126,13 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
     let inos_before = inos(&sut_m.path);
     sut_m.unmount();
     ref_m.unmount();
-    let sut_m = Mount::new(sut, &sut_layers, &built.fix.mountpoint(&sut_side));
+    // A different mount point: a daemon that is still exiting must not be able to touch the new mount
+    // (that race has its own test, `cli::cli_remount_same_mountpoint_after_umount`).
+    let sut_m = Mount::new(
+        sut,
+        &sut_layers,
+        &built.fix.mountpoint(&format!("{sut_side}b")),
+    );
     let sc = snapshot(&sut_m.path, &snap_opts());
     for d in diff_snapshots("before remount", &sb, "after remount", &sc) {
         res.problems.push(format!("{sut} remount: {d}"));
