@@ -34,6 +34,7 @@ fn env_u64(name: &str) -> Option<u64> {
 fn snap_opts() -> SnapOpts {
     SnapOpts {
         times: true,
+        dir_nlink: true,
         ..SnapOpts::default()
     }
 }

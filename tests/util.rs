@@ -423,7 +423,8 @@ impl fmt::Debug for Entry {
 pub struct SnapOpts {
     /// Record mtime classes.
     pub times: bool,
-    /// Record nlink of directories (kernel overlay reports 1 for merged dirs).
+    /// Check directory link counts: 1 ("unknown", what kernel overlayfs reports for merged dirs) or
+    /// 2 + number of subdirectories are both fine and recorded alike; anything else is an anomaly.
     pub dir_nlink: bool,
     /// Replace this byte string (e.g. the mount path) in file contents and symlink targets before hashing.
     pub normalize: Option<String>,
@@ -567,11 +568,7 @@ fn walk(
         hash,
         target,
         xattrs: xattrs_of(&p),
-        nlink: if is_dir && !opts.dir_nlink {
-            0
-        } else {
-            st.st_nlink
-        },
+        nlink: if is_dir { 0 } else { st.st_nlink },
         rdev: if kind == 'c' || kind == 'b' {
             st.st_rdev
         } else {
@@ -652,6 +649,23 @@ fn walk(
                 .push(format!("{child}: listed by readdir but lstat: {e}")),
         }
         names.push(child);
+    }
+    if opts.dir_nlink {
+        let subdirs = names
+            .iter()
+            .filter(|c| {
+                rustix::fs::lstat(root.join(c.as_str()))
+                    .map(|st| kind_of(st.st_mode) == 'd')
+                    .unwrap_or(false)
+            })
+            .count() as u64;
+        if st.st_nlink != 1 && st.st_nlink != subdirs + 2 {
+            snap.anomalies.push(format!(
+                "{}: directory nlink {} but {subdirs} subdirectories",
+                if rel.is_empty() { "/" } else { rel },
+                st.st_nlink
+            ));
+        }
     }
     let mut seen = BTreeSet::new();
     for n in &names {
