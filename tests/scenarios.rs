@@ -258,3 +258,31 @@ fn scenario_big_lower_dir_listing() {
     assert_eq!(lines[3], "0", "readdir listed duplicates:\n{out}");
     d.assert_same("after big dir", &scen_opts());
 }
+
+#[test]
+fn scenario_ownership_setgid_and_permissions() {
+    if !can_mount("scenario_ownership_setgid_and_permissions") {
+        return;
+    }
+    if !have_program("setpriv") {
+        skip("scenario_ownership_setgid_and_permissions", "setpriv not installed");
+        return;
+    }
+    let d = Dual::new("owner");
+    // A setgid lower dir owned by group 1000; an unprivileged user creates files and dirs; permission
+    // checks (default_permissions) refuse what the kernel refuses.
+    let out = d.run(
+        "chown 0:1000 data && chmod 2777 data && \
+         as() { setpriv --reuid 1000 --regid 1001 --clear-groups \"$@\"; } && \
+         mkdir data/rootdir && as mkdir data/userdir && as touch data/userfile && \
+         as sh -c 'echo hi > proj/denied' 2>/dev/null; echo \"denied=$?\"; \
+         as cat etc/app.conf >/dev/null 2>&1; echo \"read0640=$?\"; \
+         as mv data/userfile data/userfile2 && as rm data/userfile2 && \
+         stat -c '%n %a %u:%g' data/rootdir data/userdir",
+    );
+    assert_eq!(
+        out,
+        "denied=2\nread0640=1\ndata/rootdir 2755 0:1000\ndata/userdir 2755 1000:1000\n"
+    );
+    d.assert_same("after ownership scenario", &scen_opts());
+}
