@@ -448,6 +448,56 @@ fn apply_inner(sess: &mut Session, op: &Op) -> R {
             rfs::unlink(j(&name))?;
             none()
         }
+        Op::TmpfileLink { dir, path, len } => {
+            let d = if dir.is_empty() {
+                root.to_path_buf()
+            } else {
+                j(dir)
+            };
+            let fd = open(&d, OFlags::TMPFILE | OFlags::WRONLY, 0o640)?;
+            write_all(&fd, &content(&format!("TMP{len}"), *len))?;
+            rfs::linkat(&fd, "", CWD, j(path), AtFlags::EMPTY_PATH)?;
+            none()
+        }
+        Op::Fallocate {
+            path,
+            punch,
+            off,
+            len,
+        } => {
+            let fd = open(&j(path), OFlags::RDWR, 0)?;
+            let mode = if *punch {
+                rfs::FallocateFlags::PUNCH_HOLE | rfs::FallocateFlags::KEEP_SIZE
+            } else {
+                rfs::FallocateFlags::empty()
+            };
+            rfs::fallocate(&fd, mode, *off, *len)?;
+            Ok(format!("size={}", rfs::fstat(&fd)?.st_size))
+        }
+        Op::SeekDataHole { path, off } => {
+            let fd = open(&j(path), OFlags::RDONLY, 0)?;
+            let st = rfs::fstat(&fd)?;
+            if kind_of(st.st_mode) != 'f' {
+                // Directory offsets are the underlying filesystem's business.
+                return Ok(format!("not a file: {}", kind_of(st.st_mode)));
+            }
+            let show = |r: Result<u64, Errno>| match r {
+                Ok(n) => n.to_string(),
+                Err(e) => errno_name(e),
+            };
+            let data = show(rfs::seek(&fd, rfs::SeekFrom::Data(*off)));
+            let hole = show(rfs::seek(&fd, rfs::SeekFrom::Hole(*off)));
+            Ok(format!("data={data} hole={hole}"))
+        }
+        Op::Mknod { path, socket } => {
+            let (ft, dev) = if *socket {
+                (rfs::FileType::Socket, 0)
+            } else {
+                (rfs::FileType::CharacterDevice, rfs::makedev(1, 3))
+            };
+            rfs::mknodat(CWD, j(path), ft, Mode::from_raw_mode(0o640), dev)?;
+            none()
+        }
         Op::CopyFileRange { from, to } => {
             let src = open(&j(from), OFlags::RDONLY, 0)?;
             let dst = open(&j(to), OFlags::WRONLY | OFlags::CREATE, 0o644)?;

@@ -608,6 +608,29 @@ pub enum Op {
     CreateLong {
         len: usize,
     },
+    /// open(dir, O_TMPFILE|O_WRONLY), write, linkat(fd, "", path, AT_EMPTY_PATH).
+    TmpfileLink {
+        dir: String,
+        path: String,
+        len: usize,
+    },
+    /// fallocate(PUNCH_HOLE|KEEP_SIZE) or plain allocation beyond EOF.
+    Fallocate {
+        path: String,
+        punch: bool,
+        off: u64,
+        len: u64,
+    },
+    /// lseek(SEEK_DATA) and lseek(SEEK_HOLE) from `off`.
+    SeekDataHole {
+        path: String,
+        off: u64,
+    },
+    /// mknod of a socket or of the char device 1/3.
+    Mknod {
+        path: String,
+        socket: bool,
+    },
     /// The inner op run with uid/gid 1000 (no supplementary groups) on this thread.
     AsUser {
         uid: u32,
@@ -654,6 +677,10 @@ impl Op {
             Op::HeldWrite { .. } => "held-write",
             Op::HeldStat { .. } => "held-fstat",
             Op::CreateLong { .. } => "create-long-name",
+            Op::TmpfileLink { .. } => "tmpfile-link",
+            Op::Fallocate { .. } => "fallocate",
+            Op::SeekDataHole { .. } => "seek-data-hole",
+            Op::Mknod { .. } => "mknod",
         }
     }
 }
@@ -753,6 +780,31 @@ impl fmt::Display for Op {
             Op::HeldWrite { slot, len } => write!(f, "pwrite(fd{slot}, {len} bytes, off=3)"),
             Op::HeldStat { slot } => write!(f, "fstat(fd{slot})"),
             Op::CreateLong { len } => write!(f, "open(<{len}-byte name>, O_CREAT) + unlink"),
+            Op::TmpfileLink { dir, path, len } => write!(
+                f,
+                "fd=open({dir:?}, O_TMPFILE|O_WRONLY, 0640); write {len} bytes; linkat(fd, \"\", {path:?}, AT_EMPTY_PATH)"
+            ),
+            Op::Fallocate {
+                path,
+                punch,
+                off,
+                len,
+            } => write!(
+                f,
+                "fallocate({path:?}, {}, off={off}, len={len})",
+                if *punch { "PUNCH_HOLE|KEEP_SIZE" } else { "0" }
+            ),
+            Op::SeekDataHole { path, off } => {
+                write!(
+                    f,
+                    "lseek({path:?}, {off}, SEEK_DATA); lseek(.., {off}, SEEK_HOLE)"
+                )
+            }
+            Op::Mknod { path, socket } => write!(
+                f,
+                "mknod({path:?}, {})",
+                if *socket { "S_IFSOCK" } else { "S_IFCHR 1/3" }
+            ),
         }
     }
 }
@@ -830,6 +882,32 @@ fn gen_plain_op(rng: &mut Rng) -> Op {
                 len: data_len(rng),
             },
             _ => Op::HeldStat { slot },
+        };
+    }
+    if rng.chance(6) {
+        return match rng.below(4) {
+            0 => {
+                let dir = rng.pick(&["", "a", "b", "a/x"]).to_string();
+                Op::TmpfileLink {
+                    dir,
+                    path: dest(rng),
+                    len: data_len(rng),
+                }
+            }
+            1 => Op::Fallocate {
+                path: path(rng),
+                punch: rng.chance(60),
+                off: rng.below(3) * 4096,
+                len: (1 + rng.below(3)) * 4096,
+            },
+            2 => Op::SeekDataHole {
+                path: path(rng),
+                off: rng.below(3) * 4096,
+            },
+            _ => Op::Mknod {
+                path: dest(rng),
+                socket: rng.chance(50),
+            },
         };
     }
     if rng.chance(1) {

@@ -265,7 +265,10 @@ fn scenario_ownership_setgid_and_permissions() {
         return;
     }
     if !have_program("setpriv") {
-        skip("scenario_ownership_setgid_and_permissions", "setpriv not installed");
+        skip(
+            "scenario_ownership_setgid_and_permissions",
+            "setpriv not installed",
+        );
         return;
     }
     let d = Dual::new("owner");
