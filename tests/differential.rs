@@ -5,12 +5,15 @@
 //! - `LAYERFS_FUZZ_SEQS` (default 500): number of sequences.
 //! - `LAYERFS_FUZZ_SEED` (default fixed): base seed; sequence i uses `seq_seed(base, i)`.
 //! - `LAYERFS_FUZZ_ONLY`: run just this one sequence seed (as printed in a failure).
+//! - `LAYERFS_FUZZ_JOBS` (default 2): sequences run in parallel.
 //! - `LAYERFS_FUZZ_MAX_FAILS` (default 3): stop after this many failing sequences (each is shrunk).
 //! - `LAYERFS_FUZZ_EXCLUDE=kind,…`: leave out op kinds / `lower-hardlinks` / `private-xattrs` (see
 //!   `opgen::GenConfig`), to look past a known divergence.
 //! - `LAYERFS_SUT=kernel`: kernel-vs-kernel, to check the harness itself.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::fsops::{Session, apply};
@@ -263,19 +266,31 @@ fn differential_vs_kernel() {
     let n = env_u64("LAYERFS_FUZZ_SEQS").unwrap_or(500);
     let base = env_u64("LAYERFS_FUZZ_SEED").unwrap_or(DEFAULT_SEED);
     let max_fails = env_u64("LAYERFS_FUZZ_MAX_FAILS").unwrap_or(3) as usize;
-    let mut fails = Vec::new();
-    let mut ran = 0;
-    for i in 0..n {
-        let seed = seq_seed(base, i);
-        ran += 1;
-        if let Err(e) = check_seed(seed, sut) {
-            eprintln!("{e}");
-            fails.push(seed);
-            if fails.len() >= max_fails {
-                break;
-            }
+    let jobs = env_u64("LAYERFS_FUZZ_JOBS").unwrap_or(2).max(1);
+    // Workers take sequence indices from one counter; each sequence has its own dirs and mounts.
+    let next = AtomicU64::new(0);
+    let ran = AtomicU64::new(0);
+    let fails = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n || lock(&fails).len() >= max_fails {
+                        break;
+                    }
+                    let seed = seq_seed(base, i);
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    if let Err(e) = check_seed(seed, sut) {
+                        eprintln!("{e}");
+                        lock(&fails).push(seed);
+                    }
+                }
+            });
         }
-    }
+    });
+    let ran = ran.into_inner();
+    let fails = fails.into_inner().unwrap_or_else(|e| e.into_inner());
     eprintln!(
         "differential: {ran} sequences kernel vs {sut}, base seed 0x{base:x}, {} failing, {:.1}s",
         fails.len(),
@@ -287,6 +302,10 @@ fn differential_vs_kernel() {
         fails.len(),
         fails
     );
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The generator itself: deterministic and covering at least 20 kinds of operation.
