@@ -9,6 +9,7 @@
 //! - `LAYERFS_FUZZ_MAX_FAILS` (default 3): stop after this many failing sequences (each is shrunk).
 //! - `LAYERFS_FUZZ_EXCLUDE=kind,…`: leave out op kinds / `lower-hardlinks` / `private-xattrs` (see
 //!   `opgen::GenConfig`), to look past a known divergence.
+//! - `LAYERFS_FUZZ_NO_DIFF=1`: skip comparing `layerfs diff --upper` over the two uppers.
 //! - `LAYERFS_SUT=kernel`: kernel-vs-kernel, to check the harness itself.
 
 use std::path::PathBuf;
@@ -130,6 +131,16 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
     let inos_before = inos(&sut_m.path);
     sut_m.unmount();
     ref_m.unmount();
+    // `layerfs diff` over the two uppers (same merged tree) must list the same changes.
+    if std::env::var_os("LAYERFS_FUZZ_NO_DIFF").is_none() {
+        let da = offline_diff(&ref_layers);
+        let db = offline_diff(&sut_layers);
+        if da != db {
+            res.problems.push(format!(
+                "`layerfs diff --upper` differs:\n    over the kernel's upper: {da:?}\n    over the {sut} upper: {db:?}"
+            ));
+        }
+    }
     // A different mount point: a daemon that is still exiting must not be able to touch the new mount
     // (that race has its own test, `cli::cli_remount_same_mountpoint_after_umount`).
     let sut_m = Mount::new(
@@ -158,6 +169,20 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
         res.problems.push(format!("LOWER LAYER MODIFIED: {d}"));
     }
     res
+}
+
+/// `layerfs diff --upper U --lower …` (or the error message).
+fn offline_diff(l: &Layers) -> String {
+    let mut c = std::process::Command::new(crate::util::layerfs_bin());
+    c.arg("diff").arg("--upper").arg(&l.upper);
+    for low in &l.lowers {
+        c.arg("--lower").arg(low);
+    }
+    match crate::util::output(&mut c) {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => format!("FAILED: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => format!("FAILED: {e}"),
+    }
 }
 
 fn inos(root: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
