@@ -372,10 +372,10 @@ impl Walk<'_> {
                 all_added(sub.as_fd(), &child_path, out)?;
                 // An upper child that a lower also has was replaced, not added.
                 for n in &upper_names {
-                    if hidden.visible(n).is_some() {
-                        if let Some(k) = out.get_mut(&join(&child_path, n)) {
-                            *k = ChangeKind::Modified;
-                        }
+                    if hidden.visible(n).is_some()
+                        && let Some(k) = out.get_mut(&join(&child_path, n))
+                    {
+                        *k = ChangeKind::Modified;
                     }
                 }
                 if any || out.len() > before {

@@ -69,10 +69,9 @@ impl Overlay {
             sys::link_fd(group.as_fd(), work, &tmp).and_then(|()| sys::open_path(work, &tmp))
         } else {
             self.build_copy(lower_fd.as_fd(), &st, work, &tmp, data)
-                .map(|fd| {
+                .inspect(|fd| {
                     // Best effort: symlinks and special files may refuse user.* xattrs.
                     let _ = xattr::set(fd.as_fd(), self.origin_xattr(), &node.ino.to_le_bytes(), 0);
-                    fd
                 })
         };
         let fd = match built {
@@ -84,13 +83,13 @@ impl Overlay {
         };
         let _op = parent.op_lock();
         // Someone may have made the upper object meanwhile (a hard link, a moved tree): adopt it.
-        if let Some(e) = self.entry(&parent, &name)? {
-            if let Some(UpperSlot::Present(_)) = e.upper {
-                let _ = crate::layers::remove_tree(work, &tmp);
-                let fd = Arc::new(sys::open_path(parent_upper.as_fd(), &name)?);
-                node.write().upper = Some(fd.clone());
-                return Ok(fd);
-            }
+        if let Some(e) = self.entry(&parent, &name)?
+            && let Some(UpperSlot::Present(_)) = e.upper
+        {
+            let _ = crate::layers::remove_tree(work, &tmp);
+            let fd = Arc::new(sys::open_path(parent_upper.as_fd(), &name)?);
+            node.write().upper = Some(fd.clone());
+            return Ok(fd);
         }
         if let Err(e) = self.publish(work, &tmp, parent_upper.as_fd(), &name) {
             let _ = crate::layers::remove_tree(work, &tmp);

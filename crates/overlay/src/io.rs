@@ -196,10 +196,10 @@ impl Overlay {
         let Handle::Dir(d) = &*h else {
             return Err(Errno::NOTDIR);
         };
-        if offset != 0 {
-            if let Some(s) = d.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-                return Ok(s);
-            }
+        if offset != 0
+            && let Some(s) = d.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        {
+            return Ok(s);
         }
         let names = self.with_index(&d.node, |idx| idx.visible_sorted())?;
         let (parent, _) = d.node.location();

@@ -148,7 +148,7 @@ impl Layers {
     }
 
     /// Number of layers including the (possibly absent) upper slot.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.roots.len()
     }
 

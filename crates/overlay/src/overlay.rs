@@ -79,7 +79,7 @@ impl Overlay {
         };
         let upper = self.layers.root(LayerIdx::UPPER).map(dup).transpose()?;
         let mut lower_dirs = Vec::new();
-        for i in 1..self.layers.len() {
+        for i in 1..self.layers.count() {
             let idx = LayerIdx(i as u16);
             if let Some(fd) = self.layers.root(idx) {
                 let opaque = format::dir_mark(fd) == DirMark::Opaque;
@@ -104,6 +104,7 @@ impl Overlay {
             index: None,
             unlinked: false,
             group: false,
+            aliases: Vec::new(),
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -247,18 +248,18 @@ impl Overlay {
                 {
                     self.open_lower_dirs(dir, name, lower.layer, &lower.more, &mut lower_dirs)?;
                 }
-            } else if !vis.layer.is_upper() {
-                if let Some(lower) = entry.lower.as_ref() {
-                    lower_dirs.push((vis.layer, fd.clone()));
-                    if format::dir_mark(fd.as_fd()) != DirMark::Opaque {
-                        self.open_lower_dirs(
-                            dir,
-                            name,
-                            LayerIdx(u16::MAX),
-                            &lower.more,
-                            &mut lower_dirs,
-                        )?;
-                    }
+            } else if !vis.layer.is_upper()
+                && let Some(lower) = entry.lower.as_ref()
+            {
+                lower_dirs.push((vis.layer, fd.clone()));
+                if format::dir_mark(fd.as_fd()) != DirMark::Opaque {
+                    self.open_lower_dirs(
+                        dir,
+                        name,
+                        LayerIdx(u16::MAX),
+                        &lower.more,
+                        &mut lower_dirs,
+                    )?;
                 }
             }
         }
@@ -313,7 +314,7 @@ impl Overlay {
     ) -> OvlResult<()> {
         let starts: Vec<(LayerIdx, Arc<OwnedFd>)> = if target.starts_with(b"/") {
             let mut v = Vec::new();
-            for i in 1..self.layers.len() {
+            for i in 1..self.layers.count() {
                 let idx = LayerIdx(i as u16);
                 if let Some(root) = self.layers.root(idx) {
                     let root = root
@@ -366,10 +367,10 @@ impl Overlay {
                 let lst = sys::stat_fd(lfd.as_fd())?;
                 return Ok(self.layers.xino(*layer, lst.st_ino));
             }
-            if let Ok(v) = xattr::get(fd.as_fd(), self.origin_xattr()) {
-                if let Ok(bytes) = <[u8; 8]>::try_from(v.as_slice()) {
-                    return Ok(u64::from_le_bytes(bytes));
-                }
+            if let Ok(v) = xattr::get(fd.as_fd(), self.origin_xattr())
+                && let Ok(bytes) = <[u8; 8]>::try_from(v.as_slice())
+            {
+                return Ok(u64::from_le_bytes(bytes));
             }
         }
         Ok(self.layers.xino(vis.layer, st.st_ino))
@@ -412,11 +413,15 @@ impl Overlay {
             index: None,
             unlinked: false,
             group: probe.group,
+            aliases: Vec::new(),
         };
         let node = Node::new(probe.ino, is_dir, state);
         let (node, _) = self
             .nodes
             .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
+        if !is_dir {
+            node.write().add_alias(dir.ino, name);
+        }
         let attr = self.attr_from(&node, probe.st, probe.fd.as_fd());
         (node, attr)
     }

@@ -109,9 +109,11 @@ impl Overlay {
             }
             self.set_slot(&dir, &name, Some(UpperSlot::Present(dst_vis.kind)));
             self.set_slot(&newdir, &newname, Some(UpperSlot::Present(src_vis.kind)));
-            Self::relocate(&src, newdir.ino, &newname);
+            src.write()
+                .move_location(dir.ino, &name, newdir.ino, &newname);
             if let Some(dst) = &dst {
-                Self::relocate(dst, dir.ino, &name);
+                dst.write()
+                    .move_location(newdir.ino, &newname, dir.ino, &name);
             }
             return Ok(());
         }
@@ -123,11 +125,11 @@ impl Overlay {
             if !src_is_dir && dst_is_dir {
                 return Err(Errno::ISDIR);
             }
-            if let Some(d) = &dst {
-                if Arc::ptr_eq(d, &src) {
-                    // Two names of one file: nothing to do.
-                    return Ok(());
-                }
+            if let Some(d) = &dst
+                && Arc::ptr_eq(d, &src)
+            {
+                // Two names of one file: nothing to do.
+                return Ok(());
             }
             if !dst_is_dir {
                 self.group_unlinked(&newdir, &newname, &dst_entry)?;
@@ -173,10 +175,10 @@ impl Overlay {
         }
         self.set_slot(&dir, &name, whiteout_needed.then_some(UpperSlot::Whiteout));
         self.set_slot(&newdir, &newname, Some(UpperSlot::Present(src_vis.kind)));
-        Self::relocate(&src, newdir.ino, &newname);
+        src.write()
+            .move_location(dir.ino, &name, newdir.ino, &newname);
         if let Some(dst) = dst {
-            let mut s = dst.write();
-            s.unlinked = true;
+            self.name_removed(&dst, newdir.ino, &newname);
         }
         Ok(())
     }
@@ -185,12 +187,6 @@ impl Overlay {
         if let Some(idx) = dir.write().index.as_mut() {
             idx.set_upper(name.as_bytes(), slot);
         }
-    }
-
-    fn relocate(node: &Node, parent: u64, name: &Component) {
-        let mut s = node.write();
-        s.parent = parent;
-        s.name = Some(name.clone());
     }
 
     /// Marks `dir/name` (an upper directory) opaque, dropping whiteouts inside it.
