@@ -201,7 +201,36 @@ fn inos(root: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
 }
 
 /// Removes ops while the run still fails: chunks of halving size, then single ops.
-fn shrink(built: &Built, ops: &[Op], sut: Impl, runs: &mut usize) -> Vec<Op> {
+/// The kinds of problem a run shows: `op:<kind>` for a differing outcome, else the problem's leading words
+/// (`final tree`, `layerfs diff`, `remount`, `LOWER LAYER MODIFIED`).
+fn signatures(ops: &[Op], res: &RunResult) -> Vec<String> {
+    res.problems
+        .iter()
+        .map(|p| {
+            if let Some(rest) = p.strip_prefix("op ") {
+                let n: usize = rest
+                    .split(':')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let kind = match ops.get(n.wrapping_sub(1)) {
+                    Some(Op::AsUser { op, .. }) => format!("as-user {}", op.kind()),
+                    Some(op) => op.kind().to_string(),
+                    None => "?".to_string(),
+                };
+                format!("op:{kind}")
+            } else if p.contains("remount") {
+                "remount".to_string()
+            } else {
+                p.split(':').next().unwrap_or("").to_string()
+            }
+        })
+        .collect()
+}
+
+/// Removes ops while the run still fails with the original first kind of problem (so the reproduction
+/// does not slip to another bug): chunks of halving size, then single ops.
+fn shrink(built: &Built, ops: &[Op], first: &str, sut: Impl, runs: &mut usize) -> Vec<Op> {
     let mut cur = ops.to_vec();
     let mut chunk = cur.len().div_ceil(2).max(1);
     loop {
@@ -212,7 +241,11 @@ fn shrink(built: &Built, ops: &[Op], sut: Impl, runs: &mut usize) -> Vec<Op> {
             let mut cand = cur[..i].to_vec();
             cand.extend_from_slice(&cur[end..]);
             *runs += 1;
-            if !cand.is_empty() && !run_ops(built, &cand, sut, *runs).problems.is_empty() {
+            let still_fails = !cand.is_empty() && {
+                let r = run_ops(built, &cand, sut, *runs);
+                signatures(&cand, &r).iter().any(|s| s == first)
+            };
+            if still_fails {
                 cur = cand;
                 changed = true;
             } else {
@@ -239,7 +272,8 @@ pub fn check_seed(seed: u64, sut: Impl) -> Result<(), String> {
         return Ok(());
     }
     let mut runs = 0;
-    let min = shrink(&built, &ops, sut, &mut runs);
+    let first = signatures(&ops, &res).first().cloned().unwrap_or_default();
+    let min = shrink(&built, &ops, &first, sut, &mut runs);
     runs += 1;
     let min_res = run_ops(&built, &min, sut, runs);
     let excl = if cfg.exclude.is_empty() {
@@ -249,7 +283,7 @@ pub fn check_seed(seed: u64, sut: Impl) -> Result<(), String> {
     };
     let mut s = format!(
         "\n=== DIVERGENCE: seed 0x{seed:016x} (replay: LAYERFS_FUZZ_ONLY=0x{seed:x}{excl}) ===\n\
-         {} ops, shrunk to {} ({} shrink runs)\nlowers:\n{spec}minimal reproduction (outcome kernel | {sut}):\n",
+         first problem: {first}; {} ops, shrunk to {} ({} shrink runs)\nlowers:\n{spec}minimal reproduction (outcome kernel | {sut}):\n",
         ops.len(),
         min.len(),
         runs
