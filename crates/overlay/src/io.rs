@@ -76,6 +76,11 @@ impl Overlay {
         ))))
     }
 
+    /// The fd a file handle does I/O on (for registering a passthrough backing file).
+    pub fn handle_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
+        self.file_fd(fh)
+    }
+
     fn file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
         let h = self.handles.file(fh)?;
         match &*h {

@@ -4,7 +4,6 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -180,6 +179,20 @@ impl Overlay {
         Ok(())
     }
 
+    /// The index entry of `name` in `dir`; the caller holds `dir.op_lock()`.
+    pub(crate) fn entry_locked(
+        &self,
+        dir: &Node,
+        name: &Component,
+    ) -> OvlResult<Option<IndexEntry>> {
+        self.ensure_index_locked(dir)?;
+        Ok(dir
+            .read()
+            .index
+            .as_ref()
+            .and_then(|i| i.get(name.as_bytes()).cloned()))
+    }
+
     /// The index entry of `name` in `dir`.
     pub(crate) fn entry(&self, dir: &Node, name: &Component) -> OvlResult<Option<IndexEntry>> {
         self.with_index(dir, |idx| idx.get(name.as_bytes()).cloned())
@@ -312,7 +325,7 @@ impl Overlay {
         target: &[u8],
         out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
     ) -> OvlResult<()> {
-        let starts: Vec<(LayerIdx, Arc<OwnedFd>)> = if target.starts_with(b"/") {
+        let owned: Vec<(LayerIdx, Arc<OwnedFd>)> = if target.starts_with(b"/") {
             let mut v = Vec::new();
             for i in 1..self.layers.count() {
                 let idx = LayerIdx(i as u16);
@@ -327,28 +340,10 @@ impl Overlay {
         } else {
             dir.read().lower_dirs.clone()
         };
-        for (layer, start) in starts {
-            let mut cur: Option<OwnedFd> = None;
-            let mut ok = true;
-            for comp in target.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
-                let comp = Component::new(OsStr::from_bytes(comp))?;
-                let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(start.as_fd());
-                match sys::open_path_dir(base, &comp) {
-                    Ok(fd) => cur = Some(fd),
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                }
-            }
-            let Some(fd) = cur.filter(|_| ok) else {
-                continue;
-            };
-            let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+        let starts: Vec<(LayerIdx, BorrowedFd<'_>)> =
+            owned.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
+        for (layer, fd) in crate::layers::resolve_redirect(&starts, target)? {
             out.push((layer, Arc::new(fd)));
-            if opaque {
-                break;
-            }
         }
         Ok(())
     }
