@@ -18,7 +18,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::fsops::{Session, apply};
-use crate::opgen::{GenConfig, Lowers, Op, build_layer, gen_lowers, gen_ops, seq_seed};
+use crate::lowergen::{Lowers, build_layer, gen_lowers, seq_seed};
+use crate::opgen::{GenConfig, Op, gen_ops};
 use crate::util::{
     Fixture, Impl, Layers, Mount, SnapOpts, Snapshot, can_mount, diff_snapshots, snapshot, sut,
 };

@@ -8,7 +8,8 @@ use std::path::Path;
 use rustix::fs::{self as rfs, AtFlags, CWD, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::opgen::{Op, RenameKind, TimeArg, XFlag, content};
+use crate::lowergen::content;
+use crate::opgen::{Op, RenameKind, TimeArg, XFlag};
 use crate::util::{TimeClass, kind_of, sha_hex};
 
 /// Symbolic name of an errno.

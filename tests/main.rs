@@ -18,6 +18,7 @@ mod differential;
 mod dual;
 mod fsops;
 mod interop;
+mod lowergen;
 mod mount_cli;
 mod opgen;
 mod scenarios;
