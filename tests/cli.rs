@@ -1,9 +1,10 @@
-//! The mount command line itself: both spellings, `layerfs umount`, and refusing bad arguments.
+//! Mount lifecycle across daemons: a new mount at a mount point whose previous daemon is still exiting.
+//! (Both CLI spellings, `layerfs umount` and bad arguments are tested in `mount_cli.rs`.)
 
 use std::process::Command;
 
 use crate::dual::standard_lowers;
-use crate::util::{Fixture, Impl, can_mount, is_mounted, layerfs_bin, output, skip, sut};
+use crate::util::{Fixture, Impl, can_mount, is_mounted, output, skip, sut};
 
 fn layerfs_only(test: &str) -> bool {
     if !can_mount(test) {
@@ -17,107 +18,6 @@ fn layerfs_only(test: &str) -> bool {
         return false;
     }
     true
-}
-
-/// `layerfs layerfs MNT -o lowerdir=A:B,upperdir=U,workdir=W,rw,dev` (fuse-overlayfs style), then
-/// `layerfs umount MNT`.
-#[test]
-fn cli_fuse_overlayfs_spelling_and_layerfs_umount() {
-    if !layerfs_only("cli_fuse_overlayfs_spelling_and_layerfs_umount") {
-        return;
-    }
-    let fix = Fixture::new("cli-o");
-    let lowers = standard_lowers(&fix);
-    let (upper, work) = fix.upper_work("s");
-    let mnt = fix.mountpoint("s");
-    let opts = format!(
-        "lowerdir={}:{},upperdir={},workdir={},rw,dev,suid",
-        lowers[0].display(),
-        lowers[1].display(),
-        upper.display(),
-        work.display()
-    );
-    let out = output(
-        Command::new(layerfs_bin())
-            .args(["layerfs"])
-            .arg(&mnt)
-            .args(["-o", &opts])
-            .stdin(std::process::Stdio::null()),
-    )
-    .expect("spawn layerfs");
-    assert!(
-        out.status.success(),
-        "layerfs layerfs MNT -o … failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(is_mounted(&mnt), "mount not live when the command returned");
-    // Leftmost lowerdir is the top.
-    let conf = std::fs::read_to_string(mnt.join("etc/app.conf")).expect("read merged file");
-    assert_eq!(conf, "a=override\n");
-    std::fs::write(mnt.join("new.txt"), "n").expect("write");
-    let out = output(Command::new(layerfs_bin()).arg("umount").arg(&mnt)).expect("spawn umount");
-    assert!(
-        out.status.success(),
-        "layerfs umount failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!is_mounted(&mnt), "still mounted after layerfs umount");
-    assert_eq!(
-        std::fs::read_to_string(upper.join("new.txt")).expect("upper holds the new file"),
-        "n"
-    );
-}
-
-/// Bad arguments fail with a one-line message and mount nothing.
-#[test]
-fn cli_rejects_bad_arguments() {
-    if !layerfs_only("cli_rejects_bad_arguments") {
-        return;
-    }
-    let fix = Fixture::new("cli-bad");
-    let lowers = standard_lowers(&fix);
-    let (upper, work) = fix.upper_work("s");
-    let mnt = fix.mountpoint("s");
-    let missing = fix.path().join("missing");
-    let inside_lower = lowers[0].join("proj");
-    let cases: Vec<(&str, Vec<std::ffi::OsString>)> = vec![
-        (
-            "missing lower",
-            vec![
-                "--lower".into(),
-                missing.clone().into(),
-                "--upper".into(),
-                upper.clone().into(),
-                "--work".into(),
-                work.clone().into(),
-            ],
-        ),
-        (
-            "upper inside a lower",
-            vec![
-                "--lower".into(),
-                lowers[0].clone().into(),
-                "--upper".into(),
-                inside_lower.into(),
-                "--work".into(),
-                work.clone().into(),
-            ],
-        ),
-    ];
-    for (what, args) in cases {
-        let out = output(
-            Command::new(layerfs_bin())
-                .arg("mount")
-                .args(&args)
-                .arg(&mnt)
-                .stdin(std::process::Stdio::null()),
-        )
-        .expect("spawn layerfs");
-        assert!(!out.status.success(), "{what}: layerfs mount succeeded");
-        assert!(!is_mounted(&mnt), "{what}: something got mounted");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!err.trim().is_empty(), "{what}: no error message");
-    }
 }
 
 /// Pids of live processes whose command line mentions `needle` (the daemon keeps its mount point in argv).
