@@ -38,6 +38,7 @@ fn scenario_cp_a() {
         "hard link lost in copy: {:?}",
         snap.link_groups
     );
+    d.assert_cross_mounts("scenario_cp_a", &scen_opts());
 }
 
 #[test]
@@ -78,6 +79,7 @@ fn scenario_tar_c_and_x() {
     assert_eq!(entry_mode(&d, "newpkg"), 0o700);
     let st = rustix::fs::stat(d.sut.path.join("proj/src/main.rs")).expect("stat");
     assert_eq!(st.st_mtime, 1_234_567_890, "tar x did not restore mtime");
+    d.assert_cross_mounts("scenario_tar_c_and_x", &scen_opts());
 }
 
 #[test]
@@ -106,6 +108,7 @@ fn scenario_mv_lower_dir() {
     // Renaming inside a renamed lower dir, and reusing the old name.
     d.run("mkdir proj && echo fresh > proj/f && mv renamed/src renamed/src2");
     d.assert_same("after more renames", &scen_opts());
+    d.assert_cross_mounts("scenario_mv_lower_dir", &scen_opts());
 }
 
 #[test]
@@ -142,6 +145,7 @@ fn scenario_git() {
     // The index holds st_ino/st_dev/ctime, which legitimately differ between the two mounts.
     opts.ignore_content = vec!["proj/.git/index".into()];
     d.assert_same("after git", &opts);
+    d.assert_cross_mounts("scenario_git", &scen_opts());
 }
 
 #[test]
@@ -165,6 +169,7 @@ fn scenario_python_venv() {
     );
     assert!(out.ends_with("[1]"), "{out}");
     d.assert_same("after python3 -m venv", &scen_opts());
+    d.assert_cross_mounts("scenario_python_venv", &scen_opts());
 }
 
 #[test]
@@ -184,6 +189,7 @@ fn scenario_sed_i() {
     assert_eq!(read(&d, "etc/app.conf"), "a=edited\n");
     assert_eq!(entry_mode(&d, "etc/app.conf"), 0o640);
     assert_eq!(read(&d, "etc/conf.d/x.conf"), "");
+    d.assert_cross_mounts("scenario_sed_i", &scen_opts());
 }
 
 #[test]
@@ -204,6 +210,7 @@ fn scenario_chmod_r() {
         main.mtime,
         Some(crate::util::TimeClass::Old(crate::dual::LOWER_TIME, 0))
     );
+    d.assert_cross_mounts("scenario_chmod_r", &scen_opts());
 }
 
 #[test]
@@ -219,6 +226,7 @@ fn scenario_find_newer() {
     // Copy-up of etc/app.conf must restore etc's mtime (overlay-semantics item 9), so ./etc is not newer.
     assert_eq!(out, ".\n./etc/app.conf\n./newdir\n./proj/src/lib.rs\n");
     d.assert_same("after find -newer scenario", &scen_opts());
+    d.assert_cross_mounts("scenario_find_newer", &scen_opts());
 }
 
 #[test]
@@ -238,6 +246,7 @@ fn scenario_long_paths_and_names() {
     );
     assert_eq!(out, "deep\n2\n1\n");
     d.assert_same("after long paths", &scen_opts());
+    d.assert_cross_mounts("scenario_long_paths_and_names", &scen_opts());
 }
 
 #[test]
@@ -257,6 +266,7 @@ fn scenario_big_lower_dir_listing() {
     assert_eq!(lines[1], "539", "{out}");
     assert_eq!(lines[3], "0", "readdir listed duplicates:\n{out}");
     d.assert_same("after big dir", &scen_opts());
+    d.assert_cross_mounts("scenario_big_lower_dir_listing", &scen_opts());
 }
 
 #[test]
@@ -288,4 +298,5 @@ fn scenario_ownership_setgid_and_permissions() {
         "denied=2\nread0640=1\ndata/rootdir 2755 0:1000\ndata/userdir 2755 1000:1000\n"
     );
     d.assert_same("after ownership scenario", &scen_opts());
+    d.assert_cross_mounts("scenario_ownership_setgid_and_permissions", &scen_opts());
 }
