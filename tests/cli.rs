@@ -1,10 +1,8 @@
 //! Mount lifecycle across daemons: a new mount at a mount point whose previous daemon is still exiting.
 //! (Both CLI spellings, `layerfs umount` and bad arguments are tested in `mount_cli.rs`.)
 
-use std::process::Command;
-
 use crate::dual::standard_lowers;
-use crate::util::{Fixture, Impl, can_mount, is_mounted, output, skip, sut};
+use crate::util::{Fixture, Impl, can_mount, is_mounted, skip, sut};
 
 fn layerfs_only(test: &str) -> bool {
     if !can_mount(test) {
@@ -39,6 +37,19 @@ fn pids_mentioning(needle: &str) -> Vec<i32> {
     out
 }
 
+/// Blocks until process `pid` has exited (returns at once if it is already gone).
+fn wait_exit(pid: i32) {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return;
+    };
+    let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
+        return; // already reaped
+    };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    while poll(&mut fds, None).is_err() {}
+}
+
 /// `umount MNT` then at once `layerfs mount … MNT` again: once the old daemon has exited, the new mount
 /// must still be there (a daemon that unmounts its mount point *by path* on exit detaches the new one).
 #[test]
@@ -59,22 +70,16 @@ fn cli_remount_same_mountpoint_after_umount() {
     let mnt = fix.mountpoint("s");
     let needle = mnt.display().to_string();
     let mut lost = 0;
-    let rounds = 8;
+    let rounds = 40;
     for _ in 0..rounds {
         let m = crate::util::Mount::new(Impl::Layerfs, &layers, &mnt);
         let old = pids_mentioning(&needle);
         assert!(!old.is_empty(), "no daemon process found for {needle}");
         m.unmount();
         let m2 = crate::util::Mount::new(Impl::Layerfs, &layers, &mnt);
-        // Wait (without sleeping) until the previous daemon has exited.
+        // Wait (without sleeping) until the previous daemon has exited: its pidfd becomes readable.
         for pid in old {
-            let _ = output(Command::new("tail").args([
-                &format!("--pid={pid}"),
-                "-s",
-                "0.05",
-                "-f",
-                "/dev/null",
-            ]));
+            wait_exit(pid);
         }
         if is_mounted(&mnt) {
             m2.unmount();
