@@ -3,7 +3,7 @@
 //!
 //! Layout of a fixture (everything lives under one `tempfile` dir, so removal never leaves it):
 //! ```text
-//! <tmp>/layerfs-test-XXXX/
+//! <tmp>/layerfs-<test>-XXXX/
 //!     <name>/            dirs made by `Fixture::dir`
 //!     <side>/x/y/mnt     mount points made by `Fixture::mountpoint` (nested so that relative symlinks
 //!                        escaping the mount root land in a private, per-side directory)
@@ -53,7 +53,7 @@ pub fn sut() -> Impl {
         Ok("kernel") => Impl::Kernel,
         Ok("kernel-plain") => Impl::KernelPlain,
         Ok("layerfs") | Ok("") | Err(_) => Impl::Layerfs,
-        Ok(other) => panic!("LAYERFS_SUT={other}: expected `layerfs` or `kernel`"),
+        Ok(other) => panic!("LAYERFS_SUT={other}: expected `layerfs`, `kernel` or `kernel-plain`"),
     }
 }
 
