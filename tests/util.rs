@@ -307,10 +307,48 @@ fn umount(p: &Path) -> Result<(), String> {
     if out.status.success() && !is_mounted(p) {
         return Ok(());
     }
-    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let msg = format!(
+        "{}; processes using it: {:?}",
+        String::from_utf8_lossy(&out.stderr).trim(),
+        holders(p)
+    );
     // Fall back so that a failing test never leaves a mount behind.
     let _ = Command::new("umount").arg("-l").arg(p).output();
     Err(format!("umount failed: {} {msg}", out.status))
+}
+
+/// `pid cmdline: path` for every open fd, cwd or root of any process below `mnt` (to explain EBUSY).
+fn holders(mnt: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let mut links: Vec<PathBuf> = ["cwd", "root"].iter().map(|l| e.path().join(l)).collect();
+        for fd in std::fs::read_dir(e.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            links.push(fd.path());
+        }
+        for l in links {
+            if let Ok(t) = std::fs::read_link(&l)
+                && t.starts_with(mnt)
+            {
+                out.push(format!(
+                    "{pid} {}: {} -> {}",
+                    cmd.trim(),
+                    l.display(),
+                    t.display()
+                ));
+            }
+        }
+    }
+    out
 }
 
 impl Drop for Mount {
