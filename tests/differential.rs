@@ -368,8 +368,28 @@ fn differential_vs_kernel() {
                     }
                     let seed = seq_seed(base, i);
                     ran.fetch_add(1, Ordering::SeqCst);
-                    if let Err(e) = check_seed(seed, sut) {
-                        eprintln!("{e}");
+                    // A mount or umount failure panics inside the sequence: report it as that seed's
+                    // failure and go on with the others.
+                    let outcome = std::panic::catch_unwind(|| check_seed(seed, sut));
+                    let failed = match outcome {
+                        Ok(Ok(())) => false,
+                        Ok(Err(e)) => {
+                            eprintln!("{e}");
+                            true
+                        }
+                        Err(p) => {
+                            let msg = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_default();
+                            eprintln!(
+                                "\n=== HARNESS PANIC: seed 0x{seed:016x} (replay: LAYERFS_FUZZ_ONLY=0x{seed:x}) ===\n{msg}"
+                            );
+                            true
+                        }
+                    };
+                    if failed {
                         lock(&fails).push(seed);
                     }
                 }
