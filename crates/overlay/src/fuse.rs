@@ -350,8 +350,8 @@ impl Filesystem for Fuse {
         self.ovl.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.ovl.getattr(ino.0) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ovl.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
@@ -638,7 +638,7 @@ impl Filesystem for Fuse {
             let off = (i + 1) as u64;
             if e.name == "." || e.name == ".." {
                 let target = if e.name == "." { ino.0 } else { e.ino };
-                let Ok(a) = self.ovl.getattr(target) else {
+                let Ok(a) = self.ovl.getattr(target, None) else {
                     continue;
                 };
                 // The kernel takes no reference for "." and "..".

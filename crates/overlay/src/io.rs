@@ -55,7 +55,7 @@ impl Overlay {
                 },
             )?;
         }
-        let (layer, top) = node.top().ok_or(Errno::STALE)?;
+        let (layer, top) = self.object(&node)?;
         let keep = io_flags(flags);
         let fd = sys::reopen(top.as_fd(), keep | (flags & OFlags::TRUNC))?;
         let fh = self
@@ -81,12 +81,26 @@ impl Overlay {
         self.file_fd(fh)
     }
 
+    /// The fd of an open file handle (no directory handles), as it is now.
+    pub(crate) fn open_file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
+        self.file_fd(fh)
+    }
+
+    /// The fd of file handle `fh`, reopened on the upper copy if the node was copied up since
+    /// the handle was opened (so it reads what the writers wrote).
     fn file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
         let h = self.handles.file(fh)?;
-        match &*h {
-            Handle::File(f) => f.io_fd(),
-            Handle::Dir(_) => Err(Errno::ISDIR),
+        let Handle::File(f) = &*h else {
+            return Err(Errno::ISDIR);
+        };
+        let (layer, fd) = f.current();
+        if layer.is_upper() || !f.node.read().in_upper() {
+            return Ok(fd);
         }
+        let (_, upper) = self.object(&f.node)?;
+        let fresh = Arc::new(sys::reopen(upper.as_fd(), f.flags)?);
+        f.switch_to_upper(fresh.clone());
+        Ok(fresh)
     }
 
     /// READ.

@@ -14,6 +14,7 @@ use layerfs_sys::{self as sys, Component, Errno, FileType, Mode, OFlags};
 
 use crate::copyup::CopyData;
 use crate::index::{DirIndex, IndexEntry, LayerDir, UpperSlot};
+use crate::layers::LayerIdx;
 use crate::node::Node;
 use crate::overlay::{Attr, Overlay, OvlResult};
 
@@ -279,7 +280,7 @@ impl Overlay {
             idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)));
         }
         self.adjust_group_count(src.as_fd(), 1)?;
-        node.write().unlinked = false;
+        node.write().add_alias(dir.ino, &name);
         self.nodes.add_lookup(&node);
         self.attr(&node)
     }
@@ -302,20 +303,19 @@ impl Overlay {
 
     /// Bookkeeping after the name `dir/name` of `child` went away: the node is unlinked once it
     /// has no known name left and no link in the upper either.
-    pub(crate) fn name_removed(&self, child: &Node, dir: u64, name: &Component) {
-        let (last, upper) = {
-            let mut s = child.write();
-            (s.drop_location(dir, name), s.upper.clone())
-        };
-        let gone = last
-            && match upper {
-                Some(fd) => sys::stat_fd(fd.as_fd())
-                    .map(|st| st.st_nlink == 0)
-                    .unwrap_or(true),
-                None => true,
-            };
-        if gone {
-            child.write().unlinked = true;
+    pub(crate) fn name_removed(
+        &self,
+        child: &Node,
+        dir: u64,
+        name: &Component,
+        object: Option<(LayerIdx, Arc<OwnedFd>)>,
+    ) {
+        let mut s = child.write();
+        if s.drop_location(dir, name) {
+            // No known name left: the node lives on for its open files only (a hard link elsewhere
+            // that the kernel looks up later gets a fresh node).
+            s.unlinked = true;
+            s.orphan = object.map(|(_, fd)| fd);
         }
     }
 
@@ -329,10 +329,11 @@ impl Overlay {
             return Err(Errno::ISDIR);
         }
         let child = self.existing_child(&dir, &name, &p.entry)?;
+        let child_obj = child.as_ref().and_then(|c| self.object(c).ok());
         self.group_unlinked(&dir, &name, &p.entry)?;
         self.remove_entry(&dir, &p, &name, false)?;
         if let Some(child) = child {
-            self.name_removed(&child, dir.ino, &name);
+            self.name_removed(&child, dir.ino, &name, child_obj);
         }
         Ok(())
     }

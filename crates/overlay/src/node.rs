@@ -43,9 +43,13 @@ pub struct NodeState {
     pub parent: u64,
     /// Its name there (`None` for the root).
     pub name: Option<Component>,
-    /// `O_PATH` fd of the upper object, once there is one.
+    /// The layer that holds the object (the upper once copied up). A non-directory keeps no fd:
+    /// it is opened by name from its parent's directory fd when needed, so the number of open
+    /// fds is bounded by the directories the kernel caches, not the files.
+    pub place: LayerIdx,
+    /// Directory only: `O_PATH` fd of the upper directory, once there is one.
     pub upper: Option<Arc<OwnedFd>>,
-    /// The topmost lower object (for a directory: the topmost lower dir), if any.
+    /// Directory only: the topmost lower dir, if any.
     pub lower: Option<LayerFd>,
     /// For a directory: every lower dir merged below the upper, top first (`lower` is the first).
     pub lower_dirs: Vec<LayerFd>,
@@ -57,9 +61,16 @@ pub struct NodeState {
     pub group: bool,
     /// Further names of a non-directory (hard links) the kernel has looked up.
     pub aliases: Vec<(u64, Component)>,
+    /// Once `unlinked`: the object, still reachable by the files open on it.
+    pub orphan: Option<Arc<OwnedFd>>,
 }
 
 impl NodeState {
+    /// Whether the object has an upper copy.
+    pub fn in_upper(&self) -> bool {
+        self.place.is_upper()
+    }
+
     /// Whether the object is known under `name` in directory `parent`.
     pub fn is_at(&self, parent: u64, name: &Component) -> bool {
         (self.parent == parent && self.name.as_ref() == Some(name))

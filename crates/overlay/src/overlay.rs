@@ -94,9 +94,15 @@ impl Overlay {
         if upper_opaque {
             lower_dirs.clear();
         }
+        let place = if upper.is_some() {
+            LayerIdx::UPPER
+        } else {
+            lower_dirs.first().map(|(l, _)| *l).unwrap_or(LayerIdx(1))
+        };
         let state = NodeState {
             parent: 0,
             name: None,
+            place,
             upper,
             lower: lower_dirs.first().cloned(),
             lower_dirs,
@@ -104,6 +110,7 @@ impl Overlay {
             unlinked: false,
             group: false,
             aliases: Vec::new(),
+            orphan: None,
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -394,14 +401,15 @@ impl Overlay {
         probe: Probe,
     ) -> (Arc<Node>, Attr) {
         let is_dir = probe.vis.kind == FileType::Directory;
-        let (upper, lower) = if probe.vis.layer.is_upper() {
-            (Some(probe.fd.clone()), probe.lower_dirs.first().cloned())
-        } else {
-            (None, Some((probe.vis.layer, probe.fd.clone())))
+        let (upper, lower) = match (is_dir, probe.vis.layer.is_upper()) {
+            (false, _) => (None, None),
+            (true, true) => (Some(probe.fd.clone()), probe.lower_dirs.first().cloned()),
+            (true, false) => (None, Some((probe.vis.layer, probe.fd.clone()))),
         };
         let state = NodeState {
             parent: dir.ino,
             name: Some(name.clone()),
+            place: probe.vis.layer,
             upper,
             lower,
             lower_dirs: probe.lower_dirs,
@@ -409,6 +417,7 @@ impl Overlay {
             unlinked: false,
             group: probe.group,
             aliases: Vec::new(),
+            orphan: None,
         };
         let node = Node::new(probe.ino, is_dir, state);
         let (node, _) = self
@@ -421,11 +430,43 @@ impl Overlay {
         (node, attr)
     }
 
+    /// The object of `node` and its layer: a directory's kept fd, or a non-directory opened by
+    /// name from its parent (a lower hard-link group member served from its index entry).
+    pub(crate) fn object(&self, node: &Node) -> OvlResult<(LayerIdx, Arc<OwnedFd>)> {
+        if node.is_dir {
+            return node.top().ok_or(Errno::STALE);
+        }
+        let (place, parent, name, group, unlinked, orphan) = {
+            let s = node.read();
+            (
+                s.place,
+                s.parent,
+                s.name.clone(),
+                s.group,
+                s.unlinked,
+                s.orphan.clone(),
+            )
+        };
+        if unlinked {
+            return orphan.map(|fd| (place, fd)).ok_or(Errno::STALE);
+        }
+        // Every name of a hard-link group is one inode, kept in the group's index entry (names
+        // of the group may sit in different layers).
+        if group && let Some(fd) = self.group_entry(node.ino)? {
+            return Ok((place, Arc::new(fd)));
+        }
+        let name = name.ok_or(Errno::STALE)?;
+        let parent = self.node(parent)?;
+        let dir = self.dir_fd_in(&parent, place)?;
+        let fd = sys::open_path(dir.as_fd(), &name)?;
+        Ok((place, Arc::new(fd)))
+    }
+
     // ---- attributes ------------------------------------------------------------------------
 
     /// Current attributes of `node`.
     pub(crate) fn attr(&self, node: &Node) -> OvlResult<Attr> {
-        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        let (_, fd) = self.object(node)?;
         let st = sys::stat_fd(fd.as_fd())?;
         Ok(self.attr_from(node, st, fd.as_fd()))
     }
@@ -438,7 +479,7 @@ impl Overlay {
             let real = st.st_nlink;
             let n = self.group_count(fd, real).or_else(|| {
                 // A lower group member: its group may have an index entry by now.
-                let entry = if s.upper.is_none() {
+                let entry = if !s.in_upper() {
                     self.group_entry(node.ino).ok().flatten()
                 } else {
                     None
@@ -481,17 +522,21 @@ impl Overlay {
         self.nodes.forget(ino, n);
     }
 
-    /// GETATTR.
-    pub fn getattr(&self, ino: u64) -> OvlResult<Attr> {
+    /// GETATTR; `fh` (an open file of the node, from fstat) answers even after the last unlink.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> OvlResult<Attr> {
         self.stats.getattrs.fetch_add(1, Ordering::Relaxed);
         let node = self.node(ino)?;
+        if let Some(fd) = fh.and_then(|fh| self.open_file_fd(fh).ok()) {
+            let st = sys::stat_fd(fd.as_fd())?;
+            return Ok(self.attr_from(&node, st, fd.as_fd()));
+        }
         self.attr(&node)
     }
 
     /// READLINK.
     pub fn readlink(&self, ino: u64) -> OvlResult<Vec<u8>> {
         let node = self.node(ino)?;
-        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        let (_, fd) = self.object(&node)?;
         sys::readlink_fd(fd.as_fd())
     }
 

@@ -162,6 +162,10 @@ impl Overlay {
                 }
             }
         }
+        let dst_obj = dst
+            .as_ref()
+            .filter(|_| dst_vis.is_some())
+            .and_then(|d| self.object(d).ok());
         let whiteout_needed = src_entry.lower.is_some();
         let kernel_wh = self.layers.encoding == format::Encoding::Kernel;
         let mut rflags = RenameFlags::empty();
@@ -186,7 +190,7 @@ impl Overlay {
         src.write()
             .move_location(dir.ino, &name, newdir.ino, &newname);
         if let Some(dst) = dst {
-            self.name_removed(&dst, newdir.ino, &newname);
+            self.name_removed(&dst, newdir.ino, &newname, dst_obj);
         }
         Ok(())
     }
