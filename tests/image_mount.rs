@@ -7,7 +7,7 @@ use std::process::Command;
 
 use crate::util::{can_mount, layerfs_bin, output};
 
-#[allow(clippy::unwrap_used, dead_code)]
+#[allow(clippy::unwrap_used)]
 #[path = "../crates/store/tests/fixture/mod.rs"]
 mod fixture;
 
