@@ -100,11 +100,16 @@ impl Overlay {
     }
 
     /// LISTXATTR without the private names, NUL-separated.
-    pub fn listxattr(&self, ino: u64) -> OvlResult<Vec<u8>> {
+    /// `privileged`: the caller may see `trusted.*` names (the daemon, running as root, lists
+    /// them all; the kernel would hide them from a caller without CAP_SYS_ADMIN).
+    pub fn listxattr(&self, ino: u64, privileged: bool) -> OvlResult<Vec<u8>> {
         let node = self.node(ino)?;
         let (_, fd) = self.object(&node)?;
         let mut out = Vec::new();
         for stored in xattr::list(fd.as_fd())? {
+            if !privileged && stored.starts_with(b"trusted.") {
+                continue;
+            }
             if let Some(name) = self.layers.encoding.unescape(&stored) {
                 out.extend_from_slice(&name);
                 out.push(0);

@@ -731,8 +731,9 @@ impl Filesystem for Fuse {
         reply_xattr(reply, size, self.ovl.getxattr(ino.0, name));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.ovl.listxattr(ino.0));
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        // The request carries no capabilities: uid 0 stands for CAP_SYS_ADMIN.
+        reply_xattr(reply, size, self.ovl.listxattr(ino.0, req.uid() == 0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -220,7 +220,7 @@ impl Overlay {
         {
             return Ok(s);
         }
-        let names = self.with_index(&d.node, |idx| idx.visible_sorted())?;
+        let names = self.with_index(&d.node, |idx| idx.visible_sorted_with_lower())?;
         let (parent, _) = d.node.location();
         let mut entries = Vec::with_capacity(names.len() + 2);
         entries.push(DirEntry {
@@ -234,12 +234,14 @@ impl Overlay {
             ino: parent_ino,
             kind: FileType::Directory,
         });
-        for (name, vis) in names {
+        for (name, vis, lower) in names {
             let name = OsString::from(std::ffi::OsStr::from_bytes(&name));
-            // d_ino is worked out when the entry is sent (READDIR) or looked up (READDIRPLUS).
+            // A lower object's d_ino is known from the listing; an upper one (which may carry an
+            // origin) is worked out when the entry is sent.
+            let ino = lower.map_or(0, |(layer, ino)| self.layers.xino(layer, ino));
             entries.push(DirEntry {
                 name,
-                ino: 0,
+                ino,
                 kind: vis.kind,
             });
         }

@@ -401,7 +401,7 @@ impl Overlay {
         if let Some(child) = child {
             let mut s = child.write();
             s.unlinked = true;
-            s.index = Some(DirIndex::default());
+            s.index = Some(Box::default());
         }
         Ok(())
     }

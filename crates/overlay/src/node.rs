@@ -53,8 +53,10 @@ pub struct NodeState {
     pub lower: Option<LayerFd>,
     /// For a directory: every lower dir merged below the upper, top first (`lower` is the first).
     pub lower_dirs: Vec<LayerFd>,
-    /// For a directory: its merged index, built on first use.
-    pub index: Option<DirIndex>,
+    /// For a directory: its merged index, built on first use; a cache of what is on disk, which
+    /// may be dropped at any time outside the directory's `op_lock` ([`crate::overlay`] keeps
+    /// only the most recently built ones).
+    pub index: Option<Box<DirIndex>>,
     /// The object's last name was removed (open files keep the node alive).
     pub unlinked: bool,
     /// A lower hard-link group member served from the group's index entry ([`crate::group`]).
@@ -160,6 +162,11 @@ impl Node {
     /// Takes the directory operation lock.
     pub fn op_lock(&self) -> MutexGuard<'_, ()> {
         self.op_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the directory operation lock if it is free.
+    pub fn try_op_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        self.op_lock.try_lock().ok()
     }
 
     /// Takes the copy-up lock.

@@ -16,6 +16,9 @@ use crate::layers::{LayerIdx, Layers, OverlayConfig};
 use crate::node::{Node, NodeState, NodeTable, ROOT};
 use crate::stats::Stats;
 
+/// How many directory indexes are kept in memory (each is rebuilt from disk on demand).
+const INDEX_CACHE: usize = 512;
+
 /// Result of an overlay operation: a raw errno on failure.
 pub type OvlResult<T> = Result<T, Errno>;
 
@@ -39,6 +42,8 @@ pub struct Overlay {
     pub(crate) handles: HandleTable,
     /// Counter for unique temporary names in the work dir.
     tmp_counter: AtomicU64,
+    /// Directories with a built index, least recently built first. Own lock, a leaf.
+    index_lru: std::sync::Mutex<std::collections::VecDeque<u64>>,
     /// Request and event counters.
     pub stats: Stats,
 }
@@ -63,6 +68,7 @@ impl Overlay {
             nodes: NodeTable::default(),
             handles: HandleTable::default(),
             tmp_counter: AtomicU64::new(0),
+            index_lru: Default::default(),
             stats: Stats::default(),
         };
         ovl.make_root()
@@ -158,8 +164,35 @@ impl Overlay {
             .collect();
         let index = DirIndex::build(upper.as_ref().map(|u| u.as_fd()), &layer_dirs)?;
         self.stats.index_builds.fetch_add(1, Ordering::Relaxed);
-        dir.write().index = Some(index);
+        dir.write().index = Some(Box::new(index));
+        self.evict_indexes(dir.ino);
         Ok(())
+    }
+
+    /// Keeps at most [`INDEX_CACHE`] directory indexes: drops the least recently built ones
+    /// whose directory is not being changed right now (its `op_lock` is free).
+    fn evict_indexes(&self, built: u64) {
+        let victims: Vec<u64> = {
+            let mut lru = self.index_lru.lock().unwrap_or_else(|e| e.into_inner());
+            lru.retain(|i| *i != built);
+            lru.push_back(built);
+            let excess = lru.len().saturating_sub(INDEX_CACHE);
+            lru.drain(..excess).collect()
+        };
+        for ino in victims {
+            let Some(node) = self.nodes.get(ino) else {
+                continue;
+            };
+            match node.try_op_lock() {
+                Some(_g) => node.write().index = None,
+                // Busy: keep it, try again later.
+                None => self
+                    .index_lru
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_back(ino),
+            }
+        }
     }
 
     /// Runs `f` on `dir`'s index, building it first if needed.
@@ -173,7 +206,7 @@ impl Overlay {
         let _op = dir.op_lock();
         self.ensure_index_locked(dir)?;
         let s = dir.read();
-        s.index.as_ref().map(f).ok_or(Errno::IO)
+        s.index.as_deref().map(f).ok_or(Errno::IO)
     }
 
     /// Runs `f` on `dir`'s index for update. The caller holds `dir.op_lock()`.
