@@ -17,6 +17,7 @@ mod diff_expect;
 mod differential;
 mod dual;
 mod fsops;
+mod image_mount;
 mod interop;
 mod lowergen;
 mod mount_cli;

@@ -45,6 +45,8 @@ pub struct Fuse {
     ovl: Arc<Overlay>,
     /// Kernel passthrough bookkeeping (its own lock).
     pt: Passthrough,
+    /// Told when the session ends.
+    ended: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Fuse {
@@ -53,6 +55,7 @@ impl Fuse {
         Fuse {
             ovl,
             pt: Passthrough::default(),
+            ended: None,
         }
     }
 }
@@ -190,9 +193,19 @@ pub fn serve(
     };
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
-    let session = fuser::Session::new(Fuse::new(ovl), mountpoint, &cfg)?;
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    let mut fs = Fuse::new(ovl);
+    fs.ended = Some(ended_tx);
+    let session = fuser::Session::new(fs, mountpoint, &cfg)?;
     ready();
-    session.run()
+    let background = session.spawn()?;
+    // The session ends when the kernel drops the mount (`umount`, `layerfs umount`): the
+    // filesystem is then destroyed, which sends here (or drops the sender).
+    let _ = ended.recv();
+    // fuser would unmount the mountpoint path once more when its handle is dropped, which could
+    // detach a new mount made there meanwhile: the mount is already gone, so skip that.
+    std::mem::forget(background);
+    Ok(())
 }
 
 fn errno(e: Errno) -> fuser::Errno {
@@ -334,6 +347,12 @@ impl Filesystem for Fuse {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Some(tx) = self.ended.take() {
+            let _ = tx.send(());
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

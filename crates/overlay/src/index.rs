@@ -76,6 +76,9 @@ impl IndexEntry {
     }
 }
 
+/// A visible name, what it is, and `(layer, d_ino)` of its lower object when that is what shows.
+pub type ListedName = (Box<[u8]>, Visible, Option<(LayerIdx, u64)>);
+
 /// The merged index of a directory. Owned by the directory's node, guarded by its state lock.
 #[derive(Debug, Default)]
 pub struct DirIndex {
@@ -232,7 +235,7 @@ impl DirIndex {
 
     /// Visible names, sorted, each with the `(layer, d_ino)` of its lower object when the lower
     /// object is what the view shows (for `d_ino` without opening it).
-    pub fn visible_sorted_with_lower(&self) -> Vec<(Box<[u8]>, Visible, Option<(LayerIdx, u64)>)> {
+    pub fn visible_sorted_with_lower(&self) -> Vec<ListedName> {
         let mut out: Vec<_> = self
             .entries
             .iter()

@@ -197,7 +197,7 @@ impl Overlay {
                 layer: crate::layers::LayerIdx::UPPER,
                 kind,
             },
-            fd,
+            fd: Some(fd),
             ino: self.layers.xino(crate::layers::LayerIdx::UPPER, st.st_ino),
             st,
             lower_dirs: Vec::new(),
@@ -365,7 +365,8 @@ impl Overlay {
 
     /// The merged index of the child directory behind a probe (without making a node).
     pub(crate) fn child_index(&self, probe: &crate::overlay::Probe) -> OvlResult<DirIndex> {
-        let upper = probe.vis.layer.is_upper().then(|| probe.fd.as_fd());
+        let fd = probe.fd.as_ref().ok_or(Errno::IO)?;
+        let upper = probe.vis.layer.is_upper().then(|| fd.as_fd());
         let lowers: Vec<LayerDir<'_>> = probe
             .lower_dirs
             .iter()
@@ -391,7 +392,7 @@ impl Overlay {
             return Err(Errno::NOTEMPTY);
         }
         if probe.vis.layer.is_upper() {
-            crate::layers::remove_children(probe.fd.as_fd())?;
+            crate::layers::remove_children(probe.fd.as_ref().ok_or(Errno::IO)?.as_fd())?;
         }
         let child = self.nodes.get(probe.ino).filter(|n| {
             let s = n.read();

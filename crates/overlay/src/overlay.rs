@@ -51,7 +51,8 @@ pub struct Overlay {
 /// The object found under a name, opened, before it becomes (or joins) a node.
 pub(crate) struct Probe {
     pub vis: Visible,
-    pub fd: Arc<OwnedFd>,
+    /// The object, opened (`None` for a lower non-directory with a single link: not needed).
+    pub fd: Option<Arc<OwnedFd>>,
     pub st: Stat,
     pub ino: u64,
     pub lower_dirs: Vec<(LayerIdx, Arc<OwnedFd>)>,
@@ -264,15 +265,29 @@ impl Overlay {
             return Ok(None);
         };
         let parent_fd = self.dir_fd_in(dir, vis.layer)?;
-        let mut fd = Arc::new(sys::open_path(parent_fd.as_fd(), name)?);
-        let mut st = sys::stat_fd(fd.as_fd())?;
+        // A lower non-directory with one link needs no fd: one fstatat says all (the common case
+        // of a walk). Anything else is opened.
+        let single = if !vis.layer.is_upper() && vis.kind != FileType::Directory {
+            let st = sys::stat_at(parent_fd.as_fd(), name)?;
+            (sys::file_type(&st) != FileType::Directory && st.st_nlink <= 1).then_some(st)
+        } else {
+            None
+        };
+        let (mut fd, mut st) = match single {
+            Some(st) => (None, st),
+            None => {
+                let fd = sys::open_path(parent_fd.as_fd(), name)?;
+                let st = sys::stat_fd(fd.as_fd())?;
+                (Some(Arc::new(fd)), st)
+            }
+        };
         let mut group = false;
         if !vis.layer.is_upper() && st.st_nlink > 1 && sys::file_type(&st) != FileType::Directory {
             // A lower hard link whose group already has an upper inode: that inode is the object.
             let key = self.layers.xino(vis.layer, st.st_ino);
             if let Some(entry) = self.group_entry(key)? {
                 st = sys::stat_fd(entry.as_fd())?;
-                fd = Arc::new(entry);
+                fd = Some(Arc::new(entry));
                 group = true;
             }
         }
@@ -283,6 +298,7 @@ impl Overlay {
         };
         let mut lower_dirs = Vec::new();
         if kind == FileType::Directory {
+            let fd = fd.as_ref().ok_or(Errno::IO)?;
             let upper_opaque =
                 vis.layer.is_upper() && format::dir_mark(fd.as_fd()) == DirMark::Opaque;
             let redirect = if vis.layer.is_upper() && !upper_opaque {
@@ -320,7 +336,7 @@ impl Overlay {
             self.layers
                 .xino(vis.layer, sys::stat_at(parent_fd.as_fd(), name)?.st_ino)
         } else {
-            self.ino_of(vis, &fd, &st, &lower_dirs)?
+            self.ino_of(vis, fd.as_deref(), &st, &lower_dirs)?
         };
         Ok(Some(Probe {
             vis,
@@ -393,7 +409,7 @@ impl Overlay {
     fn ino_of(
         &self,
         vis: Visible,
-        fd: &OwnedFd,
+        fd: Option<&OwnedFd>,
         st: &Stat,
         lower_dirs: &[(LayerIdx, Arc<OwnedFd>)],
     ) -> OvlResult<u64> {
@@ -402,7 +418,7 @@ impl Overlay {
                 let lst = sys::stat_fd(lfd.as_fd())?;
                 return Ok(self.layers.xino(*layer, lst.st_ino));
             }
-            if let Ok(v) = xattr::get(fd.as_fd(), self.origin_xattr())
+            if let Some(Ok(v)) = fd.map(|fd| xattr::get(fd.as_fd(), self.origin_xattr()))
                 && let Ok(bytes) = <[u8; 8]>::try_from(v.as_slice())
             {
                 return Ok(u64::from_le_bytes(bytes));
@@ -436,8 +452,8 @@ impl Overlay {
         let is_dir = probe.vis.kind == FileType::Directory;
         let (upper, lower) = match (is_dir, probe.vis.layer.is_upper()) {
             (false, _) => (None, None),
-            (true, true) => (Some(probe.fd.clone()), probe.lower_dirs.first().cloned()),
-            (true, false) => (None, Some((probe.vis.layer, probe.fd.clone()))),
+            (true, true) => (probe.fd.clone(), probe.lower_dirs.first().cloned()),
+            (true, false) => (None, probe.fd.clone().map(|fd| (probe.vis.layer, fd))),
         };
         let state = NodeState {
             parent: dir.ino,
@@ -459,7 +475,7 @@ impl Overlay {
         if !is_dir {
             node.write().add_alias(dir.ino, name);
         }
-        let attr = self.attr_from(&node, probe.st, probe.fd.as_fd());
+        let attr = self.attr_from(&node, probe.st, probe.fd.as_deref().map(|f| f.as_fd()));
         (node, attr)
     }
 
@@ -501,16 +517,16 @@ impl Overlay {
     pub(crate) fn attr(&self, node: &Node) -> OvlResult<Attr> {
         let (_, fd) = self.object(node)?;
         let st = sys::stat_fd(fd.as_fd())?;
-        Ok(self.attr_from(node, st, fd.as_fd()))
+        Ok(self.attr_from(node, st, Some(fd.as_fd())))
     }
 
     /// Adjusts a backing stat to what the mount shows.
-    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat, fd: BorrowedFd<'_>) -> Attr {
+    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat, fd: Option<BorrowedFd<'_>>) -> Attr {
         st.st_ino = node.ino;
         let s = node.read();
         if !node.is_dir && (st.st_nlink > 1 || s.group) {
             let real = st.st_nlink;
-            let n = self.group_count(fd, real).or_else(|| {
+            let n = fd.and_then(|fd| self.group_count(fd, real)).or_else(|| {
                 // A lower group member: its group may have an index entry by now.
                 let entry = if !s.in_upper() {
                     self.group_entry(node.ino).ok().flatten()
@@ -561,7 +577,7 @@ impl Overlay {
         let node = self.node(ino)?;
         if let Some(fd) = fh.and_then(|fh| self.open_file_fd(fh).ok()) {
             let st = sys::stat_fd(fd.as_fd())?;
-            return Ok(self.attr_from(&node, st, fd.as_fd()));
+            return Ok(self.attr_from(&node, st, Some(fd.as_fd())));
         }
         self.attr(&node)
     }

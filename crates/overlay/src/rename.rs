@@ -149,7 +149,7 @@ impl Overlay {
                     return Err(Errno::NOTEMPTY);
                 }
                 if probe.vis.layer.is_upper() {
-                    crate::layers::remove_children(probe.fd.as_fd())?;
+                    crate::layers::remove_children(probe.fd.as_ref().ok_or(Errno::IO)?.as_fd())?;
                 }
             }
         }
