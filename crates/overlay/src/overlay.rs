@@ -473,7 +473,10 @@ impl Overlay {
             .nodes
             .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
         if !is_dir {
-            node.write().add_alias(dir.ino, name);
+            let mut s = node.write();
+            s.add_alias(dir.ino, name);
+            // The group may have gained its index entry since the node was made.
+            s.group |= probe.group;
         }
         let attr = self.attr_from(&node, probe.st, probe.fd.as_deref().map(|f| f.as_fd()));
         (node, attr)
