@@ -49,9 +49,7 @@ pub struct NodeState {
     pub place: LayerIdx,
     /// Directory only: `O_PATH` fd of the upper directory, once there is one.
     pub upper: Option<Arc<OwnedFd>>,
-    /// Directory only: the topmost lower dir, if any.
-    pub lower: Option<LayerFd>,
-    /// For a directory: every lower dir merged below the upper, top first (`lower` is the first).
+    /// For a directory: every lower dir merged below the upper, top first.
     pub lower_dirs: Vec<LayerFd>,
     /// For a directory: its merged index, built on first use; a cache of what is on disk, which
     /// may be dropped at any time outside the directory's `op_lock` ([`crate::overlay`] keeps
@@ -62,7 +60,8 @@ pub struct NodeState {
     /// A lower hard-link group member served from the group's index entry ([`crate::group`]).
     pub group: bool,
     /// Further names of a non-directory (hard links) the kernel has looked up.
-    pub aliases: Vec<(u64, Component)>,
+    /// Boxed: most nodes have none, and every node pays for the field.
+    pub aliases: Option<Box<Vec<(u64, Component)>>>,
     /// Once `unlinked`: the object, still reachable by the files open on it.
     pub orphan: Option<Arc<OwnedFd>>,
 }
@@ -76,13 +75,19 @@ impl NodeState {
     /// Whether the object is known under `name` in directory `parent`.
     pub fn is_at(&self, parent: u64, name: &Component) -> bool {
         (self.parent == parent && self.name.as_ref() == Some(name))
-            || self.aliases.iter().any(|(p, n)| *p == parent && n == name)
+            || self
+                .aliases
+                .iter()
+                .flat_map(|a| a.iter())
+                .any(|(p, n)| *p == parent && n == name)
     }
 
     /// Records another name of the object.
     pub fn add_alias(&mut self, parent: u64, name: &Component) {
         if !self.is_at(parent, name) {
-            self.aliases.push((parent, name.clone()));
+            self.aliases
+                .get_or_insert_default()
+                .push((parent, name.clone()));
         }
     }
 
@@ -100,6 +105,7 @@ impl NodeState {
         } else if let Some(a) = self
             .aliases
             .iter_mut()
+            .flat_map(|a| a.iter_mut())
             .find(|(p, n)| *p == parent && n == name)
         {
             *a = (to_parent, to_name.clone());
@@ -112,7 +118,7 @@ impl NodeState {
     /// Forgets the name `parent/name`; true if the object has no known name left.
     pub fn drop_location(&mut self, parent: u64, name: &Component) -> bool {
         if self.parent == parent && self.name.as_ref() == Some(name) {
-            match self.aliases.pop() {
+            match self.aliases.as_mut().and_then(|a| a.pop()) {
                 Some((p, n)) => {
                     self.parent = p;
                     self.name = Some(n);
@@ -121,14 +127,16 @@ impl NodeState {
                 None => true,
             }
         } else {
-            self.aliases.retain(|(p, n)| !(*p == parent && n == name));
+            if let Some(a) = self.aliases.as_mut() {
+                a.retain(|(p, n)| !(*p == parent && n == name));
+            }
             false
         }
     }
 
     /// The fd of the topmost object and its layer.
     pub fn top(&self) -> Option<(LayerIdx, Arc<OwnedFd>)> {
-        match (&self.upper, &self.lower) {
+        match (&self.upper, self.lower_dirs.first()) {
             (Some(u), _) => Some((LayerIdx::UPPER, u.clone())),
             (None, Some((l, fd))) => Some((*l, fd.clone())),
             (None, None) => None,

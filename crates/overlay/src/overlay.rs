@@ -111,12 +111,11 @@ impl Overlay {
             name: None,
             place,
             upper,
-            lower: lower_dirs.first().cloned(),
             lower_dirs,
             index: None,
             unlinked: false,
             group: false,
-            aliases: Vec::new(),
+            aliases: None,
             orphan: None,
         };
         let root = Node::new(ROOT, true, state);
@@ -450,22 +449,21 @@ impl Overlay {
         probe: Probe,
     ) -> (Arc<Node>, Attr) {
         let is_dir = probe.vis.kind == FileType::Directory;
-        let (upper, lower) = match (is_dir, probe.vis.layer.is_upper()) {
-            (false, _) => (None, None),
-            (true, true) => (probe.fd.clone(), probe.lower_dirs.first().cloned()),
-            (true, false) => (None, probe.fd.clone().map(|fd| (probe.vis.layer, fd))),
+        let upper = if is_dir && probe.vis.layer.is_upper() {
+            probe.fd.clone()
+        } else {
+            None
         };
         let state = NodeState {
             parent: dir.ino,
             name: Some(name.clone()),
             place: probe.vis.layer,
             upper,
-            lower,
             lower_dirs: probe.lower_dirs,
             index: None,
             unlinked: false,
             group: probe.group,
-            aliases: Vec::new(),
+            aliases: None,
             orphan: None,
         };
         let node = Node::new(probe.ino, is_dir, state);

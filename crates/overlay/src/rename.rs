@@ -183,7 +183,6 @@ impl Overlay {
             self.make_opaque(newdir_up.as_fd(), &newname)?;
             let mut s = src.write();
             s.lower_dirs.clear();
-            s.lower = None;
             s.index = None;
         }
         self.set_slot(&dir, &name, whiteout_needed.then_some(UpperSlot::Whiteout));
