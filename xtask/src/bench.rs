@@ -378,7 +378,10 @@ impl RunEnv<'_> {
         rec.stats = None;
         let dirs = RunDirs::new(self.run_root, sys);
         dirs.reset(self.run_root)?;
-        workload::rewarm(self.data, w)?;
+        let warm = workload::rewarm(self.data, w)?;
+        if warm > 10.0 {
+            eprintln!("bench: re-warming for {} took {warm:.1} s", w.name);
+        }
         let lowers = lowers(self.data, w.stack);
         let mount = Mount::start(
             sys,

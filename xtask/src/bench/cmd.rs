@@ -253,3 +253,19 @@ pub fn q(s: impl AsRef<std::ffi::OsStr>) -> String {
     let s = s.as_ref().to_string_lossy();
     format!("'{}'", s.replace('\'', r"'\''"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_octal_escapes() {
+        assert_eq!(unescape_octal(r"/a\040b\134c"), r"/a b\c");
+        assert_eq!(unescape_octal(r"/x\04"), r"/x\04");
+    }
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(q("it's"), r"'it'\''s'");
+    }
+}

@@ -132,3 +132,33 @@ fn number(flag: &str, v: &str) -> Result<usize> {
     v.parse()
         .with_context(|| format!("{flag} wants a number, got {v:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Opts> {
+        Opts::parse(&s.split_whitespace().map(String::from).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults_and_flags() -> Result<()> {
+        let o = parse("")?;
+        assert_eq!(o.systems, System::ALL.to_vec());
+        assert_eq!((o.runs, o.warmup, o.quick), (3, 1, false));
+        let o = parse("--quick --systems kernel,fuse-overlayfs --runs=5 --out x.md")?;
+        assert_eq!(o.systems, vec![System::Kernel, System::FuseOverlayfs]);
+        assert_eq!((o.runs, o.quick), (5, true));
+        assert_eq!(o.out, PathBuf::from("x.md"));
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(parse("--systems kernel,zfs").is_err());
+        assert!(parse("--systems kernel,kernel").is_err());
+        assert!(parse("--runs 0").is_err());
+        assert!(parse("--runs").is_err());
+        assert!(parse("--frobnicate").is_err());
+    }
+}

@@ -351,3 +351,55 @@ pub fn json(header: &[String], records: &[Record]) -> serde_json::Value {
         })).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn counters_accept_three_separators_and_skip_junk() {
+        let c = counters("lookup 12\nreaddirplus: 5\nforget=3\n# comment\nname notanumber\n");
+        assert_eq!(c.get("lookup"), Some(&12));
+        assert_eq!(c.get("readdirplus"), Some(&5));
+        assert_eq!(c.get("forget"), Some(&3));
+        assert_eq!(c.len(), 3);
+    }
+
+    fn rec(sys: System, round: usize, metric: &'static str, v: f64) -> Record {
+        Record {
+            workload: metric,
+            round,
+            sys,
+            metrics: vec![(metric, v)],
+            mount_secs: 0.01,
+            usage: None,
+            stats: None,
+            error: None,
+            checks: Vec::new(),
+            disturbed: 0,
+        }
+    }
+
+    #[test]
+    fn ratios_use_kernel_medians_and_the_volatile_reference() {
+        let records = vec![
+            rec(System::Kernel, 1, "find", 1.0),
+            rec(System::Kernel, 2, "find", 3.0),
+            rec(System::Layerfs, 1, "find", 2.0),
+            rec(System::Layerfs, 2, "find", 4.0),
+            rec(System::Kernel, 1, "copy-up", 2.0),
+            rec(System::Kernel, 1, "copy-up-volatile", 0.5),
+            rec(System::Layerfs, 1, "copy-up-volatile", 0.2),
+        ];
+        let md = markdown(&[], &[System::Layerfs, System::Kernel], 2, &records);
+        assert!(md.contains("| find | ≤ 2× | 3.00 s (1.50×) | 2.00 s |"), "{md}");
+        assert!(md.contains("| copy-up-volatile | ≤ 0.15× | 200 ms (0.10×) [n=1] | 500 ms (0.25×) [n=1] |"), "{md}");
+    }
+}

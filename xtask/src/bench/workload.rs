@@ -129,54 +129,44 @@ pub fn all() -> Vec<Workload> {
     ]
 }
 
-/// Re-reads what `w` needs into the page cache.
-pub fn rewarm(data: &Data, w: &Workload) -> Result<()> {
+/// Re-reads what `w` needs into the page cache; returns the seconds it took.
+pub fn rewarm(data: &Data, w: &Workload) -> Result<f64> {
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
     for warm in w.warm {
         match warm {
-            Warm::Big => {
-                read_all(&data.l1().join(Data::BIG))?;
-            }
+            Warm::Big => read_all(&data.l1().join(Data::BIG), &mut buf)?,
             Warm::Layers => {
                 for root in data.layer_roots(w.stack) {
-                    read_tree(&root)?;
+                    read_tree(&root, &mut buf)?;
                 }
             }
-            Warm::CreateTar => {
-                read_all(&data.create_tar())?;
-            }
+            Warm::CreateTar => read_all(&data.create_tar(), &mut buf)?,
         }
     }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn read_all(p: &Path, buf: &mut [u8]) -> Result<()> {
+    let mut f = std::fs::File::open(p).with_context(|| format!("open {}", p.display()))?;
+    while f.read(buf)? > 0 {}
     Ok(())
 }
 
-fn read_all(p: &Path) -> Result<u64> {
-    let mut f = std::fs::File::open(p).with_context(|| format!("open {}", p.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            return Ok(n);
-        }
-        n += k as u64;
-    }
-}
-
 /// Stats every entry and reads every regular file below `root` (skipping the big file: [`Warm::Big`]).
-fn read_tree(root: &Path) -> Result<()> {
+fn read_tree(root: &Path, buf: &mut [u8]) -> Result<()> {
     let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).with_context(|| format!("readdir {}", dir.display()))? {
             let e = e?;
-            let t = e.file_type()?;
             let p = e.path();
-            let _ = std::fs::symlink_metadata(&p)?;
-            if t.is_dir() {
+            let meta = std::fs::symlink_metadata(&p)?;
+            if meta.is_dir() {
                 if p.file_name().is_some_and(|n| n != "big") {
                     stack.push(p);
                 }
-            } else if t.is_file() {
-                read_all(&p)?;
+            } else if meta.is_file() && meta.len() > 0 {
+                read_all(&p, buf)?;
             }
         }
     }
