@@ -191,6 +191,13 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         logs: &logs,
         timeout,
     };
+    let results = opts.base.join("results");
+    std::fs::create_dir_all(&results)?;
+    let raw = results.join(format!("bench-{}.json", now("%Y%m%d-%H%M%S")));
+    let save = |header: &[String], records: &[Record]| -> Result<()> {
+        let text = serde_json::to_string_pretty(&report::json(header, records))?;
+        std::fs::write(&raw, text).with_context(|| format!("write {}", raw.display()))
+    };
     let mut records = Vec::new();
     'all: for w in &workloads {
         for round in (1..=opts.warmup + opts.runs).map(|r| r as isize - opts.warmup as isize) {
@@ -206,6 +213,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
                 }
             }
         }
+        save(&header, &records)?;
     }
     header.push(format!("- load average at end: {}", host::loadavg()));
     let md = report::markdown(&header, &systems, opts.runs, &records);
@@ -218,13 +226,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, &md).with_context(|| format!("write {}", out.display()))?;
-    let results = opts.base.join("results");
-    std::fs::create_dir_all(&results)?;
-    let raw = results.join(format!("bench-{}.json", now("%Y%m%d-%H%M%S")));
-    std::fs::write(
-        &raw,
-        serde_json::to_string_pretty(&report::json(&header, &records))?,
-    )?;
+    save(&header, &records)?;
     println!("{md}");
     eprintln!(
         "bench: report in {}, raw results in {}",

@@ -317,7 +317,10 @@ mod tests {
     #[test]
     fn shapes_match_the_issue() {
         let f = Shape::FULL;
-        assert_eq!((f.nfiles(), f.nleaf(), f.ncreate()), (100_000, 5_000, 20_000));
+        assert_eq!(
+            (f.nfiles(), f.nleaf(), f.ncreate()),
+            (100_000, 5_000, 20_000)
+        );
         let q = Shape::QUICK;
         assert_eq!((q.nfiles(), q.nleaf(), q.ncreate()), (10_000, 500, 2_000));
     }
@@ -330,6 +333,9 @@ mod tests {
         let many = d.lowers(Stack::Many);
         assert_eq!(many.len(), 51);
         assert!(many[0].ends_with("thin/t050") && many[50].ends_with("l1"));
-        assert_eq!(d.lowers(Stack::Two), vec![d.dir.join("l2"), d.dir.join("l1")]);
+        assert_eq!(
+            d.lowers(Stack::Two),
+            vec![d.dir.join("l2"), d.dir.join("l1")]
+        );
     }
 }

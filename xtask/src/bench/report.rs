@@ -399,7 +399,15 @@ mod tests {
             rec(System::Layerfs, 1, "copy-up-volatile", 0.2),
         ];
         let md = markdown(&[], &[System::Layerfs, System::Kernel], 2, &records);
-        assert!(md.contains("| find | ≤ 2× | 3.00 s (1.50×) | 2.00 s |"), "{md}");
-        assert!(md.contains("| copy-up-volatile | ≤ 0.15× | 200 ms (0.10×) [n=1] | 500 ms (0.25×) [n=1] |"), "{md}");
+        assert!(
+            md.contains("| find | ≤ 2× | 3.00 s (1.50×) | 2.00 s |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| copy-up-volatile | ≤ 0.15× | 200 ms (0.10×) [n=1] | 500 ms (0.25×) [n=1] |"
+            ),
+            "{md}"
+        );
     }
 }
