@@ -1,11 +1,26 @@
-//! Project automation: `cargo xtask ci | demo | fuzz | bench`.
+//! Project automation: `cargo xtask ci | demo | fuzz | bench | setup`.
 
 mod bench;
+mod ci;
+mod demo;
+mod fuzz;
+mod setup;
+
+const USAGE: &str = "usage: cargo xtask <ci | demo | fuzz | bench | setup> [--help]";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
     match args.first().map(String::as_str) {
-        Some("bench") => bench::main(&args[1..]),
-        _ => anyhow::bail!("usage: cargo xtask bench [--help]"),
+        Some("ci") => ci::run(rest),
+        Some("demo") => demo::run(rest),
+        Some("fuzz") => fuzz::run(rest),
+        Some("bench") => bench::main(rest),
+        Some("setup") => setup::ensure_test_packages(),
+        Some("-h" | "--help") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => anyhow::bail!("unknown task {other:?}\n{USAGE}"),
     }
 }

@@ -1,1 +1,22 @@
-//! The layerfs union filesystem.
+//! The layerfs union filesystem: lower directories merged top-down under a writable upper
+//! directory, with kernel overlayfs semantics (reference/overlay-semantics.md).
+//!
+//! Request path: kernel → [`fuse`] (the only module that sees fuser) → an [`Overlay`] operation
+//! (`Result<_, Errno>`) → [`layerfs_sys`] fd-relative syscalls on the layer directories.
+
+pub mod attrs;
+pub mod changes;
+pub mod copyup;
+pub mod fuse;
+pub mod handles;
+pub mod index;
+pub mod io;
+pub mod layers;
+pub mod namespace;
+pub mod node;
+pub mod overlay;
+pub mod rename;
+pub mod stats;
+
+pub use layers::OverlayConfig;
+pub use overlay::Overlay;

@@ -37,7 +37,11 @@ pub enum Encoding {
 impl Encoding {
     /// The encoding this process can write: `Kernel` as root, else `Unprivileged`.
     pub fn for_this_process() -> Self {
-        if rustix::process::geteuid().is_root() { Encoding::Kernel } else { Encoding::Unprivileged }
+        if rustix::process::geteuid().is_root() {
+            Encoding::Kernel
+        } else {
+            Encoding::Unprivileged
+        }
     }
 
     fn opaque_xattr(self) -> &'static OsStr {
@@ -70,7 +74,11 @@ pub fn classify_name(name: &[u8]) -> NameKind<'_> {
     } else if name.starts_with(b".wh..wh.") {
         NameKind::Meta
     } else if let Some(target) = name.strip_prefix(WH_PREFIX) {
-        if target.is_empty() { NameKind::Invalid } else { NameKind::WhiteoutFor(target) }
+        if target.is_empty() {
+            NameKind::Invalid
+        } else {
+            NameKind::WhiteoutFor(target)
+        }
     } else {
         NameKind::Plain
     }
@@ -134,9 +142,7 @@ pub fn clear_opaque(dir: BorrowedFd<'_>) -> SysResult<()> {
 /// Writes a whiteout for `name` in `dir`.
 pub fn write_whiteout(dir: BorrowedFd<'_>, name: &Component, enc: Encoding) -> SysResult<()> {
     match enc {
-        Encoding::Kernel => {
-            sys::mknod_at(dir, name, FileType::CharacterDevice, Mode::empty(), 0)
-        }
+        Encoding::Kernel => sys::mknod_at(dir, name, FileType::CharacterDevice, Mode::empty(), 0),
         Encoding::Unprivileged => {
             let wh = whiteout_file_name(name)?;
             sys::open_at(
@@ -159,8 +165,12 @@ pub fn whiteout_file_name(name: &Component) -> SysResult<Component> {
 
 /// Whether an xattr name is private to the overlay format (never shown, never exported).
 pub fn is_private_xattr(name: &[u8]) -> bool {
-    const PRIVATE: [&[u8]; 4] =
-        [b"trusted.overlay.", b"user.overlay.", b"trusted.layerfs.", b"user.layerfs."];
+    const PRIVATE: [&[u8]; 4] = [
+        b"trusted.overlay.",
+        b"user.overlay.",
+        b"trusted.layerfs.",
+        b"user.layerfs.",
+    ];
     PRIVATE.iter().any(|p| name.starts_with(p))
 }
 
@@ -180,7 +190,12 @@ mod tests {
             (b".wh..hidden", NameKind::WhiteoutFor(b".hidden")),
         ];
         for (name, want) in cases {
-            assert_eq!(classify_name(name), *want, "{}", String::from_utf8_lossy(name));
+            assert_eq!(
+                classify_name(name),
+                *want,
+                "{}",
+                String::from_utf8_lossy(name)
+            );
         }
     }
 
@@ -201,7 +216,10 @@ mod tests {
         write_whiteout(dir.as_fd(), &name, Encoding::Unprivileged).unwrap();
         let entries = sys::dir::read_all(dir.as_fd()).unwrap();
         assert_eq!(entries.len(), 1);
-        assert_eq!(classify_name(entries[0].name.as_bytes()), NameKind::WhiteoutFor(b"gone"));
+        assert_eq!(
+            classify_name(entries[0].name.as_bytes()),
+            NameKind::WhiteoutFor(b"gone")
+        );
     }
 
     use std::os::fd::AsFd;

@@ -9,10 +9,10 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
+use rustix::fs::{self as rfs, CWD};
 pub use rustix::fs::{
     AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, Stat, StatFs, Timespec, Timestamps,
 };
-use rustix::fs::{self as rfs, CWD};
 
 use crate::{Component, Errno, SysResult};
 
@@ -24,7 +24,11 @@ pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
 
 /// Opens a directory given by a trusted path (a layer root, an upper dir) as an `O_PATH` fd.
 pub fn open_root(path: &Path) -> SysResult<OwnedFd> {
-    rfs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+    rfs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// Opens `name` in `dir` as an `O_PATH` fd without following a final symlink.
@@ -55,7 +59,12 @@ pub fn open_at(
     flags: OFlags,
     mode: Mode,
 ) -> SysResult<OwnedFd> {
-    rfs::openat(dir, name.as_c_str(), flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, mode)
+    rfs::openat(
+        dir,
+        name.as_c_str(),
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        mode,
+    )
 }
 
 /// Opens a path below `root` without ever leaving it: `openat2(RESOLVE_IN_ROOT |
@@ -74,7 +83,11 @@ pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlags) -> SysResu
 /// directories only (the magic link would refuse a symlink).
 pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> SysResult<OwnedFd> {
     let flags = flags & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW);
-    rfs::open(proc_path(fd).as_c_str(), flags | OFlags::CLOEXEC, Mode::empty())
+    rfs::open(
+        proc_path(fd).as_c_str(),
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
@@ -121,7 +134,11 @@ pub fn readlink_fd(fd: BorrowedFd<'_>) -> SysResult<Vec<u8>> {
 
 /// `unlinkat`, of a directory when `dir_flag` is set.
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &Component, remove_dir: bool) -> SysResult<()> {
-    let flags = if remove_dir { AtFlags::REMOVEDIR } else { AtFlags::empty() };
+    let flags = if remove_dir {
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
+    };
     rfs::unlinkat(dir, name.as_c_str(), flags)
 }
 
@@ -155,7 +172,13 @@ pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &Component) -> Sys
 pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
     let uid = uid.map(rustix::process::Uid::from_raw);
     let gid = gid.map(rustix::process::Gid::from_raw);
-    rfs::chownat(fd, c"", uid, gid, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
+    rfs::chownat(
+        fd,
+        c"",
+        uid,
+        gid,
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+    )
 }
 
 /// Changes the permission bits of the object behind `fd` (not for symlinks).
@@ -182,7 +205,11 @@ pub fn truncate_fd(fd: BorrowedFd<'_>, size: u64) -> SysResult<()> {
 
 /// `fsync` (or `fdatasync`) of an fd opened for I/O.
 pub fn sync_fd(fd: impl AsFd, data_only: bool) -> SysResult<()> {
-    if data_only { rfs::fdatasync(fd) } else { rfs::fsync(fd) }
+    if data_only {
+        rfs::fdatasync(fd)
+    } else {
+        rfs::fsync(fd)
+    }
 }
 
 /// `syncfs` of the filesystem that holds `fd`.
@@ -192,12 +219,18 @@ pub fn syncfs(fd: impl AsFd) -> SysResult<()> {
 
 /// A `Timespec` from a `Stat`'s atime.
 pub fn atime_of(st: &Stat) -> Timespec {
-    Timespec { tv_sec: st.st_atime, tv_nsec: st.st_atime_nsec as _ }
+    Timespec {
+        tv_sec: st.st_atime,
+        tv_nsec: st.st_atime_nsec as _,
+    }
 }
 
 /// A `Timespec` from a `Stat`'s mtime.
 pub fn mtime_of(st: &Stat) -> Timespec {
-    Timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec as _ }
+    Timespec {
+        tv_sec: st.st_mtime,
+        tv_nsec: st.st_mtime_nsec as _,
+    }
 }
 
 /// The file type bits of a `Stat`.

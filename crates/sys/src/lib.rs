@@ -15,6 +15,7 @@ pub mod copy;
 pub mod dir;
 pub mod fd;
 pub mod name;
+pub mod process;
 pub mod xattr;
 
 pub use fd::*;

@@ -75,7 +75,13 @@ mod tests {
             let got = Component::new(OsStr::from_bytes(name)).err();
             assert_eq!(got, *want, "{:?}", String::from_utf8_lossy(name));
         }
-        assert_eq!(Component::new("x".repeat(255)).map(|c| c.as_bytes().len()), Ok(255));
-        assert_eq!(Component::new("x".repeat(256)).err(), Some(Errno::NAMETOOLONG));
+        assert_eq!(
+            Component::new("x".repeat(255)).map(|c| c.as_bytes().len()),
+            Ok(255)
+        );
+        assert_eq!(
+            Component::new("x".repeat(256)).err(),
+            Some(Errno::NAMETOOLONG)
+        );
     }
 }

@@ -71,5 +71,9 @@ pub fn list(fd: BorrowedFd<'_>) -> SysResult<Vec<Vec<u8>>> {
             Err(e) => return Err(e),
         }
     };
-    Ok(raw.split(|b| *b == 0).filter(|n| !n.is_empty()).map(<[u8]>::to_vec).collect())
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
 }

@@ -1,0 +1,340 @@
+//! Starting a mount: both spellings, argument checks before anything is mounted, the detached
+//! daemon, and its mount record.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use layerfs_overlay::fuse::{MountOptions, serve};
+use layerfs_overlay::{Overlay, OverlayConfig};
+use layerfs_sys::process::{self, Side};
+
+use crate::mounts::{MountRecord, mount_fstype};
+
+/// `layerfs mount`.
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// A lower dir; repeat for more, the first is the top.
+    #[arg(long = "lower", value_name = "DIR")]
+    lowers: Vec<PathBuf>,
+    /// The upper dir (omit for a read-only mount).
+    #[arg(long, value_name = "DIR")]
+    upper: Option<PathBuf>,
+    /// The work dir, on the upper's filesystem.
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
+    /// Stay in the foreground.
+    #[arg(short, long)]
+    foreground: bool,
+    /// Mount options, as with `-o` of mount(8) (also lowerdir=…,upperdir=…,workdir=…).
+    #[arg(short = 'o', value_name = "OPTS")]
+    options: Vec<String>,
+    /// MOUNTPOINT.
+    mountpoint: PathBuf,
+}
+
+/// Everything a mount needs, from either spelling.
+#[derive(Debug, Default)]
+struct Plan {
+    cfg: OverlayConfig,
+    mountpoint: PathBuf,
+    foreground: bool,
+    source: String,
+    read_only: bool,
+    extra: Vec<fuser::MountOption>,
+    allow_other: Option<bool>,
+    default_permissions: bool,
+    threads: Option<usize>,
+}
+
+/// `layerfs mount …`.
+pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
+    let mut plan = Plan {
+        cfg: OverlayConfig {
+            lowers: args.lowers,
+            upper: args.upper,
+            work: args.work,
+            volatile: false,
+        },
+        mountpoint: args.mountpoint,
+        foreground: args.foreground,
+        source: "layerfs".into(),
+        default_permissions: true,
+        ..Plan::default()
+    };
+    for o in &args.options {
+        apply_options(&mut plan, o)?;
+    }
+    start(plan)
+}
+
+/// The helper form: `layerfs [SOURCE] MOUNTPOINT [-o OPTS]… [-f] [-d] [-v]`.
+pub fn helper_main(args: &[String]) -> anyhow::Result<ExitCode> {
+    let mut plan = Plan {
+        source: "layerfs".into(),
+        default_permissions: true,
+        ..Plan::default()
+    };
+    let mut positional = Vec::new();
+    let mut verbose = 0u8;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" => {
+                let opts = it.next().context("-o needs a value")?;
+                apply_options(&mut plan, opts)?;
+            }
+            s if s.starts_with("-o") => apply_options(&mut plan, &s[2..])?,
+            "-f" | "--foreground" => plan.foreground = true,
+            "-d" | "--debug" => {
+                plan.foreground = true;
+                verbose = verbose.max(2);
+            }
+            "-v" | "--verbose" => verbose += 1,
+            "-vv" => verbose += 2,
+            "-n" | "-s" => {}
+            s if s.starts_with('-') => bail!("unknown option {s}"),
+            s => positional.push(s.to_string()),
+        }
+    }
+    crate::init_logging(verbose);
+    match positional.as_slice() {
+        [mnt] => plan.mountpoint = PathBuf::from(mnt),
+        [source, mnt] => {
+            plan.source = source.clone();
+            plan.mountpoint = PathBuf::from(mnt);
+        }
+        _ => bail!(
+            "usage: layerfs [SOURCE] MOUNTPOINT -o lowerdir=DIR[:DIR…][,upperdir=DIR,workdir=DIR]"
+        ),
+    }
+    start(plan)
+}
+
+/// Applies one `-o a,b=c,…` string. Unknown generic options are tolerated.
+fn apply_options(plan: &mut Plan, opts: &str) -> anyhow::Result<()> {
+    let opts = split_options(opts);
+    apply_split(plan, &opts)
+}
+
+fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
+    use fuser::MountOption as M;
+    for opt in opts {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt.as_str(), None),
+        };
+        let need = |v: Option<&'a str>| -> anyhow::Result<&'a str> {
+            v.filter(|v| !v.is_empty())
+                .with_context(|| format!("option {key} needs a value"))
+        };
+        match key {
+            "lowerdir" => {
+                plan.cfg.lowers = split_lowerdirs(need(value)?)
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect()
+            }
+            "upperdir" => plan.cfg.upper = Some(PathBuf::from(need(value)?)),
+            "workdir" => plan.cfg.work = Some(PathBuf::from(need(value)?)),
+            "volatile" => plan.cfg.volatile = true,
+            "ro" => plan.read_only = true,
+            "rw" => plan.read_only = false,
+            "dev" => plan.extra.push(M::Dev),
+            "nodev" => plan.extra.push(M::NoDev),
+            "suid" => plan.extra.push(M::Suid),
+            "nosuid" => plan.extra.push(M::NoSuid),
+            "exec" => plan.extra.push(M::Exec),
+            "noexec" => plan.extra.push(M::NoExec),
+            "noatime" => plan.extra.push(M::NoAtime),
+            "allow_other" | "allow_root" => plan.allow_other = Some(true),
+            "default_permissions" => plan.default_permissions = true,
+            "no_default_permissions" => plan.default_permissions = false,
+            "fsname" => plan.source = need(value)?.to_string(),
+            "threads" => {
+                plan.threads = Some(need(value)?.parse().context("threads=N needs a number")?)
+            }
+            _ => tracing::debug!("ignoring mount option {opt}"),
+        }
+    }
+    Ok(())
+}
+
+/// Splits on commas not escaped with a backslash.
+fn split_options(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            ',' => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.retain(|o| !o.is_empty());
+    out
+}
+
+/// `lowerdir=A:B` (a `\:` keeps a colon in a name).
+fn split_lowerdirs(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            ':' => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.retain(|o| !o.is_empty());
+    out
+}
+
+/// Checks everything, then mounts (detached unless `foreground`).
+fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
+    let is_root = rustix::process::geteuid().is_root();
+    if plan.cfg.lowers.is_empty() {
+        bail!("no lower directory given (--lower DIR or -o lowerdir=DIR)");
+    }
+    if plan.read_only {
+        plan.cfg.upper = None;
+        plan.cfg.work = None;
+    }
+    let mnt = &plan.mountpoint;
+    let meta = std::fs::metadata(mnt).with_context(|| format!("mountpoint {}", mnt.display()))?;
+    if !meta.is_dir() {
+        bail!("mountpoint {} is not a directory", mnt.display());
+    }
+    let mnt = mnt
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", mnt.display()))?;
+    if let Some(t) = mount_fstype(&mnt)? {
+        bail!(
+            "mountpoint {} is busy: a {t} filesystem is mounted there",
+            mnt.display()
+        );
+    }
+    for dir in plan
+        .cfg
+        .lowers
+        .iter()
+        .chain(plan.cfg.upper.iter())
+        .chain(plan.cfg.work.iter())
+    {
+        let m = std::fs::metadata(dir).with_context(|| format!("{}", dir.display()))?;
+        if !m.is_dir() {
+            bail!("{} is not a directory", dir.display());
+        }
+    }
+    let canon = |p: &Path| p.canonicalize().with_context(|| format!("{}", p.display()));
+    plan.cfg.lowers = plan
+        .cfg
+        .lowers
+        .iter()
+        .map(|p| canon(p))
+        .collect::<anyhow::Result<_>>()?;
+    plan.cfg.upper = plan.cfg.upper.as_deref().map(canon).transpose()?;
+    plan.cfg.work = plan.cfg.work.as_deref().map(canon).transpose()?;
+    for (name, d) in [("upper", &plan.cfg.upper), ("work", &plan.cfg.work)] {
+        if let Some(d) = d {
+            if d.starts_with(&mnt) || mnt.starts_with(d) {
+                bail!(
+                    "{name} directory {} and mountpoint {} overlap",
+                    d.display(),
+                    mnt.display()
+                );
+            }
+        }
+    }
+    let ovl = Overlay::new(&plan.cfg).map_err(anyhow::Error::msg)?;
+    let opts = MountOptions {
+        fsname: plan.source.clone(),
+        allow_other: plan.allow_other.unwrap_or(is_root),
+        default_permissions: plan.default_permissions,
+        threads: plan.threads.unwrap_or_else(default_threads),
+        extra: {
+            let mut e = plan.extra.clone();
+            if plan.cfg.upper.is_none() {
+                e.push(fuser::MountOption::RO);
+            }
+            e
+        },
+    };
+    let record = MountRecord {
+        mountpoint: mnt.clone(),
+        lowers: plan.cfg.lowers.clone(),
+        upper: plan.cfg.upper.clone(),
+        work: plan.cfg.work.clone(),
+        pid: 0,
+        container: None,
+    };
+    if plan.foreground {
+        return serve_mount(ovl, &mnt, &opts, record, None);
+    }
+    match process::daemonize().context("cannot start the mount daemon")? {
+        Side::Parent { ok: true, .. } => Ok(ExitCode::SUCCESS),
+        Side::Parent { ok: false, message } => bail!("{}: {message}", mnt.display()),
+        Side::Daemon(ready) => {
+            process::detach_stdio();
+            serve_mount(ovl, &mnt, &opts, record, Some(ready))
+        }
+    }
+}
+
+fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    (cores * 2).clamp(4, 16)
+}
+
+/// Runs the session; `ready` (if any) learns when the mount is live or why it failed.
+fn serve_mount(
+    ovl: Overlay,
+    mnt: &Path,
+    opts: &MountOptions,
+    mut record: MountRecord,
+    ready: Option<process::Ready>,
+) -> anyhow::Result<ExitCode> {
+    process::raise_nofile();
+    process::set_umask(0);
+    record.pid = std::process::id() as i32;
+    let ovl = Arc::new(ovl);
+    let mut ready = ready;
+    let mut record_err = None;
+    let result = serve(ovl, mnt, opts, || {
+        if let Err(e) = record.save() {
+            record_err = Some(e);
+        }
+        if let Some(r) = ready.take() {
+            r.ok();
+        }
+    });
+    MountRecord::remove(mnt, record.pid);
+    if let Some(e) = record_err {
+        tracing::warn!("{e:#}");
+    }
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            let msg = format!("cannot mount: {e}");
+            if let Some(r) = ready.take() {
+                r.fail(&msg);
+            }
+            bail!("{}: {msg}", mnt.display())
+        }
+    }
+}

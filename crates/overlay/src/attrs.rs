@@ -1,0 +1,170 @@
+//! SETATTR, ACCESS and extended attributes. Changing anything copies the object up first; private
+//! xattrs of the overlay format are invisible and cannot be set through the mount.
+
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+
+use layerfs_store::format;
+use layerfs_sys::{self as sys, Errno, FileType, Mode, Timespec, Timestamps, xattr};
+
+use crate::copyup::CopyData;
+use crate::overlay::{Attr, Overlay, OvlResult};
+
+/// Reading this xattr of the mount root returns the daemon's counters as JSON.
+pub const STATS_XATTR: &[u8] = b"user.layerfs.stats";
+
+/// A time in a SETATTR.
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    /// Leave as is.
+    Omit,
+    /// The current time.
+    Now,
+    /// This time.
+    At(Timespec),
+}
+
+/// What a SETATTR changes.
+#[derive(Debug, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: SetTime,
+    pub mtime: SetTime,
+    /// An open handle to truncate through, if the kernel named one.
+    pub fh: Option<u64>,
+}
+
+fn timespec(t: SetTime) -> Timespec {
+    match t {
+        SetTime::Omit => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        SetTime::Now => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        SetTime::At(ts) => ts,
+    }
+}
+
+impl Overlay {
+    /// SETATTR.
+    pub fn setattr(&self, ino: u64, a: SetAttr) -> OvlResult<Attr> {
+        let node = self.node(ino)?;
+        let data = if a.size == Some(0) {
+            CopyData::Nothing
+        } else {
+            CopyData::All
+        };
+        let upper = self.copy_up(&node, data)?;
+        let fd = upper.as_fd();
+        let kind = sys::file_type(&sys::stat_fd(fd)?);
+        if a.uid.is_some() || a.gid.is_some() {
+            sys::chown_fd(fd, a.uid, a.gid)?;
+        }
+        if let Some(mode) = a.mode {
+            if kind != FileType::Symlink {
+                sys::chmod_fd(fd, Mode::from_raw_mode(mode & 0o7777))?;
+            }
+        }
+        if let Some(size) = a.size {
+            if kind == FileType::Directory {
+                return Err(Errno::ISDIR);
+            }
+            sys::truncate_fd(fd, size)?;
+        }
+        if !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit)) {
+            let times = Timestamps {
+                last_access: timespec(a.atime),
+                last_modification: timespec(a.mtime),
+            };
+            sys::utimes_fd(fd, &times)?;
+        }
+        self.attr(&node)
+    }
+
+    /// GETXATTR. Private names answer `ENODATA`.
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> OvlResult<Vec<u8>> {
+        if ino == crate::node::ROOT && name.as_bytes() == STATS_XATTR {
+            let snap = self.stats.snapshot(self.nodes.len());
+            return serde_json::to_vec(&snap).map_err(|_| Errno::IO);
+        }
+        if format::is_private_xattr(name.as_bytes()) {
+            return Err(Errno::NODATA);
+        }
+        let node = self.node(ino)?;
+        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        xattr::get(fd.as_fd(), name)
+    }
+
+    /// LISTXATTR without the private names, NUL-separated.
+    pub fn listxattr(&self, ino: u64) -> OvlResult<Vec<u8>> {
+        let node = self.node(ino)?;
+        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        let mut out = Vec::new();
+        for name in xattr::list(fd.as_fd())? {
+            if !format::is_private_xattr(&name) {
+                out.extend_from_slice(&name);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// SETXATTR (copies up first).
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OvlResult<()> {
+        if format::is_private_xattr(name.as_bytes()) {
+            return Err(Errno::PERM);
+        }
+        let node = self.node(ino)?;
+        let upper = self.copy_up(&node, CopyData::All)?;
+        xattr::set(upper.as_fd(), name, value, flags)
+    }
+
+    /// REMOVEXATTR: an absent attribute is `ENODATA` without a copy-up.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> OvlResult<()> {
+        if format::is_private_xattr(name.as_bytes()) {
+            return Err(Errno::NODATA);
+        }
+        let node = self.node(ino)?;
+        if node.read().upper.is_none() {
+            self.getxattr(ino, name)?;
+        }
+        let upper = self.copy_up(&node, CopyData::All)?;
+        xattr::remove(upper.as_fd(), name)
+    }
+
+    /// ACCESS (only sent without `default_permissions`): permission bits against the caller.
+    pub fn access(&self, ino: u64, mask: i32, uid: u32, gid: u32) -> OvlResult<()> {
+        let attr = self.getattr(ino)?;
+        if mask & libc::W_OK != 0 && self.read_only() {
+            return Err(Errno::ROFS);
+        }
+        if uid == 0 {
+            if mask & libc::X_OK != 0
+                && attr.st.st_mode & 0o111 == 0
+                && sys::file_type(&attr.st) != FileType::Directory
+            {
+                return Err(Errno::ACCESS);
+            }
+            return Ok(());
+        }
+        let mode = attr.st.st_mode;
+        let bits = if attr.st.st_uid == uid {
+            (mode >> 6) & 7
+        } else if attr.st.st_gid == gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        };
+        if (mask as u32) & 7 & !bits != 0 {
+            return Err(Errno::ACCESS);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,264 @@
+//! Copy-up: giving a lower object a copy in the upper dir before it is changed.
+//!
+//! Order (as the kernel's `ovl_copy_up_workdir`): parents first, top-down; the copy is built in
+//! `work/work` under a temporary name, created writable by the daemon whatever its final mode; then
+//! data (reflink, else `copy_file_range`), xattrs, mode, owner, times, fsync (unless `volatile`),
+//! and a rename into place. The parent's times are put back afterwards. Open handles notice the
+//! new upper object on their next read ([`crate::handles`]).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use layerfs_store::format;
+use layerfs_sys::{
+    self as sys, Component, Errno, FileType, Mode, OFlags, RenameFlags, Stat, Timestamps, xattr,
+};
+
+use crate::index::UpperSlot;
+use crate::node::Node;
+use crate::overlay::{Overlay, OvlResult};
+
+/// How much of a regular file's data a copy-up takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyData {
+    /// All of it.
+    All,
+    /// None: the caller truncates to zero anyway (`O_TRUNC`).
+    Nothing,
+}
+
+impl Overlay {
+    /// Makes sure `node` has an upper object and returns its `O_PATH` fd.
+    pub(crate) fn copy_up(&self, node: &Arc<Node>, data: CopyData) -> OvlResult<Arc<OwnedFd>> {
+        if let Some(u) = node.read().upper.clone() {
+            return Ok(u);
+        }
+        if !self.layers.has_upper() {
+            return Err(Errno::ROFS);
+        }
+        let _g = node.copyup_lock();
+        let (parent_ino, name, lower) = {
+            let s = node.read();
+            if let Some(u) = s.upper.clone() {
+                return Ok(u);
+            }
+            if s.unlinked {
+                return Err(Errno::NOENT);
+            }
+            let name = s.name.clone().ok_or(Errno::IO)?;
+            let lower = s.lower.clone().ok_or(Errno::STALE)?;
+            (s.parent, name, lower)
+        };
+        let parent = self.node(parent_ino)?;
+        let parent_upper = self.copy_up(&parent, CopyData::All)?;
+        let (_, lower_fd) = lower;
+        let st = sys::stat_fd(lower_fd.as_fd())?;
+        let kind = sys::file_type(&st);
+        // The data copy runs before the parent's lock is taken: a large copy stalls nobody else.
+        let work = self.layers.work()?;
+        let tmp = self.tmp_name();
+        let built = self
+            .build_copy(lower_fd.as_fd(), &st, work, &tmp, data)
+            .map(|fd| {
+                // Best effort: symlinks and special files may refuse user.* xattrs.
+                let _ = xattr::set(fd.as_fd(), self.origin_xattr(), &node.ino.to_le_bytes(), 0);
+                fd
+            });
+        let fd = match built {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = crate::layers::remove_tree(work, &tmp);
+                return Err(e);
+            }
+        };
+        let _op = parent.op_lock();
+        // Someone may have made the upper object meanwhile (a hard link, a moved tree): adopt it.
+        if let Some(e) = self.entry(&parent, &name)? {
+            if let Some(UpperSlot::Present(_)) = e.upper {
+                let _ = crate::layers::remove_tree(work, &tmp);
+                let fd = Arc::new(sys::open_path(parent_upper.as_fd(), &name)?);
+                node.write().upper = Some(fd.clone());
+                return Ok(fd);
+            }
+        }
+        if let Err(e) = self.publish(work, &tmp, parent_upper.as_fd(), &name) {
+            let _ = crate::layers::remove_tree(work, &tmp);
+            return Err(e);
+        }
+        let fd = Arc::new(fd);
+        self.update_index(&parent, |idx| {
+            idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)))
+        })?;
+        node.write().upper = Some(fd.clone());
+        self.stats.copy_ups.fetch_add(1, Ordering::Relaxed);
+        Ok(fd)
+    }
+
+    /// Copies the object `src` (stat `st`) to `dir/name` in the upper through the work dir,
+    /// recording `origin_ino`; returns an `O_PATH` fd of the copy. The caller holds `dir`'s
+    /// `op_lock` and knows `dir/name` is free (or a whiteout to replace).
+    pub(crate) fn copy_object(
+        &self,
+        src: BorrowedFd<'_>,
+        st: &Stat,
+        origin_ino: u64,
+        dir: BorrowedFd<'_>,
+        name: &Component,
+        data: CopyData,
+    ) -> OvlResult<OwnedFd> {
+        let work = self.layers.work()?;
+        let tmp = self.tmp_name();
+        let built = self.build_copy(src, st, work, &tmp, data).and_then(|fd| {
+            // Best effort: symlinks and special files may refuse user.* xattrs.
+            let _ = xattr::set(
+                fd.as_fd(),
+                self.origin_xattr(),
+                &origin_ino.to_le_bytes(),
+                0,
+            );
+            self.publish(work, &tmp, dir, name)?;
+            Ok(fd)
+        });
+        if built.is_err() {
+            let _ = crate::layers::remove_tree(work, &tmp);
+        }
+        built
+    }
+
+    /// Builds the copy of `src` as `work/tmp`: everything but the rename.
+    fn build_copy(
+        &self,
+        src: BorrowedFd<'_>,
+        st: &Stat,
+        work: BorrowedFd<'_>,
+        tmp: &Component,
+        data: CopyData,
+    ) -> OvlResult<OwnedFd> {
+        let kind = sys::file_type(st);
+        let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
+        let fd = match kind {
+            FileType::Directory => {
+                sys::mkdir_at(work, tmp, Mode::from_raw_mode(0o700))?;
+                sys::open_path_dir(work, tmp)?
+            }
+            FileType::RegularFile => {
+                let out = sys::open_at(
+                    work,
+                    tmp,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+                    Mode::from_raw_mode(0o600),
+                )?;
+                if data == CopyData::All && st.st_size > 0 {
+                    let input = sys::reopen(src, OFlags::RDONLY)?;
+                    sys::copy::copy_data(input.as_fd(), out.as_fd(), st.st_size as u64)?;
+                }
+                if !self.layers.volatile {
+                    self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    sys::sync_fd(&out, false)?;
+                }
+                sys::open_path(work, tmp)?
+            }
+            FileType::Symlink => {
+                let target = sys::readlink_fd(src)?;
+                sys::symlink_at(&target, work, tmp)?;
+                sys::open_path(work, tmp)?
+            }
+            FileType::Fifo
+            | FileType::Socket
+            | FileType::CharacterDevice
+            | FileType::BlockDevice => {
+                sys::mknod_at(work, tmp, kind, mode, st.st_rdev)?;
+                sys::open_path(work, tmp)?
+            }
+            FileType::Unknown => return Err(Errno::IO),
+        };
+        copy_xattrs(src, fd.as_fd())?;
+        if kind != FileType::Symlink {
+            sys::chmod_fd(fd.as_fd(), mode)?;
+        }
+        sys::chown_fd(fd.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
+        // chown drops set-id bits: put them back.
+        if kind != FileType::Symlink && st.st_mode & 0o6000 != 0 {
+            sys::chmod_fd(fd.as_fd(), mode)?;
+        }
+        let times = Timestamps {
+            last_access: sys::atime_of(st),
+            last_modification: sys::mtime_of(st),
+        };
+        sys::utimes_fd(fd.as_fd(), &times)?;
+        Ok(fd)
+    }
+
+    /// Renames `work/tmp` to `dir/name`, replacing a whiteout there if any, and puts `dir`'s times
+    /// back as they were.
+    pub(crate) fn publish(
+        &self,
+        work: BorrowedFd<'_>,
+        tmp: &Component,
+        dir: BorrowedFd<'_>,
+        name: &Component,
+    ) -> OvlResult<()> {
+        let dir_st = sys::stat_fd(dir)?;
+        self.clear_unprivileged_whiteout(dir, name)?;
+        match sys::rename_at(work, tmp, dir, name, RenameFlags::NOREPLACE) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => {
+                // Only a whiteout may stand there: exchange, then drop it.
+                let there = sys::stat_at(dir, name)?;
+                if !format::is_chardev_whiteout(&there) {
+                    return Err(Errno::EXIST);
+                }
+                sys::rename_at(work, tmp, dir, name, RenameFlags::EXCHANGE)?;
+                sys::unlink_at(work, tmp, false)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let times = Timestamps {
+            last_access: sys::atime_of(&dir_st),
+            last_modification: sys::mtime_of(&dir_st),
+        };
+        sys::utimes_fd(dir, &times)
+    }
+
+    /// Removes a `.wh.NAME` file in `dir` if there is one.
+    pub(crate) fn clear_unprivileged_whiteout(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &Component,
+    ) -> OvlResult<()> {
+        let Ok(wh) = format::whiteout_file_name(name) else {
+            return Ok(());
+        };
+        match sys::unlink_at(dir, &wh, false) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Copies every non-private xattr of `src` to `dst`. Attributes the target refuses (e.g. `user.*`
+/// on a symlink) are skipped, as the kernel does.
+pub(crate) fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> OvlResult<()> {
+    let names = match xattr::list(src) {
+        Ok(n) => n,
+        Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::ACCESS) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        if format::is_private_xattr(&name) {
+            continue;
+        }
+        let name = std::ffi::OsStr::from_bytes(&name);
+        let Ok(value) = xattr::get(src, name) else {
+            continue;
+        };
+        match xattr::set(dst, name, &value, 0) {
+            Ok(()) => {}
+            Err(Errno::OPNOTSUPP | Errno::PERM | Errno::INVAL | Errno::ACCESS) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

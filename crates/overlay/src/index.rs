@@ -1,0 +1,308 @@
+//! The merged index of one directory: for every name, what the upper dir holds and what the lower
+//! dirs would show. Built once per directory from one `getdents` pass over each of its layers, then
+//! kept up to date by the operations that change the directory, so a lookup costs one hash probe
+//! however many layers there are.
+//!
+//! Invariant: `lower` describes the lower dirs alone (ignoring the upper), so "would a whiteout be
+//! needed if the upper entry went away" is `lower.is_some()`.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use layerfs_store::format::{self, DirMark, NameKind};
+use layerfs_sys::{self as sys, Component, FileType, SysResult};
+
+use crate::layers::LayerIdx;
+
+/// What the upper dir holds under a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpperSlot {
+    /// A real entry of this type.
+    Present(FileType),
+    /// A whiteout: the name is deleted.
+    Whiteout,
+}
+
+/// What the lower dirs show under a name: the first lower layer that has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LowerSlot {
+    /// The topmost lower layer holding the name.
+    pub layer: LayerIdx,
+    /// Its type.
+    pub kind: FileType,
+    /// For a directory: the further lower layers whose directory of the same name merges with it
+    /// (until a non-directory, a whiteout or an opaque marker stops the merge).
+    pub more: Box<[LayerIdx]>,
+}
+
+/// One name of a merged directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// What the upper dir holds.
+    pub upper: Option<UpperSlot>,
+    /// What the lower dirs show.
+    pub lower: Option<LowerSlot>,
+}
+
+/// Where the visible object of a name lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visible {
+    /// The layer of the topmost object.
+    pub layer: LayerIdx,
+    /// Its type.
+    pub kind: FileType,
+}
+
+impl IndexEntry {
+    /// The object the merged view shows, if any.
+    pub fn visible(&self) -> Option<Visible> {
+        match self.upper {
+            Some(UpperSlot::Present(kind)) => Some(Visible {
+                layer: LayerIdx::UPPER,
+                kind,
+            }),
+            Some(UpperSlot::Whiteout) => None,
+            None => self.lower.as_ref().map(|l| Visible {
+                layer: l.layer,
+                kind: l.kind,
+            }),
+        }
+    }
+}
+
+/// The merged index of a directory. Owned by the directory's node, guarded by its state lock.
+#[derive(Debug, Default)]
+pub struct DirIndex {
+    entries: HashMap<Box<[u8]>, IndexEntry>,
+}
+
+/// A layer directory to read while building an index.
+pub struct LayerDir<'a> {
+    /// Which layer.
+    pub layer: LayerIdx,
+    /// `O_PATH` fd of the directory in that layer.
+    pub fd: BorrowedFd<'a>,
+}
+
+/// The lower half of an entry while the index is built.
+enum LowerBuild {
+    Dir(LowerSlot),
+    /// Decided, and closed to further layers (non-dir, or a dir whose merge stopped).
+    Closed(LowerSlot),
+    Whiteout,
+}
+
+impl DirIndex {
+    /// Reads `upper` (if any) and then `lowers` (top first) and merges them.
+    pub fn build(upper: Option<BorrowedFd<'_>>, lowers: &[LayerDir<'_>]) -> SysResult<DirIndex> {
+        let mut entries: HashMap<Box<[u8]>, IndexEntry> = HashMap::new();
+        let mut lowers_visible = true;
+        if let Some(fd) = upper {
+            let listing = read_layer(fd)?;
+            if listing.opaque {
+                lowers_visible = false;
+            }
+            for (name, item) in listing.items {
+                let slot = match item {
+                    Item::Whiteout => UpperSlot::Whiteout,
+                    Item::Entry(kind) => UpperSlot::Present(kind),
+                };
+                let e = entries.entry(name).or_default();
+                // A real entry beats a `.wh.` file of the same name.
+                if e.upper.is_none() || slot != UpperSlot::Whiteout {
+                    e.upper = Some(slot);
+                }
+            }
+        }
+        let mut lower: HashMap<Box<[u8]>, LowerBuild> = HashMap::new();
+        if lowers_visible {
+            for dir in lowers {
+                let listing = read_layer(dir.fd)?;
+                for (name, item) in listing.items {
+                    match lower.entry(name) {
+                        MapEntry::Vacant(v) => {
+                            v.insert(match item {
+                                Item::Whiteout => LowerBuild::Whiteout,
+                                Item::Entry(FileType::Directory) => LowerBuild::Dir(LowerSlot {
+                                    layer: dir.layer,
+                                    kind: FileType::Directory,
+                                    more: Box::new([]),
+                                }),
+                                Item::Entry(kind) => LowerBuild::Closed(LowerSlot {
+                                    layer: dir.layer,
+                                    kind,
+                                    more: Box::new([]),
+                                }),
+                            });
+                        }
+                        MapEntry::Occupied(mut o) => {
+                            if let LowerBuild::Dir(slot) = o.get_mut() {
+                                if item == Item::Entry(FileType::Directory) {
+                                    let mut more = slot.more.to_vec();
+                                    more.push(dir.layer);
+                                    slot.more = more.into_boxed_slice();
+                                } else {
+                                    let slot = std::mem::replace(slot, empty_slot());
+                                    o.insert(LowerBuild::Closed(slot));
+                                }
+                            }
+                        }
+                    }
+                }
+                if listing.opaque {
+                    break;
+                }
+            }
+        }
+        for (name, state) in lower {
+            let slot = match state {
+                LowerBuild::Dir(s) | LowerBuild::Closed(s) => s,
+                LowerBuild::Whiteout => continue,
+            };
+            entries.entry(name).or_default().lower = Some(slot);
+        }
+        Ok(DirIndex { entries })
+    }
+
+    /// The entry for `name`.
+    pub fn get(&self, name: &[u8]) -> Option<&IndexEntry> {
+        self.entries.get(name)
+    }
+
+    /// The visible object under `name`.
+    pub fn visible(&self, name: &[u8]) -> Option<Visible> {
+        self.entries.get(name).and_then(IndexEntry::visible)
+    }
+
+    /// Records what the upper dir now holds under `name` (`None`: nothing).
+    pub fn set_upper(&mut self, name: &[u8], slot: Option<UpperSlot>) {
+        match (self.entries.get_mut(name), slot) {
+            (Some(e), slot) => {
+                e.upper = slot;
+                if e.upper.is_none() && e.lower.is_none() {
+                    self.entries.remove(name);
+                }
+            }
+            (None, Some(slot)) => {
+                self.entries.insert(
+                    name.into(),
+                    IndexEntry {
+                        upper: Some(slot),
+                        lower: None,
+                    },
+                );
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Forgets every lower entry (the directory became opaque).
+    pub fn drop_lowers(&mut self) {
+        self.entries.retain(|_, e| {
+            e.lower = None;
+            e.upper.is_some()
+        });
+    }
+
+    /// Whether the merged directory shows no entry.
+    pub fn is_empty_merged(&self) -> bool {
+        self.entries.values().all(|e| e.visible().is_none())
+    }
+
+    /// Visible names with their entries, sorted by name.
+    pub fn visible_sorted(&self) -> Vec<(Box<[u8]>, Visible)> {
+        let mut out: Vec<_> = self
+            .entries
+            .iter()
+            .filter_map(|(n, e)| e.visible().map(|v| (n.clone(), v)))
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Names whose upper slot is a whiteout.
+    pub fn upper_whiteouts(&self) -> Vec<Box<[u8]>> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.upper == Some(UpperSlot::Whiteout))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+fn empty_slot() -> LowerSlot {
+    LowerSlot {
+        layer: LayerIdx::UPPER,
+        kind: FileType::Unknown,
+        more: Box::new([]),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Item {
+    Entry(FileType),
+    Whiteout,
+}
+
+struct Listing {
+    items: HashMap<Box<[u8]>, Item>,
+    opaque: bool,
+}
+
+/// One layer directory, decoded: whiteouts in every encoding, opaque marker entries, and
+/// `d_type`s filled in where the filesystem left them unknown.
+fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
+    let mark = format::dir_mark(fd);
+    let mut items = HashMap::new();
+    let mut opaque = mark == DirMark::Opaque;
+    for entry in sys::dir::read_all(fd)? {
+        let name = entry.name.as_bytes();
+        match format::classify_name(name) {
+            NameKind::OpaqueMarker => {
+                opaque = true;
+                continue;
+            }
+            NameKind::WhiteoutFor(target) => {
+                items.entry(target.into()).or_insert(Item::Whiteout);
+                continue;
+            }
+            NameKind::Meta | NameKind::Invalid => continue,
+            NameKind::Plain => {}
+        }
+        let mut kind = entry.kind;
+        let needs_stat = matches!(kind, FileType::Unknown | FileType::CharacterDevice)
+            || (mark == DirMark::HasXWhiteouts && kind == FileType::RegularFile);
+        if needs_stat {
+            let comp = Component::new(OsStr::from_bytes(name))?;
+            let st = match sys::stat_at(fd, &comp) {
+                Ok(st) => st,
+                Err(sys::Errno::NOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            kind = sys::file_type(&st);
+            if format::is_chardev_whiteout(&st) {
+                items.insert(name.into(), Item::Whiteout);
+                continue;
+            }
+            if mark == DirMark::HasXWhiteouts && kind == FileType::RegularFile && st.st_size == 0 {
+                let f = sys::open_path(fd, &comp)?;
+                if format::is_xwhiteout(f.as_fd(), &st) {
+                    items.insert(name.into(), Item::Whiteout);
+                    continue;
+                }
+            }
+        }
+        items.insert(name.into(), Item::Entry(kind));
+    }
+    Ok(Listing { items, opaque })
+}
+
+/// An index shared between a directory node and the readers that took a snapshot of it.
+pub type SharedIndex = Arc<DirIndex>;
+
+/// Keeps an fd alive next to a layer index.
+pub type LayerFd = (LayerIdx, Arc<OwnedFd>);

@@ -1,0 +1,269 @@
+//! Open files and directories: OPEN/CREATE handles, READ/WRITE, FSYNC, FALLOCATE, LSEEK,
+//! COPY_FILE_RANGE, and directory listings (READDIR/READDIRPLUS from a per-handle snapshot).
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use layerfs_sys::{self as sys, Component, Errno, FileType, OFlags};
+
+use crate::copyup::CopyData;
+use crate::handles::{DirEntry, DirHandle, FileHandle, Handle};
+use crate::layers::LayerIdx;
+use crate::overlay::{Attr, Overlay, OvlResult};
+
+/// Flags kept when a file is (re)opened for a handle.
+fn io_flags(flags: OFlags) -> OFlags {
+    flags
+        & (OFlags::RWMODE
+            | OFlags::APPEND
+            | OFlags::SYNC
+            | OFlags::DSYNC
+            | OFlags::NONBLOCK
+            | OFlags::DIRECT
+            | OFlags::LARGEFILE)
+}
+
+/// Whether `flags` ask for write access.
+fn wants_write(flags: OFlags) -> bool {
+    let acc = flags & OFlags::RWMODE;
+    acc == OFlags::WRONLY || acc == OFlags::RDWR
+}
+
+impl Overlay {
+    /// OPEN: returns the handle number and whether the file lives in a lower layer.
+    pub fn open(&self, ino: u64, flags: i32) -> OvlResult<(u64, LayerIdx)> {
+        self.stats.opens.fetch_add(1, Ordering::Relaxed);
+        let flags = OFlags::from_bits_retain(flags as _);
+        let node = self.node(ino)?;
+        if node.is_dir {
+            return Err(Errno::ISDIR);
+        }
+        let trunc = flags.contains(OFlags::TRUNC);
+        if wants_write(flags) || trunc {
+            if !self.layers.has_upper() {
+                return Err(Errno::ROFS);
+            }
+            self.copy_up(
+                &node,
+                if trunc {
+                    CopyData::Nothing
+                } else {
+                    CopyData::All
+                },
+            )?;
+        }
+        let (layer, top) = node.top().ok_or(Errno::STALE)?;
+        let keep = io_flags(flags);
+        let fd = sys::reopen(top.as_fd(), keep | (flags & OFlags::TRUNC))?;
+        let fh = self
+            .handles
+            .insert(Handle::File(FileHandle::new(node, keep, layer, fd)));
+        Ok((fh, layer))
+    }
+
+    /// Registers a handle for a file CREATE just made.
+    pub fn adopt_created(&self, ino: u64, flags: i32, fd: OwnedFd) -> OvlResult<u64> {
+        let node = self.node(ino)?;
+        let keep = io_flags(OFlags::from_bits_retain(flags as _));
+        Ok(self.handles.insert(Handle::File(FileHandle::new(
+            node,
+            keep,
+            LayerIdx::UPPER,
+            fd,
+        ))))
+    }
+
+    fn file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
+        let h = self.handles.file(fh)?;
+        match &*h {
+            Handle::File(f) => f.io_fd(),
+            Handle::Dir(_) => Err(Errno::ISDIR),
+        }
+    }
+
+    /// READ.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
+        let fd = self.file_fd(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = rustix::io::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// WRITE.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OvlResult<u32> {
+        let fd = self.file_fd(fh)?;
+        let mut done = 0;
+        while done < data.len() {
+            let n = rustix::io::pwrite(fd.as_fd(), &data[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done as u32)
+    }
+
+    /// FSYNC.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> OvlResult<()> {
+        let fd = self.file_fd(fh)?;
+        sys::sync_fd(fd.as_fd(), datasync)
+    }
+
+    /// FSYNCDIR: syncs the directory's upper copy, if any.
+    pub fn fsyncdir(&self, ino: u64) -> OvlResult<()> {
+        let node = self.node(ino)?;
+        let Some(upper) = node.read().upper.clone() else {
+            return Ok(());
+        };
+        let fd = sys::reopen(upper.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+        sys::sync_fd(fd, false)
+    }
+
+    /// RELEASE / RELEASEDIR.
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    /// FALLOCATE.
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> OvlResult<()> {
+        let fd = self.file_fd(fh)?;
+        let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as _);
+        rustix::fs::fallocate(fd.as_fd(), flags, offset, len)
+    }
+
+    /// LSEEK (SEEK_DATA / SEEK_HOLE; the kernel handles the others).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> OvlResult<i64> {
+        let fd = self.file_fd(fh)?;
+        let pos = match whence {
+            libc::SEEK_SET => rustix::fs::SeekFrom::Start(offset as u64),
+            libc::SEEK_END => rustix::fs::SeekFrom::End(offset),
+            libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
+            _ => return Err(Errno::INVAL),
+        };
+        rustix::fs::seek(fd.as_fd(), pos).map(|p| p as i64)
+    }
+
+    /// COPY_FILE_RANGE between two open files of the mount.
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> OvlResult<u32> {
+        let input = self.file_fd(fh_in)?;
+        let output = self.file_fd(fh_out)?;
+        let (mut i, mut o) = (off_in, off_out);
+        let len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        rustix::fs::copy_file_range(
+            input.as_fd(),
+            Some(&mut i),
+            output.as_fd(),
+            Some(&mut o),
+            len,
+        )
+        .map(|n| n as u32)
+    }
+
+    /// OPENDIR.
+    pub fn opendir(&self, ino: u64) -> OvlResult<u64> {
+        let node = self.node(ino)?;
+        if !node.is_dir {
+            return Err(Errno::NOTDIR);
+        }
+        Ok(self.handles.insert(Handle::Dir(DirHandle {
+            node,
+            snapshot: Default::default(),
+        })))
+    }
+
+    /// The listing of directory handle `fh`: taken at offset 0, reused after.
+    pub fn dir_snapshot(&self, fh: u64, offset: u64) -> OvlResult<Arc<Vec<DirEntry>>> {
+        let h = self.handles.get(fh)?;
+        let Handle::Dir(d) = &*h else {
+            return Err(Errno::NOTDIR);
+        };
+        if offset != 0 {
+            if let Some(s) = d.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                return Ok(s);
+            }
+        }
+        let names = self.with_index(&d.node, |idx| idx.visible_sorted())?;
+        let (parent, _) = d.node.location();
+        let mut entries = Vec::with_capacity(names.len() + 2);
+        entries.push(DirEntry {
+            name: ".".into(),
+            ino: d.node.ino,
+            kind: FileType::Directory,
+        });
+        let parent_ino = if parent == 0 { d.node.ino } else { parent };
+        entries.push(DirEntry {
+            name: "..".into(),
+            ino: parent_ino,
+            kind: FileType::Directory,
+        });
+        for (name, vis) in names {
+            let name = OsString::from(std::ffi::OsStr::from_bytes(&name));
+            // d_ino is worked out when the entry is sent (READDIR) or looked up (READDIRPLUS).
+            entries.push(DirEntry {
+                name,
+                ino: 0,
+                kind: vis.kind,
+            });
+        }
+        let snap = Arc::new(entries);
+        *d.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
+        Ok(snap)
+    }
+
+    /// `d_ino` of `name` in `dir` (= the `st_ino` a lookup would give); `None` if it is gone.
+    pub fn entry_ino(
+        &self,
+        dir: &crate::node::Node,
+        name: &std::ffi::OsStr,
+    ) -> OvlResult<Option<u64>> {
+        let comp = Component::new(name)?;
+        let Some(e) = self.entry(dir, &comp)? else {
+            return Ok(None);
+        };
+        Ok(self.probe(dir, &comp, &e)?.map(|p| p.ino))
+    }
+
+    /// The directory node behind a directory handle.
+    pub fn dir_of(&self, fh: u64) -> OvlResult<Arc<crate::node::Node>> {
+        let h = self.handles.get(fh)?;
+        match &*h {
+            Handle::Dir(d) => Ok(d.node.clone()),
+            Handle::File(_) => Err(Errno::NOTDIR),
+        }
+    }
+
+    /// One READDIRPLUS entry: a full lookup of `name` in `dir` (no kernel reference taken yet:
+    /// the caller calls [`Overlay::entry_sent`] once the entry is in the reply).
+    pub fn dir_entry_plus(
+        &self,
+        dir: &Arc<crate::node::Node>,
+        name: &std::ffi::OsStr,
+    ) -> OvlResult<Option<(Arc<crate::node::Node>, Attr)>> {
+        let comp = Component::new(name)?;
+        self.lookup_node(dir, &comp)
+    }
+
+    /// Takes the kernel reference for an entry that went out in a READDIRPLUS reply.
+    pub fn entry_sent(&self, node: &crate::node::Node) {
+        self.nodes.add_lookup(node);
+    }
+}

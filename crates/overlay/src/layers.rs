@@ -1,0 +1,207 @@
+//! The directories a mount is made of: an optional writable upper dir with its work dir, and the
+//! read-only lower dirs, top first. Also the inode-number map ("xino") that keeps `st_ino` unique
+//! when the layers sit on several filesystems.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use layerfs_store::format::Encoding;
+use layerfs_sys::{self as sys, Component, Errno, Mode, SysResult};
+
+/// Index of a layer in a mount: 0 is the upper dir, `i + 1` is lower dir `i` (top first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LayerIdx(pub u16);
+
+impl LayerIdx {
+    /// The upper dir.
+    pub const UPPER: LayerIdx = LayerIdx(0);
+
+    /// Whether this is the upper dir.
+    pub fn is_upper(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// What a mount is made of, as given by the user.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayConfig {
+    /// Lower dirs, top first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper dir; `None` makes a read-only mount.
+    pub upper: Option<PathBuf>,
+    /// Work dir, on the same filesystem as `upper`.
+    pub work: Option<PathBuf>,
+    /// Skip the fsync of copied-up files (like the kernel's `volatile`): faster, not crash-safe.
+    pub volatile: bool,
+}
+
+/// The open layers of a mount. Immutable after mount.
+#[derive(Debug)]
+pub struct Layers {
+    /// `O_PATH` fds of the layer roots: index 0 is the upper (if any), then the lowers.
+    roots: Vec<Option<OwnedFd>>,
+    /// `O_PATH` fd of `work/work`, where copy-ups and new directories are built.
+    work: Option<OwnedFd>,
+    /// Per layer: the tag placed in the top bits of `st_ino` (0 when all layers share one fs).
+    xino_tag: Vec<u64>,
+    /// How whiteouts and opaque marks are written.
+    pub encoding: Encoding,
+    /// No fsync on copy-up.
+    pub volatile: bool,
+}
+
+/// Bits of `st_ino` left for the backing filesystem's inode number when layers span filesystems.
+const XINO_SHIFT: u32 = 56;
+
+impl Layers {
+    /// Opens every layer of `cfg`, checking what the kernel overlay checks: dirs exist, the work
+    /// dir is on the upper's filesystem, the upper is not inside a lower.
+    pub fn open(cfg: &OverlayConfig) -> Result<Self, String> {
+        if cfg.lowers.is_empty() {
+            return Err("at least one lower directory is needed".into());
+        }
+        if cfg.upper.is_some() != cfg.work.is_some() {
+            return Err("upperdir and workdir go together".into());
+        }
+        let open = |p: &Path, what: &str| {
+            sys::open_root(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+        };
+        let mut roots = Vec::with_capacity(cfg.lowers.len() + 1);
+        let mut devs = Vec::new();
+        let mut work = None;
+        if let (Some(upper), Some(workdir)) = (&cfg.upper, &cfg.work) {
+            let u = open(upper, "upper directory")?;
+            let w = open(workdir, "work directory")?;
+            let ust = sys::stat_fd(u.as_fd()).map_err(|e| format!("{}: {e}", upper.display()))?;
+            let wst = sys::stat_fd(w.as_fd()).map_err(|e| format!("{}: {e}", workdir.display()))?;
+            if ust.st_dev != wst.st_dev {
+                return Err(format!(
+                    "work directory {} is not on the same filesystem as upper directory {}",
+                    workdir.display(),
+                    upper.display()
+                ));
+            }
+            if (ust.st_dev, ust.st_ino) == (wst.st_dev, wst.st_ino) {
+                return Err("upper and work directory are the same directory".into());
+            }
+            for lower in &cfg.lowers {
+                if is_inside(upper, lower) || is_inside(lower, upper) {
+                    return Err(format!(
+                        "upper directory {} and lower directory {} overlap",
+                        upper.display(),
+                        lower.display()
+                    ));
+                }
+            }
+            work = Some(prepare_work(w.as_fd()).map_err(|e| {
+                format!(
+                    "work directory {}: cannot prepare work/work: {e}",
+                    workdir.display()
+                )
+            })?);
+            devs.push(ust.st_dev);
+            roots.push(Some(u));
+        } else {
+            devs.push(u64::MAX);
+            roots.push(None);
+        }
+        for lower in &cfg.lowers {
+            let l = open(lower, "lower directory")?;
+            let st = sys::stat_fd(l.as_fd()).map_err(|e| format!("{}: {e}", lower.display()))?;
+            devs.push(st.st_dev);
+            roots.push(Some(l));
+        }
+        // xino: one tag per distinct filesystem, in order of first appearance; tag 0 for the first.
+        let mut tags: HashMap<u64, u64> = HashMap::new();
+        let present: Vec<u64> = devs.iter().copied().filter(|d| *d != u64::MAX).collect();
+        let single_fs = present.windows(2).all(|w| w[0] == w[1]);
+        let xino_tag = devs
+            .iter()
+            .map(|d| {
+                if single_fs || *d == u64::MAX {
+                    0
+                } else {
+                    let n = tags.len() as u64;
+                    *tags.entry(*d).or_insert(n) << XINO_SHIFT
+                }
+            })
+            .collect();
+        Ok(Layers {
+            roots,
+            work,
+            xino_tag,
+            encoding: Encoding::for_this_process(),
+            volatile: cfg.volatile,
+        })
+    }
+
+    /// Number of layers including the (possibly absent) upper slot.
+    pub fn len(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// Whether the mount has an upper dir.
+    pub fn has_upper(&self) -> bool {
+        self.roots[0].is_some()
+    }
+
+    /// Root fd of a layer.
+    pub fn root(&self, idx: LayerIdx) -> Option<BorrowedFd<'_>> {
+        self.roots
+            .get(idx.0 as usize)
+            .and_then(|r| r.as_ref())
+            .map(|fd| fd.as_fd())
+    }
+
+    /// The work dir (`work/work`); `EROFS` on a read-only mount.
+    pub fn work(&self) -> SysResult<BorrowedFd<'_>> {
+        self.work.as_ref().map(|fd| fd.as_fd()).ok_or(Errno::ROFS)
+    }
+
+    /// `st_ino` as shown in the mount for an object of layer `idx` with backing inode `ino`.
+    pub fn xino(&self, idx: LayerIdx, ino: u64) -> u64 {
+        self.xino_tag.get(idx.0 as usize).copied().unwrap_or(0) | ino
+    }
+}
+
+fn is_inside(inner: &Path, outer: &Path) -> bool {
+    let (Ok(inner), Ok(outer)) = (inner.canonicalize(), outer.canonicalize()) else {
+        return false;
+    };
+    inner.starts_with(&outer)
+}
+
+/// Creates `work/work` if needed and empties it (leftovers of a crash are half-built copies).
+fn prepare_work(workdir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    let name = Component::new("work")?;
+    match sys::mkdir_at(workdir, &name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e),
+    }
+    let fd = sys::open_path_dir(workdir, &name)?;
+    remove_children(fd.as_fd())?;
+    Ok(fd)
+}
+
+/// Removes everything inside the directory `dir` (never following symlinks).
+pub fn remove_children(dir: BorrowedFd<'_>) -> SysResult<()> {
+    for entry in sys::dir::read_all(dir)? {
+        let name = Component::new(&entry.name)?;
+        remove_tree(dir, &name)?;
+    }
+    Ok(())
+}
+
+/// Removes `dir/name`, recursively if it is a directory.
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &Component) -> SysResult<()> {
+    match sys::unlink_at(dir, name, false) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(Errno::ISDIR) | Err(Errno::PERM) => {
+            let sub = sys::open_path_dir(dir, name)?;
+            remove_children(sub.as_fd())?;
+            sys::unlink_at(dir, name, true)
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,389 @@
+//! Operations that change names: create, mknod, mkdir, symlink, link, unlink, rmdir.
+//! (`rename` lives in [`crate::rename`].)
+//!
+//! Rules (reference/overlay-semantics.md 3, 4, 6, 18): a whiteout is written only when a lower
+//! layer has the name; creating over a whiteout replaces it atomically (built in the work dir, then
+//! exchanged); a directory created over a whiteout is opaque; new objects belong to the caller.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::MutexGuard;
+
+use layerfs_store::format;
+use layerfs_sys::{self as sys, Component, Errno, FileType, Mode, OFlags};
+
+use crate::copyup::CopyData;
+use crate::index::{DirIndex, IndexEntry, LayerDir, UpperSlot};
+use crate::node::Node;
+use crate::overlay::{Attr, Overlay, OvlResult};
+
+/// Who asks: new objects get this owner.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// fsuid of the calling process.
+    pub uid: u32,
+    /// fsgid of the calling process.
+    pub gid: u32,
+}
+
+/// What to create.
+#[derive(Debug)]
+pub enum NewObject<'a> {
+    /// A regular file, opened with these flags.
+    File { mode: u32, flags: OFlags },
+    /// A directory.
+    Dir { mode: u32 },
+    /// A device, FIFO or socket.
+    Node {
+        kind: FileType,
+        mode: u32,
+        rdev: u64,
+    },
+    /// A symlink.
+    Symlink { target: &'a [u8] },
+}
+
+/// A directory ready for a change: its upper fd, its op lock, and the entry of the name.
+pub(crate) struct Prepared<'a> {
+    pub upper: Arc<OwnedFd>,
+    pub _guard: MutexGuard<'a, ()>,
+    pub entry: IndexEntry,
+}
+
+impl Overlay {
+    /// Copies `dir` up, takes its op lock, and reads the entry of `name`.
+    pub(crate) fn prepare<'a>(
+        &self,
+        dir: &'a Arc<Node>,
+        name: &Component,
+    ) -> OvlResult<Prepared<'a>> {
+        if !dir.is_dir {
+            return Err(Errno::NOTDIR);
+        }
+        let upper = self.copy_up(dir, CopyData::All)?;
+        let guard = dir.op_lock();
+        self.ensure_index_locked(dir)?;
+        let entry = dir
+            .read()
+            .index
+            .as_ref()
+            .and_then(|i| i.get(name.as_bytes()).cloned());
+        Ok(Prepared {
+            upper,
+            _guard: guard,
+            entry: entry.unwrap_or_default(),
+        })
+    }
+
+    /// CREATE, MKNOD, MKDIR, SYMLINK: makes `name` in `parent`. For a file, also returns the fd
+    /// opened with the requested flags.
+    pub fn create_object(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        obj: NewObject<'_>,
+        caller: Caller,
+    ) -> OvlResult<(Attr, Option<OwnedFd>)> {
+        let name = Component::new(name)?;
+        if let NewObject::Node {
+            kind: FileType::CharacterDevice,
+            rdev: 0,
+            ..
+        } = obj
+        {
+            // A user-made char 0/0 would read as a whiteout.
+            return Err(Errno::PERM);
+        }
+        let dir = self.node(parent)?;
+        let p = self.prepare(&dir, &name)?;
+        if p.entry.visible().is_some() {
+            return Err(Errno::EXIST);
+        }
+        let dir_st = sys::stat_fd(p.upper.as_fd())?;
+        let gid = if dir_st.st_mode & 0o2000 != 0 {
+            dir_st.st_gid
+        } else {
+            caller.gid
+        };
+        let over_whiteout = p.entry.upper == Some(UpperSlot::Whiteout);
+        // Over a whiteout: build in work/ and exchange. Otherwise straight in the upper dir.
+        let (target_dir, target_name) = if over_whiteout {
+            (self.layers.work()?, self.tmp_name())
+        } else {
+            (p.upper.as_fd(), name.clone())
+        };
+        let mut io_fd = None;
+        let kind = match &obj {
+            NewObject::File { mode, flags } => {
+                let access = *flags
+                    & (OFlags::RWMODE
+                        | OFlags::APPEND
+                        | OFlags::SYNC
+                        | OFlags::DSYNC
+                        | OFlags::NONBLOCK
+                        | OFlags::DIRECT);
+                let fd = sys::open_at(
+                    target_dir,
+                    &target_name,
+                    OFlags::CREATE | OFlags::EXCL | access,
+                    Mode::from_raw_mode(*mode & 0o7777),
+                )?;
+                io_fd = Some(fd);
+                FileType::RegularFile
+            }
+            NewObject::Dir { mode } => {
+                let mut m = *mode & 0o7777;
+                if dir_st.st_mode & 0o2000 != 0 {
+                    m |= 0o2000;
+                }
+                sys::mkdir_at(target_dir, &target_name, Mode::from_raw_mode(m))?;
+                FileType::Directory
+            }
+            NewObject::Node { kind, mode, rdev } => {
+                sys::mknod_at(
+                    target_dir,
+                    &target_name,
+                    *kind,
+                    Mode::from_raw_mode(*mode & 0o7777),
+                    *rdev,
+                )?;
+                *kind
+            }
+            NewObject::Symlink { target } => {
+                sys::symlink_at(target, target_dir, &target_name)?;
+                FileType::Symlink
+            }
+        };
+        let fd = match self.finish_new(
+            target_dir,
+            &target_name,
+            kind,
+            &obj,
+            caller.uid,
+            gid,
+            over_whiteout,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = crate::layers::remove_tree(target_dir, &target_name);
+                return Err(e);
+            }
+        };
+        if over_whiteout {
+            if let Err(e) =
+                self.publish_over_whiteout(target_dir, &target_name, p.upper.as_fd(), &name)
+            {
+                let _ = crate::layers::remove_tree(target_dir, &target_name);
+                return Err(e);
+            }
+        }
+        let kind_slot = Some(UpperSlot::Present(kind));
+        if let Some(idx) = dir.write().index.as_mut() {
+            idx.set_upper(name.as_bytes(), kind_slot);
+        }
+        let fd = Arc::new(fd);
+        let st = sys::stat_fd(fd.as_fd())?;
+        let probe = crate::overlay::Probe {
+            vis: crate::index::Visible {
+                layer: crate::layers::LayerIdx::UPPER,
+                kind,
+            },
+            fd,
+            ino: self.layers.xino(crate::layers::LayerIdx::UPPER, st.st_ino),
+            st,
+            lower_dirs: Vec::new(),
+        };
+        let (node, attr) = self.node_from_probe(&dir, &name, probe);
+        self.nodes.add_lookup(&node);
+        Ok((attr, io_fd))
+    }
+
+    /// Owner, set-id bits and the opaque mark of a new object; returns its `O_PATH` fd.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_new(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &Component,
+        kind: FileType,
+        obj: &NewObject<'_>,
+        uid: u32,
+        gid: u32,
+        opaque: bool,
+    ) -> OvlResult<OwnedFd> {
+        let fd = sys::open_path(dir, name)?;
+        sys::chown_fd(fd.as_fd(), Some(uid), Some(gid))?;
+        let mode = match obj {
+            NewObject::File { mode, .. } | NewObject::Node { mode, .. } => Some(*mode),
+            NewObject::Dir { .. } | NewObject::Symlink { .. } => None,
+        };
+        if let Some(mode) = mode.filter(|m| m & 0o6000 != 0) {
+            sys::chmod_fd(fd.as_fd(), Mode::from_raw_mode(mode & 0o7777))?;
+        }
+        if kind == FileType::Directory && opaque {
+            format::set_opaque(fd.as_fd(), self.layers.encoding)?;
+        }
+        Ok(fd)
+    }
+
+    /// Moves `work/tmp` onto the whiteout at `dir/name`.
+    fn publish_over_whiteout(
+        &self,
+        work: BorrowedFd<'_>,
+        tmp: &Component,
+        dir: BorrowedFd<'_>,
+        name: &Component,
+    ) -> OvlResult<()> {
+        self.clear_unprivileged_whiteout(dir, name)?;
+        match sys::rename_at(work, tmp, dir, name, sys::RenameFlags::EXCHANGE) {
+            Ok(()) => sys::unlink_at(work, tmp, false),
+            Err(Errno::NOENT) => sys::rename_at(work, tmp, dir, name, sys::RenameFlags::NOREPLACE),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// LINK: a new name `newname` in `newparent` for node `ino`.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &std::ffi::OsStr) -> OvlResult<Attr> {
+        let name = Component::new(newname)?;
+        let node = self.node(ino)?;
+        if node.is_dir {
+            return Err(Errno::PERM);
+        }
+        let src = self.copy_up(&node, CopyData::All)?;
+        let dir = self.node(newparent)?;
+        let p = self.prepare(&dir, &name)?;
+        if p.entry.visible().is_some() {
+            return Err(Errno::EXIST);
+        }
+        let kind = sys::file_type(&sys::stat_fd(src.as_fd())?);
+        if p.entry.upper == Some(UpperSlot::Whiteout) {
+            let work = self.layers.work()?;
+            let tmp = self.tmp_name();
+            sys::link_fd(src.as_fd(), work, &tmp)?;
+            if let Err(e) = self.publish_over_whiteout(work, &tmp, p.upper.as_fd(), &name) {
+                let _ = sys::unlink_at(work, &tmp, false);
+                return Err(e);
+            }
+        } else {
+            sys::link_fd(src.as_fd(), p.upper.as_fd(), &name)?;
+        }
+        if let Some(idx) = dir.write().index.as_mut() {
+            idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)));
+        }
+        {
+            let mut s = node.write();
+            s.unlinked = false;
+        }
+        self.nodes.add_lookup(&node);
+        self.attr(&node)
+    }
+
+    /// The existing node (if the kernel knows one) of `name` in `dir`, whose entry is `entry`.
+    pub(crate) fn existing_child(
+        &self,
+        dir: &Node,
+        name: &Component,
+        entry: &IndexEntry,
+    ) -> OvlResult<Option<Arc<Node>>> {
+        let Some(probe) = self.probe(dir, name, entry)? else {
+            return Ok(None);
+        };
+        Ok(self.nodes.get(probe.ino).filter(|n| {
+            let s = n.read();
+            s.parent == dir.ino && s.name.as_ref() == Some(name)
+        }))
+    }
+
+    /// UNLINK.
+    pub fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> OvlResult<()> {
+        let name = Component::new(name)?;
+        let dir = self.node(parent)?;
+        let p = self.prepare(&dir, &name)?;
+        let vis = p.entry.visible().ok_or(Errno::NOENT)?;
+        if vis.kind == FileType::Directory {
+            return Err(Errno::ISDIR);
+        }
+        let child = self.existing_child(&dir, &name, &p.entry)?;
+        self.remove_entry(&dir, &p, &name, false)?;
+        if let Some(child) = child {
+            let upper = child.read().upper.clone();
+            let gone = match upper {
+                Some(fd) => sys::stat_fd(fd.as_fd())
+                    .map(|st| st.st_nlink == 0)
+                    .unwrap_or(true),
+                None => true,
+            };
+            if gone {
+                child.write().unlinked = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the upper entry of `name` (if any) and writes a whiteout if a lower has the name.
+    fn remove_entry(
+        &self,
+        dir: &Node,
+        p: &Prepared<'_>,
+        name: &Component,
+        is_dir: bool,
+    ) -> OvlResult<()> {
+        if let Some(UpperSlot::Present(_)) = p.entry.upper {
+            sys::unlink_at(p.upper.as_fd(), name, is_dir)?;
+        }
+        let slot = if p.entry.lower.is_some() {
+            if p.entry.upper != Some(UpperSlot::Whiteout) {
+                format::write_whiteout(p.upper.as_fd(), name, self.layers.encoding)?;
+            }
+            Some(UpperSlot::Whiteout)
+        } else {
+            None
+        };
+        if let Some(idx) = dir.write().index.as_mut() {
+            idx.set_upper(name.as_bytes(), slot);
+        }
+        Ok(())
+    }
+
+    /// The merged index of the child directory behind a probe (without making a node).
+    pub(crate) fn child_index(&self, probe: &crate::overlay::Probe) -> OvlResult<DirIndex> {
+        let upper = probe.vis.layer.is_upper().then(|| probe.fd.as_fd());
+        let lowers: Vec<LayerDir<'_>> = probe
+            .lower_dirs
+            .iter()
+            .map(|(l, fd)| LayerDir {
+                layer: *l,
+                fd: fd.as_fd(),
+            })
+            .collect();
+        DirIndex::build(upper, &lowers)
+    }
+
+    /// RMDIR: the merged directory must be empty; its upper copy (holding only whiteouts) goes.
+    pub fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> OvlResult<()> {
+        let name = Component::new(name)?;
+        let dir = self.node(parent)?;
+        let p = self.prepare(&dir, &name)?;
+        let vis = p.entry.visible().ok_or(Errno::NOENT)?;
+        if vis.kind != FileType::Directory {
+            return Err(Errno::NOTDIR);
+        }
+        let probe = self.probe(&dir, &name, &p.entry)?.ok_or(Errno::NOENT)?;
+        if !self.child_index(&probe)?.is_empty_merged() {
+            return Err(Errno::NOTEMPTY);
+        }
+        if probe.vis.layer.is_upper() {
+            crate::layers::remove_children(probe.fd.as_fd())?;
+        }
+        let child = self.nodes.get(probe.ino).filter(|n| {
+            let s = n.read();
+            s.parent == dir.ino && s.name.as_ref() == Some(&name)
+        });
+        self.remove_entry(&dir, &p, &name, true)?;
+        if let Some(child) = child {
+            let mut s = child.write();
+            s.unlinked = true;
+            s.index = Some(DirIndex::default());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,442 @@
+//! [`Overlay`]: the union itself — resolution of names top-down through the layers, attributes,
+//! and the shared helpers the operation modules build on. Every public method is fallible with a
+//! raw errno and never panics; the FUSE front only translates.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use layerfs_store::format::{self, DirMark};
+use layerfs_sys::{self as sys, Component, Errno, FileType, Stat, xattr};
+
+use crate::handles::HandleTable;
+use crate::index::{DirIndex, IndexEntry, LayerDir, Visible};
+use crate::layers::{LayerIdx, Layers, OverlayConfig};
+use crate::node::{Node, NodeState, NodeTable, ROOT};
+use crate::stats::Stats;
+
+/// Result of an overlay operation: a raw errno on failure.
+pub type OvlResult<T> = Result<T, Errno>;
+
+/// The attributes of a merged object, as the mount shows them.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    /// `st_ino` (= FUSE node id).
+    pub ino: u64,
+    /// The backing object's stat, with `st_ino` and `st_nlink` already adjusted.
+    pub st: Stat,
+}
+
+/// The union filesystem of one mount.
+#[derive(Debug)]
+pub struct Overlay {
+    /// The layers; immutable.
+    pub(crate) layers: Layers,
+    /// Inode table.
+    pub(crate) nodes: NodeTable,
+    /// Open files and directories.
+    pub(crate) handles: HandleTable,
+    /// Counter for unique temporary names in the work dir.
+    tmp_counter: AtomicU64,
+    /// Request and event counters.
+    pub stats: Stats,
+}
+
+/// The object found under a name, opened, before it becomes (or joins) a node.
+pub(crate) struct Probe {
+    pub vis: Visible,
+    pub fd: Arc<OwnedFd>,
+    pub st: Stat,
+    pub ino: u64,
+    pub lower_dirs: Vec<(LayerIdx, Arc<OwnedFd>)>,
+}
+
+impl Overlay {
+    /// Opens the layers of `cfg` and makes the root node.
+    pub fn new(cfg: &OverlayConfig) -> Result<Self, String> {
+        let layers = Layers::open(cfg)?;
+        let ovl = Overlay {
+            layers,
+            nodes: NodeTable::default(),
+            handles: HandleTable::default(),
+            tmp_counter: AtomicU64::new(0),
+            stats: Stats::default(),
+        };
+        ovl.make_root()
+            .map_err(|e| format!("cannot open the layer roots: {e}"))?;
+        Ok(ovl)
+    }
+
+    fn make_root(&self) -> OvlResult<()> {
+        let dup = |fd: BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map(Arc::new)
+                .map_err(Errno::from_io_error_or_io)
+        };
+        let upper = self.layers.root(LayerIdx::UPPER).map(dup).transpose()?;
+        let mut lower_dirs = Vec::new();
+        for i in 1..self.layers.len() {
+            let idx = LayerIdx(i as u16);
+            if let Some(fd) = self.layers.root(idx) {
+                let opaque = format::dir_mark(fd) == DirMark::Opaque;
+                lower_dirs.push((idx, dup(fd)?));
+                if opaque {
+                    break;
+                }
+            }
+        }
+        let upper_opaque = upper
+            .as_ref()
+            .is_some_and(|u| format::dir_mark(u.as_fd()) == DirMark::Opaque);
+        if upper_opaque {
+            lower_dirs.clear();
+        }
+        let state = NodeState {
+            parent: 0,
+            name: None,
+            upper,
+            lower: lower_dirs.first().cloned(),
+            lower_dirs,
+            index: None,
+            unlinked: false,
+        };
+        let root = Node::new(ROOT, true, state);
+        let (node, _) = self.nodes.insert_or_get(root, |_| true);
+        self.nodes.add_lookup(&node);
+        Ok(())
+    }
+
+    /// The node `ino` (`ESTALE` if the kernel names one we no longer know).
+    pub(crate) fn node(&self, ino: u64) -> OvlResult<Arc<Node>> {
+        self.nodes.get(ino).ok_or(Errno::STALE)
+    }
+
+    /// A fresh unique name for building something in the work dir.
+    pub(crate) fn tmp_name(&self) -> Component {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        // "#<hex>" is always a valid component.
+        Component::new(format!("#{n:x}")).unwrap_or_else(|_| unreachable_component())
+    }
+
+    /// Name of the xattr that records a copied-up object's original `st_ino`.
+    pub(crate) fn origin_xattr(&self) -> &'static OsStr {
+        match self.layers.encoding {
+            format::Encoding::Kernel => OsStr::new("trusted.layerfs.origin"),
+            format::Encoding::Unprivileged => OsStr::new("user.layerfs.origin"),
+        }
+    }
+
+    // ---- directory index -------------------------------------------------------------------
+
+    /// Builds `dir`'s index if it has none. The caller holds `dir.op_lock()`.
+    pub(crate) fn ensure_index_locked(&self, dir: &Node) -> OvlResult<()> {
+        if !dir.is_dir {
+            return Err(Errno::NOTDIR);
+        }
+        let (upper, lowers) = {
+            let s = dir.read();
+            if s.index.is_some() {
+                return Ok(());
+            }
+            (s.upper.clone(), s.lower_dirs.clone())
+        };
+        let layer_dirs: Vec<LayerDir<'_>> = lowers
+            .iter()
+            .map(|(l, fd)| LayerDir {
+                layer: *l,
+                fd: fd.as_fd(),
+            })
+            .collect();
+        let index = DirIndex::build(upper.as_ref().map(|u| u.as_fd()), &layer_dirs)?;
+        self.stats.index_builds.fetch_add(1, Ordering::Relaxed);
+        dir.write().index = Some(index);
+        Ok(())
+    }
+
+    /// Runs `f` on `dir`'s index, building it first if needed.
+    pub(crate) fn with_index<R>(&self, dir: &Node, f: impl FnOnce(&DirIndex) -> R) -> OvlResult<R> {
+        {
+            let s = dir.read();
+            if let Some(idx) = &s.index {
+                return Ok(f(idx));
+            }
+        }
+        let _op = dir.op_lock();
+        self.ensure_index_locked(dir)?;
+        let s = dir.read();
+        s.index.as_ref().map(f).ok_or(Errno::IO)
+    }
+
+    /// Runs `f` on `dir`'s index for update. The caller holds `dir.op_lock()`.
+    pub(crate) fn update_index(&self, dir: &Node, f: impl FnOnce(&mut DirIndex)) -> OvlResult<()> {
+        self.ensure_index_locked(dir)?;
+        let mut s = dir.write();
+        if let Some(idx) = s.index.as_mut() {
+            f(idx);
+        }
+        Ok(())
+    }
+
+    /// The index entry of `name` in `dir`.
+    pub(crate) fn entry(&self, dir: &Node, name: &Component) -> OvlResult<Option<IndexEntry>> {
+        self.with_index(dir, |idx| idx.get(name.as_bytes()).cloned())
+    }
+
+    // ---- resolution ------------------------------------------------------------------------
+
+    /// The fd of `dir` in `layer`.
+    pub(crate) fn dir_fd_in(&self, dir: &Node, layer: LayerIdx) -> OvlResult<Arc<OwnedFd>> {
+        let s = dir.read();
+        if layer.is_upper() {
+            return s.upper.clone().ok_or(Errno::NOENT);
+        }
+        s.lower_dirs
+            .iter()
+            .find(|(l, _)| *l == layer)
+            .map(|(_, fd)| fd.clone())
+            .ok_or(Errno::NOENT)
+    }
+
+    /// Opens what `entry` shows under `name` in `dir`, and computes its `st_ino`.
+    pub(crate) fn probe(
+        &self,
+        dir: &Node,
+        name: &Component,
+        entry: &IndexEntry,
+    ) -> OvlResult<Option<Probe>> {
+        let Some(vis) = entry.visible() else {
+            return Ok(None);
+        };
+        let parent_fd = self.dir_fd_in(dir, vis.layer)?;
+        let fd = Arc::new(sys::open_path(parent_fd.as_fd(), name)?);
+        let st = sys::stat_fd(fd.as_fd())?;
+        let kind = sys::file_type(&st);
+        let vis = Visible {
+            layer: vis.layer,
+            kind,
+        };
+        let mut lower_dirs = Vec::new();
+        if kind == FileType::Directory {
+            let upper_opaque =
+                vis.layer.is_upper() && format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+            if vis.layer.is_upper() && !upper_opaque {
+                if let Some(lower) = entry
+                    .lower
+                    .as_ref()
+                    .filter(|l| l.kind == FileType::Directory)
+                {
+                    self.open_lower_dirs(dir, name, lower.layer, &lower.more, &mut lower_dirs)?;
+                }
+            } else if !vis.layer.is_upper() {
+                if let Some(lower) = entry.lower.as_ref() {
+                    lower_dirs.push((vis.layer, fd.clone()));
+                    if format::dir_mark(fd.as_fd()) != DirMark::Opaque {
+                        self.open_lower_dirs(
+                            dir,
+                            name,
+                            LayerIdx(u16::MAX),
+                            &lower.more,
+                            &mut lower_dirs,
+                        )?;
+                    }
+                }
+            }
+        }
+        let ino = self.ino_of(vis, &fd, &st, &lower_dirs)?;
+        Ok(Some(Probe {
+            vis,
+            fd,
+            st,
+            ino,
+            lower_dirs,
+        }))
+    }
+
+    /// Opens `name` in each of `dir`'s lower layers `first` (unless `u16::MAX`) and `more`,
+    /// stopping after an opaque one.
+    fn open_lower_dirs(
+        &self,
+        dir: &Node,
+        name: &Component,
+        first: LayerIdx,
+        more: &[LayerIdx],
+        out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
+    ) -> OvlResult<()> {
+        let layers = std::iter::once(first)
+            .filter(|l| l.0 != u16::MAX)
+            .chain(more.iter().copied());
+        for layer in layers {
+            let parent = self.dir_fd_in(dir, layer)?;
+            let fd = sys::open_path_dir(parent.as_fd(), name)?;
+            let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+            out.push((layer, Arc::new(fd)));
+            if opaque {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `st_ino` of an object: a merged directory shows its topmost lower dir's inode; a copied-up
+    /// object shows the inode it had before (origin xattr); anything else its own.
+    fn ino_of(
+        &self,
+        vis: Visible,
+        fd: &OwnedFd,
+        st: &Stat,
+        lower_dirs: &[(LayerIdx, Arc<OwnedFd>)],
+    ) -> OvlResult<u64> {
+        if vis.layer.is_upper() {
+            if let Some((layer, lfd)) = lower_dirs.first() {
+                let lst = sys::stat_fd(lfd.as_fd())?;
+                return Ok(self.layers.xino(*layer, lst.st_ino));
+            }
+            if let Ok(v) = xattr::get(fd.as_fd(), self.origin_xattr()) {
+                if let Ok(bytes) = <[u8; 8]>::try_from(v.as_slice()) {
+                    return Ok(u64::from_le_bytes(bytes));
+                }
+            }
+        }
+        Ok(self.layers.xino(vis.layer, st.st_ino))
+    }
+
+    /// Finds `name` in `dir` and returns its node (created if new; no kernel reference taken).
+    pub(crate) fn lookup_node(
+        &self,
+        dir: &Arc<Node>,
+        name: &Component,
+    ) -> OvlResult<Option<(Arc<Node>, Attr)>> {
+        let Some(entry) = self.entry(dir, name)? else {
+            return Ok(None);
+        };
+        let Some(probe) = self.probe(dir, name, &entry)? else {
+            return Ok(None);
+        };
+        Ok(Some(self.node_from_probe(dir, name, probe)))
+    }
+
+    /// Turns a probe into a node in the table (or finds the existing node of the same object).
+    pub(crate) fn node_from_probe(
+        &self,
+        dir: &Node,
+        name: &Component,
+        probe: Probe,
+    ) -> (Arc<Node>, Attr) {
+        let is_dir = probe.vis.kind == FileType::Directory;
+        let (upper, lower) = if probe.vis.layer.is_upper() {
+            (Some(probe.fd.clone()), probe.lower_dirs.first().cloned())
+        } else {
+            (None, Some((probe.vis.layer, probe.fd.clone())))
+        };
+        let state = NodeState {
+            parent: dir.ino,
+            name: Some(name.clone()),
+            upper,
+            lower,
+            lower_dirs: probe.lower_dirs,
+            index: None,
+            unlinked: false,
+        };
+        let node = Node::new(probe.ino, is_dir, state);
+        let (node, _) = self
+            .nodes
+            .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
+        let attr = self.attr_from(&node, probe.st);
+        (node, attr)
+    }
+
+    // ---- attributes ------------------------------------------------------------------------
+
+    /// Current attributes of `node`.
+    pub(crate) fn attr(&self, node: &Node) -> OvlResult<Attr> {
+        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        let st = sys::stat_fd(fd.as_fd())?;
+        Ok(self.attr_from(node, st))
+    }
+
+    /// Adjusts a backing stat to what the mount shows.
+    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat) -> Attr {
+        st.st_ino = node.ino;
+        let s = node.read();
+        if node.is_dir {
+            let merged = if s.upper.is_some() {
+                !s.lower_dirs.is_empty()
+            } else {
+                s.lower_dirs.len() > 1
+            };
+            if merged {
+                st.st_nlink = 1;
+            }
+        } else if s.unlinked && s.upper.is_none() {
+            st.st_nlink = 0;
+        }
+        Attr { ino: node.ino, st }
+    }
+
+    /// LOOKUP: finds `name` in `parent` and takes a kernel reference on it.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> OvlResult<Option<Attr>> {
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+        let name = Component::new(name)?;
+        let dir = self.node(parent)?;
+        match self.lookup_node(&dir, &name)? {
+            Some((node, attr)) => {
+                self.nodes.add_lookup(&node);
+                Ok(Some(attr))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// FORGET.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.nodes.forget(ino, n);
+    }
+
+    /// GETATTR.
+    pub fn getattr(&self, ino: u64) -> OvlResult<Attr> {
+        self.stats.getattrs.fetch_add(1, Ordering::Relaxed);
+        let node = self.node(ino)?;
+        self.attr(&node)
+    }
+
+    /// READLINK.
+    pub fn readlink(&self, ino: u64) -> OvlResult<Vec<u8>> {
+        let node = self.node(ino)?;
+        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        sys::readlink_fd(fd.as_fd())
+    }
+
+    /// STATFS of the upper dir (or the top lower on a read-only mount).
+    pub fn statfs(&self) -> OvlResult<sys::StatFs> {
+        let fd = self
+            .layers
+            .root(LayerIdx::UPPER)
+            .or_else(|| self.layers.root(LayerIdx(1)));
+        sys::statfs_fd(fd.ok_or(Errno::IO)?)
+    }
+
+    /// Whether the mount is read-only.
+    pub fn read_only(&self) -> bool {
+        !self.layers.has_upper()
+    }
+}
+
+fn unreachable_component() -> Component {
+    // Only reached if "#<hex>" were invalid, which it never is.
+    match Component::new("tmp") {
+        Ok(c) => c,
+        Err(_) => std::process::abort(),
+    }
+}
+
+/// Converts `std::io::Error` to an errno.
+pub(crate) trait ErrnoExt {
+    fn from_io_error_or_io(e: std::io::Error) -> Errno;
+}
+
+impl ErrnoExt for Errno {
+    fn from_io_error_or_io(e: std::io::Error) -> Errno {
+        Errno::from_io_error(&e).unwrap_or(Errno::IO)
+    }
+}

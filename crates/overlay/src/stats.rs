@@ -1,0 +1,58 @@
+//! Counters of what the daemon did, for the request-count regression guard and `layerfs stats`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Event counters; relaxed atomics, no lock.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// LOOKUP requests.
+    pub lookups: AtomicU64,
+    /// GETATTR requests.
+    pub getattrs: AtomicU64,
+    /// READDIR requests.
+    pub readdirs: AtomicU64,
+    /// READDIRPLUS requests.
+    pub readdirpluses: AtomicU64,
+    /// Directory indexes built.
+    pub index_builds: AtomicU64,
+    /// Objects copied up.
+    pub copy_ups: AtomicU64,
+    /// fsyncs issued by copy-up.
+    pub fsyncs: AtomicU64,
+    /// OPEN requests.
+    pub opens: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub lookups: u64,
+    pub getattrs: u64,
+    pub readdirs: u64,
+    pub readdirpluses: u64,
+    pub index_builds: u64,
+    pub copy_ups: u64,
+    pub fsyncs: u64,
+    pub opens: u64,
+    pub nodes: u64,
+}
+
+impl Stats {
+    /// Reads every counter.
+    pub fn snapshot(&self, nodes: usize) -> StatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            lookups: r(&self.lookups),
+            getattrs: r(&self.getattrs),
+            readdirs: r(&self.readdirs),
+            readdirpluses: r(&self.readdirpluses),
+            index_builds: r(&self.index_builds),
+            copy_ups: r(&self.copy_ups),
+            fsyncs: r(&self.fsyncs),
+            opens: r(&self.opens),
+            nodes: nodes as u64,
+        }
+    }
+}

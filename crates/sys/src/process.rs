@@ -1,0 +1,97 @@
+//! Process-level helpers: detaching the mount daemon, the fd limit, the umask.
+
+use std::io::{Read, Write};
+
+use crate::{Errno, SysResult};
+
+/// Which side of [`daemonize`] we are on.
+pub enum Side {
+    /// The caller's process: it should exit with this status after printing `message` (if any).
+    Parent { ok: bool, message: String },
+    /// The detached daemon: call [`Ready::ok`] or [`Ready::fail`] once the mount is live or failed.
+    Daemon(Ready),
+}
+
+/// The daemon's end of the readiness pipe.
+pub struct Ready(std::fs::File);
+
+impl Ready {
+    /// Tells the waiting parent that the mount is live.
+    pub fn ok(mut self) {
+        let _ = self.0.write_all(b"OK");
+    }
+
+    /// Tells the waiting parent why the mount failed.
+    pub fn fail(mut self, message: &str) {
+        let _ = self.0.write_all(format!("ERR{message}").as_bytes());
+    }
+}
+
+/// Forks. The child starts a new session and gets a [`Ready`]; the parent waits until the child
+/// reports (or dies) and learns the outcome. Call before any thread is started.
+pub fn daemonize() -> SysResult<Side> {
+    let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    // SAFETY: the process is single-threaded here (documented precondition), so the child may run
+    // arbitrary code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        ));
+    }
+    if pid == 0 {
+        drop(rd);
+        let _ = rustix::process::setsid();
+        return Ok(Side::Daemon(Ready(std::fs::File::from(wr))));
+    }
+    drop(wr);
+    let mut buf = Vec::new();
+    let _ = std::fs::File::from(rd).read_to_end(&mut buf);
+    if buf.starts_with(b"OK") {
+        return Ok(Side::Parent {
+            ok: true,
+            message: String::new(),
+        });
+    }
+    let message = match buf.strip_prefix(b"ERR") {
+        Some(m) => String::from_utf8_lossy(m).into_owned(),
+        None => "the mount daemon exited before the mount was live".to_string(),
+    };
+    Ok(Side::Parent { ok: false, message })
+}
+
+/// Points stdin, stdout and stderr at /dev/null (the daemon keeps no terminal).
+pub fn detach_stdio() {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    let _ = rustix::stdio::dup2_stdin(&null);
+    let _ = rustix::stdio::dup2_stdout(&null);
+    let _ = rustix::stdio::dup2_stderr(&null);
+}
+
+/// Raises the soft limit of open files to the hard limit (nodes hold `O_PATH` fds).
+pub fn raise_nofile() {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let mut want = lim;
+    want.current = lim.maximum;
+    let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, want);
+}
+
+/// Sets the process umask (the daemon uses 0: the kernel already applied the caller's).
+pub fn set_umask(mask: u32) {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
+}
+
+/// Whether process `pid` exists.
+pub fn alive(pid: i32) -> bool {
+    rustix::process::Pid::from_raw(pid)
+        .map(|p| rustix::process::test_kill_process(p).is_ok())
+        .unwrap_or(false)
+}

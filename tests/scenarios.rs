@@ -1,0 +1,222 @@
+//! Real programs inside the mount: each scenario runs on kernel overlayfs and on the system under test
+//! over the same lowers, asserts the same exit status and output, the same merged tree, and something
+//! specific about the result.
+
+use crate::dual::{Dual, scen_opts};
+use crate::util::{can_mount, have_program, skip};
+
+fn entry_mode(d: &Dual, rel: &str) -> u32 {
+    let st = rustix::fs::lstat(d.sut.path.join(rel)).expect("lstat in sut");
+    st.st_mode & 0o7777
+}
+
+fn read(d: &Dual, rel: &str) -> String {
+    std::fs::read_to_string(d.sut.path.join(rel)).expect("read in sut")
+}
+
+#[test]
+fn scenario_cp_a() {
+    if !can_mount("scenario_cp_a") {
+        return;
+    }
+    let d = Dual::new("cp-a");
+    d.run("cp -a proj proj2 && cp -a data/sub etc/ && cp -a etc/app.conf etc/app.conf.bak");
+    let snap = d.assert_same("after cp -a", &scen_opts());
+    // The copy equals the original: names, types, modes, owners, contents, symlink targets, times.
+    for (k, v) in snap.entries.iter().filter(|(k, _)| k.starts_with("proj/")) {
+        let copy = format!("proj2/{}", &k["proj/".len()..]);
+        assert_eq!(snap.entries.get(&copy), Some(v), "{copy} differs from {k}");
+    }
+    assert_eq!(read(&d, "etc/app.conf.bak"), "a=override\n");
+    assert_eq!(entry_mode(&d, "etc/sub"), 0o750);
+    // cp -a keeps hard links within what it copies.
+    assert!(
+        snap.link_groups.contains(&vec![
+            "proj2/docs/readme.hard".into(),
+            "proj2/docs/readme.txt".into()
+        ]),
+        "hard link lost in copy: {:?}",
+        snap.link_groups
+    );
+}
+
+#[test]
+fn scenario_tar_c_and_x() {
+    if !can_mount("scenario_tar_c_and_x") {
+        return;
+    }
+    if !have_program("tar") {
+        skip("scenario_tar_c_and_x", "tar not installed");
+        return;
+    }
+    let d = Dual::new("tar");
+    // tar c: identical archives (hard-link detection relies on st_ino/st_nlink being right).
+    let out = d.run(
+        "tar --sort=name --format=gnu -cf - proj etc data/sub data/big.bin | sha256sum; \
+         tar --sort=name -cvvf /dev/null proj etc 2>&1 | sed 's/ \\+/ /g'",
+    );
+    assert!(
+        out.contains("proj/docs/readme.txt link to proj/docs/readme.hard")
+            || out.contains("proj/docs/readme.hard link to proj/docs/readme.txt"),
+        "tar did not see the hard link:\n{out}"
+    );
+    assert!(!out.contains("old.txt"), "whited-out file archived:\n{out}");
+    // tar x over lower files, into a lower dir and a new one.
+    let src = d.fix.dir("tarsrc");
+    crate::util::sh_ok(
+        &src,
+        "mkdir -p proj/src newpkg/deep && printf 'fn main() { new }\\n' > proj/src/main.rs && \
+         printf 'n\\n' > newpkg/deep/n.txt && ln -s deep/n.txt newpkg/link && chmod 0700 newpkg && \
+         touch -d @1234567890 proj/src/main.rs newpkg/deep/n.txt && \
+         tar --sort=name -cf ../in.tar .",
+    );
+    let tarball = d.fix.path().join("in.tar");
+    d.run(&format!("tar -xpf {}", tarball.display()));
+    d.assert_same("after tar x", &scen_opts());
+    assert_eq!(read(&d, "proj/src/main.rs"), "fn main() { new }\n");
+    assert_eq!(read(&d, "newpkg/link"), "n\n");
+    assert_eq!(entry_mode(&d, "newpkg"), 0o700);
+    let st = rustix::fs::stat(d.sut.path.join("proj/src/main.rs")).expect("stat");
+    assert_eq!(st.st_mtime, 1_234_567_890, "tar x did not restore mtime");
+}
+
+#[test]
+fn scenario_mv_lower_dir() {
+    if !can_mount("scenario_mv_lower_dir") {
+        return;
+    }
+    let d = Dual::new("mv");
+    // An strace-free way to see that rename(2) itself succeeded: python's os.rename does no fallback.
+    let out = d.run(
+        "mv proj renamed && mv etc/conf.d etc/conf.e && \
+         python3 -c 'import os; os.rename(\"data/sub\", \"data/sub2\"); print(\"renamed\")' && \
+         ls -R renamed etc data",
+    );
+    assert!(out.contains("renamed\n"), "{out}");
+    let snap = d.assert_same("after mv of lower dirs", &scen_opts());
+    assert!(!snap.entries.contains_key("proj"));
+    assert_eq!(read(&d, "renamed/src/main.rs"), "fn main() {}\n");
+    assert_eq!(read(&d, "renamed/src/lib.rs"), "fn lib() {}\n");
+    assert!(
+        !snap.entries.contains_key("renamed/docs/old.txt"),
+        "whiteout lost by rename"
+    );
+    assert_eq!(read(&d, "etc/conf.e/y.conf"), "y\n");
+    assert_eq!(entry_mode(&d, "data/sub2"), 0o750);
+    // Renaming inside a renamed lower dir, and reusing the old name.
+    d.run("mkdir proj && echo fresh > proj/f && mv renamed/src renamed/src2");
+    d.assert_same("after more renames", &scen_opts());
+}
+
+#[test]
+fn scenario_git() {
+    if !can_mount("scenario_git") {
+        return;
+    }
+    if !have_program("git") {
+        skip("scenario_git", "git not installed");
+        return;
+    }
+    let d = Dual::new("git");
+    let home = d.fix.dir("home");
+    let env = format!(
+        "export HOME={} GIT_CONFIG_NOSYSTEM=1 GIT_AUTHOR_NAME=t GIT_AUTHOR_EMAIL=t@t \
+         GIT_COMMITTER_NAME=t GIT_COMMITTER_EMAIL=t@t GIT_AUTHOR_DATE='2001-09-09T01:46:40Z' \
+         GIT_COMMITTER_DATE='2001-09-09T01:46:40Z';",
+        home.display()
+    );
+    let out = d.run(&format!(
+        "{env} cd proj && git init -q -b main && git add -A && git commit -qm init && \
+         echo change >> src/main.rs && git commit -qam second && git rev-parse HEAD && \
+         git status --porcelain && git fsck --strict 2>&1 && git log --format='%H %s' && \
+         git ls-files -s"
+    ));
+    let head = out.lines().next().unwrap_or_default();
+    assert_eq!(head.len(), 40, "no commit hash:\n{out}");
+    assert!(out.contains("readme.hard"), "{out}");
+    assert!(
+        !out.contains("old.txt"),
+        "whited-out file committed:\n{out}"
+    );
+    let mut opts = scen_opts();
+    // The index holds st_ino/st_dev/ctime, which legitimately differ between the two mounts.
+    opts.ignore_content = vec!["proj/.git/index".into()];
+    d.assert_same("after git", &opts);
+}
+
+#[test]
+fn scenario_python_venv() {
+    if !can_mount("scenario_python_venv") {
+        return;
+    }
+    if !have_program("python3") {
+        skip("scenario_python_venv", "python3 not installed");
+        return;
+    }
+    let d = Dual::new("venv");
+    let out = d.run(
+        "python3 -m venv --without-pip venv && venv/bin/python -c 'import sys; print(sys.prefix)' && \
+         venv/bin/python -c 'import json, pathlib; pathlib.Path(\"out.json\").write_text(json.dumps([1]))' && \
+         cat out.json",
+    );
+    assert!(
+        out.contains("<MNT>/venv\n"),
+        "venv python has wrong prefix:\n{out}"
+    );
+    assert!(out.ends_with("[1]"), "{out}");
+    d.assert_same("after python3 -m venv", &scen_opts());
+}
+
+#[test]
+fn scenario_sed_i() {
+    if !can_mount("scenario_sed_i") {
+        return;
+    }
+    let d = Dual::new("sed");
+    d.run(
+        "sed -i 's/world/WORLD/' proj/docs/readme.txt && sed -i 's/override/edited/' etc/app.conf && \
+         sed -i -e '1d' etc/conf.d/x.conf",
+    );
+    d.assert_same("after sed -i", &scen_opts());
+    assert_eq!(read(&d, "proj/docs/readme.txt"), "hello\nWORLD\n");
+    // sed -i replaces the file, so the other hard link keeps the old content.
+    assert_eq!(read(&d, "proj/docs/readme.hard"), "hello\nworld\n");
+    assert_eq!(read(&d, "etc/app.conf"), "a=edited\n");
+    assert_eq!(entry_mode(&d, "etc/app.conf"), 0o640);
+    assert_eq!(read(&d, "etc/conf.d/x.conf"), "");
+}
+
+#[test]
+fn scenario_chmod_r() {
+    if !can_mount("scenario_chmod_r") {
+        return;
+    }
+    let d = Dual::new("chmod");
+    d.run("chmod -R go-rwx proj data/sub && chmod -R u+x,g+s etc && chown -R 1000:1000 proj/src");
+    let snap = d.assert_same("after chmod -R", &scen_opts());
+    assert_eq!(entry_mode(&d, "proj/src/main.rs"), 0o600);
+    assert_eq!(entry_mode(&d, "proj/src"), 0o700);
+    assert_eq!(entry_mode(&d, "etc/conf.d"), 0o2755);
+    let main = &snap.entries["proj/src/main.rs"];
+    assert_eq!((main.uid, main.gid), (1000, 1000));
+    // chmod changes ctime only: copied-up entries keep their lower mtime.
+    assert_eq!(
+        main.mtime,
+        Some(crate::util::TimeClass::Old(crate::dual::LOWER_TIME, 0))
+    );
+}
+
+#[test]
+fn scenario_find_newer() {
+    if !can_mount("scenario_find_newer") {
+        return;
+    }
+    let d = Dual::new("find");
+    let out = d.run(
+        "touch -d @1500000000 ref && echo x >> etc/app.conf && touch proj/src/lib.rs && \
+         mkdir newdir && chmod 600 proj/docs/readme.txt && find . -newer ref | sort",
+    );
+    // Copy-up of etc/app.conf must restore etc's mtime (overlay-semantics item 9), so ./etc is not newer.
+    assert_eq!(out, ".\n./etc/app.conf\n./newdir\n./proj/src/lib.rs\n");
+    d.assert_same("after find -newer scenario", &scen_opts());
+}
