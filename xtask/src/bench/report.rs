@@ -291,8 +291,15 @@ fn daemon_table(out: &mut String, systems: &[System], records: &[Record]) {
     }
 }
 
-/// Counters of `layerfs stats` output: lines `name value` or `name: value` with an integer value.
+/// Counters of `layerfs stats` output: a JSON object of integers (what layerfs prints), or lines
+/// `name value` / `name: value` / `name=value`.
 fn counters(text: &str) -> BTreeMap<String, i64> {
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(text.trim()) {
+        return map
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_i64()?)))
+            .collect();
+    }
     text.lines()
         .filter_map(|l| {
             let l = l.replace([':', '='], " ");
@@ -370,6 +377,9 @@ mod tests {
         assert_eq!(c.get("readdirplus"), Some(&5));
         assert_eq!(c.get("forget"), Some(&3));
         assert_eq!(c.len(), 3);
+        let j = counters(r#"{"lookups": 4, "opens": 0, "name": "x"}"#);
+        assert_eq!(j.get("lookups"), Some(&4));
+        assert_eq!(j.len(), 2);
     }
 
     fn rec(sys: System, round: usize, metric: &'static str, v: f64) -> Record {
