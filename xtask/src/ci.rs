@@ -9,7 +9,10 @@ use anyhow::{Context, bail};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
@@ -32,7 +35,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     crate::setup::ensure_test_packages()?;
     if !quick {
         cargo(&["fmt", "--all", "--", "--check"])?;
-        cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
     }
     cargo(&["build", "--workspace"])?;
     cargo(&["test", "--workspace", "--no-fail-fast"])?;

@@ -14,7 +14,9 @@ fn show(cmd: &mut Command) -> anyhow::Result<()> {
         .map(|s| s.to_string_lossy().into_owned())
         .collect();
     println!("$ {}", line.join(" "));
-    let status = cmd.status().with_context(|| format!("cannot run {}", line[0]))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", line[0]))?;
     if !status.success() {
         bail!("{} failed ({status})", line.join(" "));
     }
@@ -41,7 +43,10 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     let base = std::env::temp_dir().join(format!("layerfs-demo-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
     let result = demo(&bin, &base);
-    let _ = Command::new(&bin).arg("umount").arg(base.join("merged")).output();
+    let _ = Command::new(&bin)
+        .arg("umount")
+        .arg(base.join("merged"))
+        .output();
     if base.starts_with(std::env::temp_dir()) && base.file_name().is_some() {
         let _ = std::fs::remove_dir_all(&base);
     }
@@ -62,21 +67,33 @@ fn demo(bin: &Path, base: &Path) -> anyhow::Result<()> {
     )?;
     let b = bin.display();
     println!("# mount: app on top of base, writes go to upper/");
-    sh(&format!("{b} mount --lower app --lower base --upper upper --work work merged"), base)?;
+    sh(
+        &format!("{b} mount --lower app --lower base --upper upper --work work merged"),
+        base,
+    )?;
     sh("ls -l merged merged/etc", base)?;
     sh("cat merged/etc/motd", base)?;
     println!("# edit a lower file (copy-up), delete one, rename a lower directory, add one");
     sh("echo 'edited in the container' >> merged/etc/motd", base)?;
     sh("rm merged/etc/passwd", base)?;
-    sh("mv merged/usr/share/doc merged/usr/share/documentation", base)?;
+    sh(
+        "mv merged/usr/share/doc merged/usr/share/documentation",
+        base,
+    )?;
     sh("mkdir merged/srv && echo hi > merged/srv/hello.txt", base)?;
-    sh("cat merged/etc/motd && ls merged/etc merged/usr/share", base)?;
+    sh(
+        "cat merged/etc/motd && ls merged/etc merged/usr/share",
+        base,
+    )?;
     println!("# what changed, as `docker diff` prints it");
     sh(&format!("{b} diff merged"), base)?;
     println!("# the upper dir holds only the changes (kernel overlayfs format)");
     sh("find upper | sort", base)?;
     sh(&format!("{b} umount merged"), base)?;
     println!("# unmounted; diff without a mount, from the dirs:");
-    sh(&format!("{b} diff --upper upper --lower app --lower base"), base)?;
+    sh(
+        &format!("{b} diff --upper upper --lower app --lower base"),
+        base,
+    )?;
     Ok(())
 }

@@ -29,16 +29,25 @@ pub fn ensure_demo_packages() -> anyhow::Result<()> {
 }
 
 fn ensure(packages: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> =
-        packages.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !rustix_is_root() {
-        bail!("missing packages {} (run as root to have them installed)", missing.join(" "));
+        bail!(
+            "missing packages {} (run as root to have them installed)",
+            missing.join(" ")
+        );
     }
     eprintln!("setup: apt-get install {}", missing.join(" "));
-    let ok = Command::new("apt-get").args(["update", "-qq"]).status().context("cannot run apt-get")?;
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .context("cannot run apt-get")?;
     if !ok.success() {
         bail!("apt-get update failed ({ok})");
     }
@@ -55,5 +64,9 @@ fn ensure(packages: &[(&str, &str)]) -> anyhow::Result<()> {
 }
 
 fn rustix_is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }

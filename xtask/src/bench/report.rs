@@ -216,6 +216,7 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
             .collect();
         let _ = writeln!(out, "| {metric} | {target} | {} |", cells.join(" | "));
     }
+    flatness_table(&mut out, &names, &med);
     daemon_table(&mut out, systems, records);
     request_table(&mut out, systems, records);
     let _ = writeln!(out, "\nWorkloads:\n");
@@ -248,6 +249,44 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
         }
     }
     out
+}
+
+/// How each system's figures grow from 2 to 51 layers (the issue: ≤ 1.3× for layerfs).
+fn flatness_table(
+    out: &mut String,
+    names: &[&str],
+    med: &BTreeMap<(&'static str, &'static str), (f64, usize)>,
+) {
+    const PAIRS: [(&str, &str); 3] = [
+        ("layers50-find", "find"),
+        ("layers50-stat", "stat-bottom"),
+        ("layers50-missing", "stat-missing"),
+    ];
+    let ratio = |many: &str, two: &str, sys: &str| {
+        let m = med.get(&(many, sys))?.0;
+        let t = med.get(&(two, sys))?.0;
+        (t > 0.0).then(|| format!("{:.2}×", m / t))
+    };
+    if !PAIRS
+        .iter()
+        .any(|(m, t)| names.iter().any(|s| ratio(m, t, s).is_some()))
+    {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nFlatness in the number of layers: the 50-layer figure over the same system's 2-layer one \
+         (target for layerfs: ≤ 1.3×).\n"
+    );
+    let _ = writeln!(out, "| workload | {} |", names.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---|".repeat(names.len()));
+    for (many, two) in PAIRS {
+        let cells: Vec<String> = names
+            .iter()
+            .map(|s| ratio(many, two, s).unwrap_or_else(|| "-".into()))
+            .collect();
+        let _ = writeln!(out, "| {many} / {two} | {} |", cells.join(" | "));
+    }
 }
 
 fn daemon_table(out: &mut String, systems: &[System], records: &[Record]) {
