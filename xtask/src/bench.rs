@@ -176,6 +176,10 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
             opts.warmup,
         ),
         String::new(),
+        "Reproduce (as root): `cargo xtask bench` (full size) or `cargo xtask bench --quick`; raw numbers per run \
+         in `<base>/results/*.json`; how it works: `xtask/src/bench.rs`."
+            .to_string(),
+        String::new(),
     ];
     header.extend(host::describe(
         &fs,

@@ -216,6 +216,7 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
             .collect();
         let _ = writeln!(out, "| {metric} | {target} | {} |", cells.join(" | "));
     }
+    noise_line(&mut out, records);
     flatness_table(&mut out, &names, &med);
     daemon_table(&mut out, systems, records);
     request_table(&mut out, systems, records);
@@ -249,6 +250,33 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
         }
     }
     out
+}
+
+/// Lists the cells whose rounds spread by more than 30 % of their median (noise indicator).
+fn noise_line(out: &mut String, records: &[Record]) {
+    let mut obs: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.error.is_none()) {
+        for (m, v) in &r.metrics {
+            obs.entry((m, r.sys.name())).or_default().push(*v);
+        }
+    }
+    let noisy: Vec<String> = obs
+        .into_iter()
+        .filter_map(|((m, s), v)| {
+            let med = median(v.clone())?;
+            let spread = v.iter().copied().fold(f64::MIN, f64::max)
+                - v.iter().copied().fold(f64::MAX, f64::min);
+            (v.len() > 1 && med > 0.0 && spread / med > 0.3)
+                .then(|| format!("{s}/{m} {:.0}%", 100.0 * spread / med))
+        })
+        .collect();
+    if !noisy.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nNoisy cells ((max − min) / median over the rounds > 30 %): {}.",
+            noisy.join(", ")
+        );
+    }
 }
 
 /// How each system's figures grow from 2 to 51 layers (the issue: ≤ 1.3× for layerfs).
