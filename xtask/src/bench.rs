@@ -14,6 +14,7 @@ mod cmd;
 mod data;
 mod host;
 mod opts;
+mod profile;
 mod report;
 mod system;
 mod workload;
@@ -123,6 +124,13 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         );
     });
     reap_orphans(&opts.base.join("fs/run"));
+    if let Some(n) = opts.nice {
+        // Inherited by every command and daemon started from here on, so all systems get the same.
+        cmd::sh(
+            &format!("renice -n {n} -p {}", std::process::id()),
+            Duration::from_secs(10),
+        )?;
+    }
     let fs = host::LoopFs::up(&opts.base, IMAGE_SIZE)?;
     let data = Data::new(
         &fs.mnt,
@@ -160,7 +168,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         String::new(),
         format!(
             "`cargo xtask bench{}` — {} UTC, {} data set ({} files in {} dirs, {}-entry dir, {} MiB file, \
-             {} thin layers), {} measured round(s) after {} warm-up round(s).",
+             {} thin layers), {} measured round(s) after {} warm-up round(s){}.",
             std::env::args()
                 .skip(2)
                 .map(|a| format!(" {a}"))
@@ -174,6 +182,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
             data.shape.nlayers,
             opts.runs,
             opts.warmup,
+            opts.nice.map(|n| format!(", niceness {n}")).unwrap_or_default(),
         ),
         String::new(),
         "Reproduce (as root): `cargo xtask bench` (full size) or `cargo xtask bench --quick`; raw numbers per run \
@@ -195,6 +204,8 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         logs: &logs,
         timeout,
     };
+    let perf_dir = opts.base.join("perf");
+    let mut profiles = Vec::new();
     let results = opts.base.join("results");
     std::fs::create_dir_all(&results)?;
     let raw = results.join(format!("bench-{}.json", now("%Y%m%d-%H%M%S")));
@@ -210,6 +221,12 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
                     header.push("- **interrupted**: partial results".to_string());
                     break 'all;
                 }
+                if opts.perf && round == 1 && sys == System::Layerfs {
+                    match env.profile(w, &perf_dir) {
+                        Ok(p) => profiles.push((w.name, p)),
+                        Err(e) => eprintln!("bench: profiling {} failed: {e:#}", w.name),
+                    }
+                }
                 let rec = env.run_one(sys, w, round.max(0) as usize);
                 progress(&rec, round);
                 if round > 0 {
@@ -220,7 +237,8 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         save(&header, &records)?;
     }
     header.push(format!("- load average at end: {}", host::loadavg()));
-    let md = report::markdown(&header, &systems, opts.runs, &records);
+    let mut md = report::markdown(&header, &systems, opts.runs, &records);
+    md.push_str(&report::profiles(&profiles));
     let out = if opts.out.is_absolute() {
         opts.out.clone()
     } else {
@@ -349,21 +367,10 @@ struct RunEnv<'a> {
 impl RunEnv<'_> {
     /// One measured (or warm-up, `round` 0) run of `w` on `sys`; failures are recorded, not returned.
     fn run_one(&self, sys: System, w: &Workload, round: usize) -> Record {
-        let mut rec = Record {
-            workload: w.name,
-            round,
-            sys,
-            metrics: Vec::new(),
-            mount_secs: 0.0,
-            usage: None,
-            stats: None,
-            error: None,
-            checks: Vec::new(),
-            disturbed: 0,
-        };
+        let mut rec = Record::new(w.name, round, sys);
         loop {
             let drops = drop_count();
-            let result = self.try_run(sys, w, &mut rec);
+            let result = self.try_run(sys, w, &mut rec, None);
             if drop_count() != drops && rec.disturbed < RETRIES {
                 rec.disturbed += 1;
                 eprintln!("bench: page cache dropped by someone else during the run: repeating it");
@@ -377,7 +384,27 @@ impl RunEnv<'_> {
         }
     }
 
-    fn try_run(&self, sys: System, w: &Workload, rec: &mut Record) -> Result<()> {
+    /// An extra, unrecorded run of `w` on layerfs under `perf record`; returns the summary file.
+    fn profile(&self, w: &Workload, dir: &Path) -> Result<PathBuf> {
+        let mut rec = Record::new(w.name, 0, System::Layerfs);
+        let mut summary = None;
+        self.try_run(System::Layerfs, w, &mut rec, Some((dir, &mut summary)))?;
+        let summary = summary.context("no daemon to profile")?;
+        eprintln!(
+            "bench: profile of {} on layerfs: {}",
+            w.name,
+            summary.display()
+        );
+        Ok(summary)
+    }
+
+    fn try_run(
+        &self,
+        sys: System,
+        w: &Workload,
+        rec: &mut Record,
+        profile: Option<(&Path, &mut Option<PathBuf>)>,
+    ) -> Result<()> {
         rec.metrics.clear();
         rec.checks.clear();
         rec.usage = None;
@@ -405,7 +432,14 @@ impl RunEnv<'_> {
             timeout: self.timeout,
             checks: Default::default(),
         };
+        let recording = match (&profile, mount.daemon) {
+            (Some((dir, _)), Some(pid)) => Some(profile::start(dir, w.name, pid)?),
+            _ => None,
+        };
         let result = (w.run)(&ctx);
+        if let (Some(r), Some((_, out))) = (recording, profile) {
+            *out = Some(r.finish()?);
+        }
         rec.checks = ctx.checks.take();
         rec.usage = mount.usage();
         if let (Some(b), Some(a)) = (before, mount.request_stats(self.bins)) {

@@ -20,7 +20,11 @@ journaled ext4 loop image, in a private mount namespace. Must run as root.
   --out FILE        markdown report (default docs/benchmarks.md in the workspace)
   --base DIR        image, data and raw results (default /var/tmp/layerfs-bench, or $LAYERFS_BENCH_BASE)
   --timeout SECS    per command (default 600)
-  --layerfs-bin P   run this layerfs binary instead of building target/release/layerfs (e.g. a baseline)";
+  --layerfs-bin P   run this layerfs binary instead of building target/release/layerfs (e.g. a baseline)
+  --nice N          run the bench (workloads and daemons alike) at this niceness, e.g. -10 on a machine
+                    where others compile (default: unchanged)
+  --perf            also profile the layerfs daemon once per workload (perf record; an extra, unrecorded
+                    run), into <base>/perf/<workload>.{data,txt}";
 
 /// Parsed options.
 #[derive(Clone, Debug)]
@@ -43,6 +47,10 @@ pub struct Opts {
     pub timeout_secs: u64,
     /// A layerfs binary to use instead of the release build.
     pub layerfs_bin: Option<PathBuf>,
+    /// Profile the layerfs daemon once per workload.
+    pub perf: bool,
+    /// Niceness for the bench and everything it starts.
+    pub nice: Option<i32>,
 }
 
 impl Opts {
@@ -59,6 +67,8 @@ impl Opts {
             .unwrap_or_else(|| PathBuf::from("/var/tmp/layerfs-bench"));
         let mut timeout_secs = 600;
         let mut layerfs_bin = None;
+        let mut perf = false;
+        let mut nice = None;
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -73,6 +83,14 @@ impl Opts {
             };
             match flag {
                 "--quick" => quick = true,
+                "--perf" => perf = true,
+                "--nice" => {
+                    let v = value()?;
+                    nice = Some(
+                        v.parse()
+                            .with_context(|| format!("--nice wants a number, got {v:?}"))?,
+                    )
+                }
                 "--systems" => {
                     systems = Some(
                         value()?
@@ -124,6 +142,8 @@ impl Opts {
             base,
             timeout_secs,
             layerfs_bin,
+            perf,
+            nice,
         })
     }
 }

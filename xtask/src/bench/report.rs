@@ -36,6 +36,47 @@ pub struct Record {
     pub disturbed: usize,
 }
 
+impl Record {
+    /// A record with no result yet.
+    pub fn new(workload: &'static str, round: usize, sys: System) -> Record {
+        Record {
+            workload,
+            round,
+            sys,
+            metrics: Vec::new(),
+            mount_secs: 0.0,
+            usage: None,
+            stats: None,
+            error: None,
+            checks: Vec::new(),
+            disturbed: 0,
+        }
+    }
+}
+
+/// The `--perf` section: per workload, the summary file and its top symbols.
+pub fn profiles(list: &[(&str, std::path::PathBuf)]) -> String {
+    let mut out = String::new();
+    if list.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nProfiles of the layerfs daemon (`--perf`; self time, top symbols):\n"
+    );
+    for (w, path) in list {
+        let top: Vec<String> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.trim_start().contains('%'))
+            .take(5)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        let _ = writeln!(out, "- `{w}` ({}): {}", path.display(), top.join("; "));
+    }
+    out
+}
+
 /// A row of the main table: metric, target from the issue, what it does, reference metric for the ratio.
 struct Row {
     metric: &'static str,
@@ -260,23 +301,29 @@ fn noise_line(out: &mut String, records: &[Record]) {
             obs.entry((m, r.sys.name())).or_default().push(*v);
         }
     }
-    let noisy: Vec<String> = obs
+    let total = obs.len();
+    let mut noisy: Vec<(f64, String)> = obs
         .into_iter()
         .filter_map(|((m, s), v)| {
             let med = median(v.clone())?;
-            let spread = v.iter().copied().fold(f64::MIN, f64::max)
-                - v.iter().copied().fold(f64::MAX, f64::min);
-            (v.len() > 1 && med > 0.0 && spread / med > 0.3)
-                .then(|| format!("{s}/{m} {:.0}%", 100.0 * spread / med))
+            let max = v.iter().copied().fold(f64::MIN, f64::max);
+            let min = v.iter().copied().fold(f64::MAX, f64::min);
+            let spread = (max - min) / med;
+            (v.len() > 1 && med > 0.0 && spread > 0.3)
+                .then(|| (spread, format!("{s}/{m} {:.0}%", 100.0 * spread)))
         })
         .collect();
-    if !noisy.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nNoisy cells ((max − min) / median over the rounds > 30 %): {}.",
-            noisy.join(", ")
-        );
+    if noisy.is_empty() {
+        return;
     }
+    noisy.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let worst: Vec<String> = noisy.iter().take(6).map(|(_, s)| s.clone()).collect();
+    let _ = writeln!(
+        out,
+        "\nNoise: {} of {total} cells spread by more than 30 % of their median over the rounds; worst: {}.",
+        noisy.len(),
+        worst.join(", ")
+    );
 }
 
 /// How each system's figures grow from 2 to 51 layers (the issue: ≤ 1.3× for layerfs).
@@ -451,16 +498,9 @@ mod tests {
 
     fn rec(sys: System, round: usize, metric: &'static str, v: f64) -> Record {
         Record {
-            workload: metric,
-            round,
-            sys,
             metrics: vec![(metric, v)],
             mount_secs: 0.01,
-            usage: None,
-            stats: None,
-            error: None,
-            checks: Vec::new(),
-            disturbed: 0,
+            ..Record::new(metric, round, sys)
         }
     }
 
