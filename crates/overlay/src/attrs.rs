@@ -5,7 +5,6 @@ use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
-use layerfs_store::format;
 use layerfs_sys::{self as sys, Errno, FileType, Mode, Timespec, Timestamps, xattr};
 
 use crate::copyup::CopyData;
@@ -94,12 +93,10 @@ impl Overlay {
             let snap = self.stats.snapshot(self.nodes.len());
             return serde_json::to_vec(&snap).map_err(|_| Errno::IO);
         }
-        if format::is_private_xattr(name.as_bytes()) {
-            return Err(Errno::NODATA);
-        }
+        let stored = self.layers.encoding.escape(name.as_bytes());
         let node = self.node(ino)?;
         let (_, fd) = node.top().ok_or(Errno::STALE)?;
-        xattr::get(fd.as_fd(), name)
+        xattr::get(fd.as_fd(), OsStr::from_bytes(&stored))
     }
 
     /// LISTXATTR without the private names, NUL-separated.
@@ -107,8 +104,8 @@ impl Overlay {
         let node = self.node(ino)?;
         let (_, fd) = node.top().ok_or(Errno::STALE)?;
         let mut out = Vec::new();
-        for name in xattr::list(fd.as_fd())? {
-            if !format::is_private_xattr(&name) {
+        for stored in xattr::list(fd.as_fd())? {
+            if let Some(name) = self.layers.encoding.unescape(&stored) {
                 out.extend_from_slice(&name);
                 out.push(0);
             }
@@ -118,25 +115,21 @@ impl Overlay {
 
     /// SETXATTR (copies up first).
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OvlResult<()> {
-        if format::is_private_xattr(name.as_bytes()) {
-            return Err(Errno::PERM);
-        }
+        let stored = self.layers.encoding.escape(name.as_bytes());
         let node = self.node(ino)?;
         let upper = self.copy_up(&node, CopyData::All)?;
-        xattr::set(upper.as_fd(), name, value, flags)
+        xattr::set(upper.as_fd(), OsStr::from_bytes(&stored), value, flags)
     }
 
     /// REMOVEXATTR: an absent attribute is `ENODATA` without a copy-up.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> OvlResult<()> {
-        if format::is_private_xattr(name.as_bytes()) {
-            return Err(Errno::NODATA);
-        }
+        let stored = self.layers.encoding.escape(name.as_bytes());
         let node = self.node(ino)?;
         if node.read().upper.is_none() {
             self.getxattr(ino, name)?;
         }
         let upper = self.copy_up(&node, CopyData::All)?;
-        xattr::remove(upper.as_fd(), name)
+        xattr::remove(upper.as_fd(), OsStr::from_bytes(&stored))
     }
 
     /// ACCESS (only sent without `default_permissions`): permission bits against the caller.

@@ -72,8 +72,13 @@ pub fn changes(upper: &Path, lowers: &[std::path::PathBuf]) -> Result<Vec<Change
             break;
         }
     }
+    let mut roots = Vec::new();
+    for (i, l) in lowers.iter().enumerate() {
+        roots.push((LayerIdx(i as u16 + 1), open(l)?));
+    }
     let mut out = BTreeMap::new();
-    walk(upper_fd.as_fd(), &lower_fds, b"", &mut out)
+    let ctx = Walk { roots: &roots };
+    ctx.walk(upper_fd.as_fd(), &lower_fds, b"", &mut out)
         .map_err(|e| format!("{}: {e}", upper.display()))?;
     // Every ancestor of a change is changed.
     let paths: Vec<Vec<u8>> = out.keys().cloned().collect();
@@ -100,124 +105,288 @@ fn join(base: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
-/// Walks one upper directory whose lower counterparts are `lowers`.
-fn walk(
-    upper: BorrowedFd<'_>,
-    lowers: &[(LayerIdx, OwnedFd)],
-    path: &[u8],
-    out: &mut BTreeMap<Vec<u8>, ChangeKind>,
-) -> Result<(), Errno> {
-    let layer_dirs: Vec<LayerDir<'_>> = lowers
+/// What every level of the walk shares.
+struct Walk<'a> {
+    /// Every lower root, for absolute redirects.
+    roots: &'a [(LayerIdx, OwnedFd)],
+}
+
+/// The redirect target of an upper directory moved by the kernel overlay, if any.
+fn redirect_of(dir: BorrowedFd<'_>) -> Option<Vec<u8>> {
+    ["trusted.overlay.redirect", "user.overlay.redirect"]
         .iter()
-        .map(|(l, fd)| LayerDir {
-            layer: *l,
-            fd: fd.as_fd(),
-        })
-        .collect();
-    let lower_index = DirIndex::build(None, &layer_dirs)?;
-    for entry in sys::dir::read_all(upper)? {
-        let name = entry.name.as_bytes();
-        let child_path = join(path, name);
-        match format::classify_name(name) {
-            NameKind::WhiteoutFor(target) => {
-                if lower_index.visible(target).is_some() {
-                    out.insert(join(path, target), ChangeKind::Deleted);
-                }
-                continue;
-            }
-            NameKind::OpaqueMarker | NameKind::Meta | NameKind::Invalid => continue,
-            NameKind::Plain => {}
-        }
-        let comp = Component::new(OsStr::from_bytes(name))?;
-        let st = sys::stat_at(upper, &comp)?;
-        if format::is_chardev_whiteout(&st) {
-            if lower_index.visible(name).is_some() {
-                out.insert(child_path, ChangeKind::Deleted);
-            }
-            continue;
-        }
-        let kind = sys::file_type(&st);
-        let lower = lower_index.get(name).and_then(|e| e.lower.clone());
-        let Some(lower) = lower else {
-            out.insert(child_path.clone(), ChangeKind::Added);
-            if kind == FileType::Directory {
-                let sub = sys::open_path_dir(upper, &comp)?;
-                all_added(sub.as_fd(), &child_path, out)?;
-            }
-            continue;
+        .find_map(|n| sys::xattr::get(dir, OsStr::new(n)).ok())
+}
+
+/// Opens `path` (components split on `/`) below `start`, directories only.
+fn open_dir_path(start: BorrowedFd<'_>, path: &[u8]) -> Option<OwnedFd> {
+    let mut cur: Option<OwnedFd> = None;
+    for comp in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+        let comp = Component::new(OsStr::from_bytes(comp)).ok()?;
+        let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(start);
+        cur = Some(sys::open_path_dir(base, &comp).ok()?);
+    }
+    cur
+}
+
+impl Walk<'_> {
+    /// The lower dirs a redirect points at.
+    fn redirect_dirs(
+        &self,
+        target: &[u8],
+        lowers: &[(LayerIdx, OwnedFd)],
+    ) -> Vec<(LayerIdx, OwnedFd)> {
+        let starts = if target.starts_with(b"/") {
+            self.roots
+        } else {
+            lowers
         };
-        if kind != FileType::Directory || lower.kind != FileType::Directory {
-            out.insert(child_path.clone(), ChangeKind::Modified);
-            if kind == FileType::Directory {
-                let sub = sys::open_path_dir(upper, &comp)?;
-                all_added(sub.as_fd(), &child_path, out)?;
-            }
-            continue;
-        }
-        // A directory in both: recurse with its lower counterparts.
-        let sub = sys::open_path_dir(upper, &comp)?;
-        let mut sub_lowers = Vec::new();
-        for layer in std::iter::once(lower.layer).chain(lower.more.iter().copied()) {
-            let Some((_, parent)) = lowers.iter().find(|(l, _)| *l == layer) else {
+        let mut out = Vec::new();
+        for (layer, start) in starts {
+            let Some(fd) = open_dir_path(start.as_fd(), target) else {
                 continue;
             };
-            let fd = sys::open_path_dir(parent.as_fd(), &comp)?;
             let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-            sub_lowers.push((layer, fd));
+            out.push((*layer, fd));
             if opaque {
                 break;
             }
         }
-        let top_lower = sys::stat_fd(sub_lowers[0].1.as_fd())?;
-        let own_change = st.st_mode != top_lower.st_mode
-            || st.st_uid != top_lower.st_uid
-            || st.st_gid != top_lower.st_gid;
-        if own_change {
-            out.insert(child_path.clone(), ChangeKind::Modified);
-        }
-        let opaque = format::dir_mark(sub.as_fd()) == DirMark::Opaque
-            || sys::dir::read_all(sub.as_fd())?
-                .iter()
-                .any(|e| e.name.as_bytes() == format::OPAQUE_MARKER);
-        if opaque {
-            // The lower children it hides are deleted, its own are added.
-            let layer_dirs: Vec<LayerDir<'_>> = sub_lowers
-                .iter()
-                .map(|(l, fd)| LayerDir {
-                    layer: *l,
-                    fd: fd.as_fd(),
-                })
-                .collect();
-            let hidden = DirIndex::build(None, &layer_dirs)?;
-            let upper_names: std::collections::HashSet<Vec<u8>> = sys::dir::read_all(sub.as_fd())?
-                .into_iter()
-                .map(|e| e.name.as_bytes().to_vec())
-                .collect();
-            let mut any = false;
-            for (n, _) in hidden.visible_sorted() {
-                if !upper_names.contains(&*n) {
-                    out.insert(join(&child_path, &n), ChangeKind::Deleted);
-                    any = true;
-                }
+        out
+    }
+
+    /// Lists the whole merged tree of `upper` over `lowers` as added.
+    fn all_added_merged(
+        &self,
+        upper: BorrowedFd<'_>,
+        lowers: &[(LayerIdx, OwnedFd)],
+        path: &[u8],
+        out: &mut BTreeMap<Vec<u8>, ChangeKind>,
+    ) -> Result<(), Errno> {
+        let layer_dirs: Vec<LayerDir<'_>> = lowers
+            .iter()
+            .map(|(l, fd)| LayerDir {
+                layer: *l,
+                fd: fd.as_fd(),
+            })
+            .collect();
+        let index = DirIndex::build(Some(upper), &layer_dirs)?;
+        for (name, vis) in index.visible_sorted() {
+            let child = join(path, &name);
+            out.insert(child.clone(), ChangeKind::Added);
+            if vis.kind != FileType::Directory {
+                continue;
             }
-            let before = out.len();
-            all_added(sub.as_fd(), &child_path, out)?;
-            // An upper child that a lower also has was replaced, not added.
-            for n in &upper_names {
-                if hidden.visible(n).is_some() {
-                    if let Some(k) = out.get_mut(&join(&child_path, n)) {
-                        *k = ChangeKind::Modified;
+            let comp = Component::new(OsStr::from_bytes(&name))?;
+            let entry = index.get(&name).cloned().unwrap_or_default();
+            let mut sub_lowers = Vec::new();
+            if let Some(l) = entry
+                .lower
+                .as_ref()
+                .filter(|l| l.kind == FileType::Directory)
+            {
+                for layer in std::iter::once(l.layer).chain(l.more.iter().copied()) {
+                    let Some((_, parent)) = lowers.iter().find(|(x, _)| *x == layer) else {
+                        continue;
+                    };
+                    let Ok(fd) = sys::open_path_dir(parent.as_fd(), &comp) else {
+                        continue;
+                    };
+                    let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+                    sub_lowers.push((layer, fd));
+                    if opaque {
+                        break;
                     }
                 }
             }
-            if any || out.len() > before {
-                out.entry(child_path).or_insert(ChangeKind::Modified);
+            if vis.layer.is_upper() {
+                let sub = sys::open_path_dir(upper, &comp)?;
+                if format::dir_mark(sub.as_fd()) == DirMark::Opaque {
+                    sub_lowers.clear();
+                }
+                self.all_added_merged(sub.as_fd(), &sub_lowers, &child, out)?;
+            } else {
+                self.all_added_lower(&sub_lowers, &child, out)?;
             }
-        } else {
-            walk(sub.as_fd(), &sub_lowers, &child_path, out)?;
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Lists a lower-only merged directory as added.
+    fn all_added_lower(
+        &self,
+        lowers: &[(LayerIdx, OwnedFd)],
+        path: &[u8],
+        out: &mut BTreeMap<Vec<u8>, ChangeKind>,
+    ) -> Result<(), Errno> {
+        let layer_dirs: Vec<LayerDir<'_>> = lowers
+            .iter()
+            .map(|(l, fd)| LayerDir {
+                layer: *l,
+                fd: fd.as_fd(),
+            })
+            .collect();
+        let index = DirIndex::build(None, &layer_dirs)?;
+        for (name, vis) in index.visible_sorted() {
+            let child = join(path, &name);
+            out.insert(child.clone(), ChangeKind::Added);
+            if vis.kind != FileType::Directory {
+                continue;
+            }
+            let comp = Component::new(OsStr::from_bytes(&name))?;
+            let entry = index.get(&name).cloned().unwrap_or_default();
+            let mut sub = Vec::new();
+            if let Some(l) = entry.lower.as_ref() {
+                for layer in std::iter::once(l.layer).chain(l.more.iter().copied()) {
+                    let Some((_, parent)) = lowers.iter().find(|(x, _)| *x == layer) else {
+                        continue;
+                    };
+                    let Ok(fd) = sys::open_path_dir(parent.as_fd(), &comp) else {
+                        continue;
+                    };
+                    let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+                    sub.push((layer, fd));
+                    if opaque {
+                        break;
+                    }
+                }
+            }
+            self.all_added_lower(&sub, &child, out)?;
+        }
+        Ok(())
+    }
+
+    /// Walks one upper directory whose lower counterparts are `lowers`.
+    fn walk(
+        &self,
+        upper: BorrowedFd<'_>,
+        lowers: &[(LayerIdx, OwnedFd)],
+        path: &[u8],
+        out: &mut BTreeMap<Vec<u8>, ChangeKind>,
+    ) -> Result<(), Errno> {
+        let layer_dirs: Vec<LayerDir<'_>> = lowers
+            .iter()
+            .map(|(l, fd)| LayerDir {
+                layer: *l,
+                fd: fd.as_fd(),
+            })
+            .collect();
+        let lower_index = DirIndex::build(None, &layer_dirs)?;
+        for entry in sys::dir::read_all(upper)? {
+            let name = entry.name.as_bytes();
+            let child_path = join(path, name);
+            match format::classify_name(name) {
+                NameKind::WhiteoutFor(target) => {
+                    if lower_index.visible(target).is_some() {
+                        out.insert(join(path, target), ChangeKind::Deleted);
+                    }
+                    continue;
+                }
+                NameKind::OpaqueMarker | NameKind::Meta | NameKind::Invalid => continue,
+                NameKind::Plain => {}
+            }
+            let comp = Component::new(OsStr::from_bytes(name))?;
+            let st = sys::stat_at(upper, &comp)?;
+            if format::is_chardev_whiteout(&st) {
+                if lower_index.visible(name).is_some() {
+                    out.insert(child_path, ChangeKind::Deleted);
+                }
+                continue;
+            }
+            let kind = sys::file_type(&st);
+            if kind == FileType::Directory {
+                let sub = sys::open_path_dir(upper, &comp)?;
+                if let Some(target) = redirect_of(sub.as_fd()) {
+                    // Moved by the kernel overlay: added, with everything it shows.
+                    out.insert(child_path.clone(), ChangeKind::Added);
+                    let dirs = self.redirect_dirs(&target, lowers);
+                    self.all_added_merged(sub.as_fd(), &dirs, &child_path, out)?;
+                    continue;
+                }
+            }
+            let lower = lower_index.get(name).and_then(|e| e.lower.clone());
+            let Some(lower) = lower else {
+                out.insert(child_path.clone(), ChangeKind::Added);
+                if kind == FileType::Directory {
+                    let sub = sys::open_path_dir(upper, &comp)?;
+                    all_added(sub.as_fd(), &child_path, out)?;
+                }
+                continue;
+            };
+            if kind != FileType::Directory || lower.kind != FileType::Directory {
+                out.insert(child_path.clone(), ChangeKind::Modified);
+                if kind == FileType::Directory {
+                    let sub = sys::open_path_dir(upper, &comp)?;
+                    all_added(sub.as_fd(), &child_path, out)?;
+                }
+                continue;
+            }
+            // A directory in both: recurse with its lower counterparts.
+            let sub = sys::open_path_dir(upper, &comp)?;
+            let mut sub_lowers = Vec::new();
+            for layer in std::iter::once(lower.layer).chain(lower.more.iter().copied()) {
+                let Some((_, parent)) = lowers.iter().find(|(l, _)| *l == layer) else {
+                    continue;
+                };
+                let fd = sys::open_path_dir(parent.as_fd(), &comp)?;
+                let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+                sub_lowers.push((layer, fd));
+                if opaque {
+                    break;
+                }
+            }
+            let top_lower = sys::stat_fd(sub_lowers[0].1.as_fd())?;
+            let own_change = st.st_mode != top_lower.st_mode
+                || st.st_uid != top_lower.st_uid
+                || st.st_gid != top_lower.st_gid;
+            if own_change {
+                out.insert(child_path.clone(), ChangeKind::Modified);
+            }
+            let opaque = format::dir_mark(sub.as_fd()) == DirMark::Opaque
+                || sys::dir::read_all(sub.as_fd())?
+                    .iter()
+                    .any(|e| e.name.as_bytes() == format::OPAQUE_MARKER);
+            if opaque {
+                // The lower children it hides are deleted, its own are added.
+                let layer_dirs: Vec<LayerDir<'_>> = sub_lowers
+                    .iter()
+                    .map(|(l, fd)| LayerDir {
+                        layer: *l,
+                        fd: fd.as_fd(),
+                    })
+                    .collect();
+                let hidden = DirIndex::build(None, &layer_dirs)?;
+                let upper_names: std::collections::HashSet<Vec<u8>> =
+                    sys::dir::read_all(sub.as_fd())?
+                        .into_iter()
+                        .map(|e| e.name.as_bytes().to_vec())
+                        .collect();
+                let mut any = false;
+                for (n, _) in hidden.visible_sorted() {
+                    if !upper_names.contains(&*n) {
+                        out.insert(join(&child_path, &n), ChangeKind::Deleted);
+                        any = true;
+                    }
+                }
+                let before = out.len();
+                all_added(sub.as_fd(), &child_path, out)?;
+                // An upper child that a lower also has was replaced, not added.
+                for n in &upper_names {
+                    if hidden.visible(n).is_some() {
+                        if let Some(k) = out.get_mut(&join(&child_path, n)) {
+                            *k = ChangeKind::Modified;
+                        }
+                    }
+                }
+                if any || out.len() > before {
+                    out.entry(child_path).or_insert(ChangeKind::Modified);
+                }
+            } else {
+                self.walk(sub.as_fd(), &sub_lowers, &child_path, out)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Lists everything below the upper directory `dir` as added.

@@ -59,13 +59,22 @@ impl Overlay {
         // The data copy runs before the parent's lock is taken: a large copy stalls nobody else.
         let work = self.layers.work()?;
         let tmp = self.tmp_name();
-        let built = self
-            .build_copy(lower_fd.as_fd(), &st, work, &tmp, data)
-            .map(|fd| {
-                // Best effort: symlinks and special files may refuse user.* xattrs.
-                let _ = xattr::set(fd.as_fd(), self.origin_xattr(), &node.ino.to_le_bytes(), 0);
-                fd
-            });
+        let group = if kind == FileType::Directory {
+            None
+        } else {
+            self.ensure_group_entry(node.ino, lower_fd.as_fd(), &st)?
+        };
+        let built = if let Some(group) = group {
+            // A hard-link group with an upper inode: link it, copy nothing.
+            sys::link_fd(group.as_fd(), work, &tmp).and_then(|()| sys::open_path(work, &tmp))
+        } else {
+            self.build_copy(lower_fd.as_fd(), &st, work, &tmp, data)
+                .map(|fd| {
+                    // Best effort: symlinks and special files may refuse user.* xattrs.
+                    let _ = xattr::set(fd.as_fd(), self.origin_xattr(), &node.ino.to_le_bytes(), 0);
+                    fd
+                })
+        };
         let fd = match built {
             Ok(fd) => fd,
             Err(e) => {
@@ -128,7 +137,7 @@ impl Overlay {
     }
 
     /// Builds the copy of `src` as `work/tmp`: everything but the rename.
-    fn build_copy(
+    pub(crate) fn build_copy(
         &self,
         src: BorrowedFd<'_>,
         st: &Stat,
@@ -174,7 +183,7 @@ impl Overlay {
             }
             FileType::Unknown => return Err(Errno::IO),
         };
-        copy_xattrs(src, fd.as_fd())?;
+        copy_xattrs(src, fd.as_fd(), self.layers.encoding)?;
         if kind != FileType::Symlink {
             sys::chmod_fd(fd.as_fd(), mode)?;
         }
@@ -240,14 +249,18 @@ impl Overlay {
 
 /// Copies every non-private xattr of `src` to `dst`. Attributes the target refuses (e.g. `user.*`
 /// on a symlink) are skipped, as the kernel does.
-pub(crate) fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> OvlResult<()> {
+pub(crate) fn copy_xattrs(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    enc: format::Encoding,
+) -> OvlResult<()> {
     let names = match xattr::list(src) {
         Ok(n) => n,
         Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::ACCESS) => return Ok(()),
         Err(e) => return Err(e),
     };
     for name in names {
-        if format::is_private_xattr(&name) {
+        if enc.is_private(&name) {
             continue;
         }
         let name = std::ffi::OsStr::from_bytes(&name);

@@ -43,6 +43,9 @@ pub struct Layers {
     roots: Vec<Option<OwnedFd>>,
     /// `O_PATH` fd of `work/work`, where copy-ups and new directories are built.
     work: Option<OwnedFd>,
+    /// `O_PATH` fd of `work/layerfs-index`: one entry per lower hard-link group that has an upper
+    /// inode, named by the group's `st_ino` ([`crate::group`]). Kept across mounts.
+    index: Option<OwnedFd>,
     /// Per layer: the tag placed in the top bits of `st_ino` (0 when all layers share one fs).
     xino_tag: Vec<u64>,
     /// How whiteouts and opaque marks are written.
@@ -70,6 +73,7 @@ impl Layers {
         let mut roots = Vec::with_capacity(cfg.lowers.len() + 1);
         let mut devs = Vec::new();
         let mut work = None;
+        let mut index = None;
         if let (Some(upper), Some(workdir)) = (&cfg.upper, &cfg.work) {
             let u = open(upper, "upper directory")?;
             let w = open(workdir, "work directory")?;
@@ -97,6 +101,12 @@ impl Layers {
             work = Some(prepare_work(w.as_fd()).map_err(|e| {
                 format!(
                     "work directory {}: cannot prepare work/work: {e}",
+                    workdir.display()
+                )
+            })?);
+            index = Some(prepare_index(w.as_fd()).map_err(|e| {
+                format!(
+                    "work directory {}: cannot prepare its index: {e}",
                     workdir.display()
                 )
             })?);
@@ -130,6 +140,7 @@ impl Layers {
         Ok(Layers {
             roots,
             work,
+            index,
             xino_tag,
             encoding: Encoding::for_this_process(),
             volatile: cfg.volatile,
@@ -159,6 +170,11 @@ impl Layers {
         self.work.as_ref().map(|fd| fd.as_fd()).ok_or(Errno::ROFS)
     }
 
+    /// The hard-link group index dir, on a writable mount.
+    pub fn index(&self) -> Option<BorrowedFd<'_>> {
+        self.index.as_ref().map(|fd| fd.as_fd())
+    }
+
     /// `st_ino` as shown in the mount for an object of layer `idx` with backing inode `ino`.
     pub fn xino(&self, idx: LayerIdx, ino: u64) -> u64 {
         self.xino_tag.get(idx.0 as usize).copied().unwrap_or(0) | ino
@@ -182,6 +198,16 @@ fn prepare_work(workdir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
     let fd = sys::open_path_dir(workdir, &name)?;
     remove_children(fd.as_fd())?;
     Ok(fd)
+}
+
+/// Creates `work/layerfs-index` if needed (its entries are kept).
+fn prepare_index(workdir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    let name = Component::new("layerfs-index")?;
+    match sys::mkdir_at(workdir, &name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e),
+    }
+    sys::open_path_dir(workdir, &name)
 }
 
 /// Removes everything inside the directory `dir` (never following symlinks).

@@ -8,6 +8,7 @@ pub mod attrs;
 pub mod changes;
 pub mod copyup;
 pub mod fuse;
+pub mod group;
 pub mod handles;
 pub mod index;
 pub mod io;

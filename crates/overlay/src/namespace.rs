@@ -192,6 +192,7 @@ impl Overlay {
             ino: self.layers.xino(crate::layers::LayerIdx::UPPER, st.st_ino),
             st,
             lower_dirs: Vec::new(),
+            group: false,
         };
         let (node, attr) = self.node_from_probe(&dir, &name, probe);
         self.nodes.add_lookup(&node);
@@ -269,10 +270,8 @@ impl Overlay {
         if let Some(idx) = dir.write().index.as_mut() {
             idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)));
         }
-        {
-            let mut s = node.write();
-            s.unlinked = false;
-        }
+        self.adjust_group_count(src.as_fd(), 1)?;
+        node.write().unlinked = false;
         self.nodes.add_lookup(&node);
         self.attr(&node)
     }
@@ -303,6 +302,7 @@ impl Overlay {
             return Err(Errno::ISDIR);
         }
         let child = self.existing_child(&dir, &name, &p.entry)?;
+        self.group_unlinked(&dir, &name, &p.entry)?;
         self.remove_entry(&dir, &p, &name, false)?;
         if let Some(child) = child {
             let upper = child.read().upper.clone();

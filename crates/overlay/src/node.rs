@@ -53,6 +53,8 @@ pub struct NodeState {
     pub index: Option<DirIndex>,
     /// The object's last name was removed (open files keep the node alive).
     pub unlinked: bool,
+    /// A lower hard-link group member served from the group's index entry ([`crate::group`]).
+    pub group: bool,
 }
 
 impl NodeState {

@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -50,6 +51,8 @@ pub(crate) struct Probe {
     pub st: Stat,
     pub ino: u64,
     pub lower_dirs: Vec<(LayerIdx, Arc<OwnedFd>)>,
+    /// Served from a hard-link group's index entry.
+    pub group: bool,
 }
 
 impl Overlay {
@@ -100,6 +103,7 @@ impl Overlay {
             lower_dirs,
             index: None,
             unlinked: false,
+            group: false,
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -121,10 +125,7 @@ impl Overlay {
 
     /// Name of the xattr that records a copied-up object's original `st_ino`.
     pub(crate) fn origin_xattr(&self) -> &'static OsStr {
-        match self.layers.encoding {
-            format::Encoding::Kernel => OsStr::new("trusted.layerfs.origin"),
-            format::Encoding::Unprivileged => OsStr::new("user.layerfs.origin"),
-        }
+        self.layers.encoding.origin_xattr()
     }
 
     // ---- directory index -------------------------------------------------------------------
@@ -209,8 +210,18 @@ impl Overlay {
             return Ok(None);
         };
         let parent_fd = self.dir_fd_in(dir, vis.layer)?;
-        let fd = Arc::new(sys::open_path(parent_fd.as_fd(), name)?);
-        let st = sys::stat_fd(fd.as_fd())?;
+        let mut fd = Arc::new(sys::open_path(parent_fd.as_fd(), name)?);
+        let mut st = sys::stat_fd(fd.as_fd())?;
+        let mut group = false;
+        if !vis.layer.is_upper() && st.st_nlink > 1 && sys::file_type(&st) != FileType::Directory {
+            // A lower hard link whose group already has an upper inode: that inode is the object.
+            let key = self.layers.xino(vis.layer, st.st_ino);
+            if let Some(entry) = self.group_entry(key)? {
+                st = sys::stat_fd(entry.as_fd())?;
+                fd = Arc::new(entry);
+                group = true;
+            }
+        }
         let kind = sys::file_type(&st);
         let vis = Visible {
             layer: vis.layer,
@@ -220,7 +231,15 @@ impl Overlay {
         if kind == FileType::Directory {
             let upper_opaque =
                 vis.layer.is_upper() && format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-            if vis.layer.is_upper() && !upper_opaque {
+            let redirect = if vis.layer.is_upper() && !upper_opaque {
+                xattr::get(fd.as_fd(), self.layers.encoding.redirect_xattr()).ok()
+            } else {
+                None
+            };
+            if let Some(target) = redirect {
+                // A directory the kernel overlay moved: its lowers live at the redirect path.
+                self.redirect_lower_dirs(dir, &target, &mut lower_dirs)?;
+            } else if vis.layer.is_upper() && !upper_opaque {
                 if let Some(lower) = entry
                     .lower
                     .as_ref()
@@ -243,13 +262,19 @@ impl Overlay {
                 }
             }
         }
-        let ino = self.ino_of(vis, &fd, &st, &lower_dirs)?;
+        let ino = if group {
+            self.layers
+                .xino(vis.layer, sys::stat_at(parent_fd.as_fd(), name)?.st_ino)
+        } else {
+            self.ino_of(vis, &fd, &st, &lower_dirs)?
+        };
         Ok(Some(Probe {
             vis,
             fd,
             st,
             ino,
             lower_dirs,
+            group,
         }))
     }
 
@@ -269,6 +294,55 @@ impl Overlay {
         for layer in layers {
             let parent = self.dir_fd_in(dir, layer)?;
             let fd = sys::open_path_dir(parent.as_fd(), name)?;
+            let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+            out.push((layer, Arc::new(fd)));
+            if opaque {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The lower dirs of a directory moved by the kernel overlay (`redirect` xattr): an absolute
+    /// path is looked up from every lower root, a bare name in the parent's lower dirs.
+    fn redirect_lower_dirs(
+        &self,
+        dir: &Node,
+        target: &[u8],
+        out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
+    ) -> OvlResult<()> {
+        let starts: Vec<(LayerIdx, Arc<OwnedFd>)> = if target.starts_with(b"/") {
+            let mut v = Vec::new();
+            for i in 1..self.layers.len() {
+                let idx = LayerIdx(i as u16);
+                if let Some(root) = self.layers.root(idx) {
+                    let root = root
+                        .try_clone_to_owned()
+                        .map_err(Errno::from_io_error_or_io)?;
+                    v.push((idx, Arc::new(root)));
+                }
+            }
+            v
+        } else {
+            dir.read().lower_dirs.clone()
+        };
+        for (layer, start) in starts {
+            let mut cur: Option<OwnedFd> = None;
+            let mut ok = true;
+            for comp in target.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+                let comp = Component::new(OsStr::from_bytes(comp))?;
+                let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(start.as_fd());
+                match sys::open_path_dir(base, &comp) {
+                    Ok(fd) => cur = Some(fd),
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            let Some(fd) = cur.filter(|_| ok) else {
+                continue;
+            };
             let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
             out.push((layer, Arc::new(fd)));
             if opaque {
@@ -337,12 +411,13 @@ impl Overlay {
             lower_dirs: probe.lower_dirs,
             index: None,
             unlinked: false,
+            group: probe.group,
         };
         let node = Node::new(probe.ino, is_dir, state);
         let (node, _) = self
             .nodes
             .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
-        let attr = self.attr_from(&node, probe.st);
+        let attr = self.attr_from(&node, probe.st, probe.fd.as_fd());
         (node, attr)
     }
 
@@ -352,13 +427,28 @@ impl Overlay {
     pub(crate) fn attr(&self, node: &Node) -> OvlResult<Attr> {
         let (_, fd) = node.top().ok_or(Errno::STALE)?;
         let st = sys::stat_fd(fd.as_fd())?;
-        Ok(self.attr_from(node, st))
+        Ok(self.attr_from(node, st, fd.as_fd()))
     }
 
     /// Adjusts a backing stat to what the mount shows.
-    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat) -> Attr {
+    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat, fd: BorrowedFd<'_>) -> Attr {
         st.st_ino = node.ino;
         let s = node.read();
+        if !node.is_dir && (st.st_nlink > 1 || s.group) {
+            let real = st.st_nlink;
+            let n = self.group_count(fd, real).or_else(|| {
+                // A lower group member: its group may have an index entry by now.
+                let entry = if s.upper.is_none() {
+                    self.group_entry(node.ino).ok().flatten()
+                } else {
+                    None
+                };
+                entry.and_then(|g| self.group_count(g.as_fd(), real))
+            });
+            if let Some(n) = n {
+                st.st_nlink = n as _;
+            }
+        }
         if node.is_dir {
             let merged = if s.upper.is_some() {
                 !s.lower_dirs.is_empty()
@@ -368,8 +458,6 @@ impl Overlay {
             if merged {
                 st.st_nlink = 1;
             }
-        } else if s.unlinked && s.upper.is_none() {
-            st.st_nlink = 0;
         }
         Attr { ino: node.ino, st }
     }

@@ -129,6 +129,9 @@ impl Overlay {
                     return Ok(());
                 }
             }
+            if !dst_is_dir {
+                self.group_unlinked(&newdir, &newname, &dst_entry)?;
+            }
             if dst_is_dir {
                 let probe = self
                     .probe(&newdir, &newname, &dst_entry)?
@@ -193,8 +196,10 @@ impl Overlay {
     /// Marks `dir/name` (an upper directory) opaque, dropping whiteouts inside it.
     fn make_opaque(&self, dir: BorrowedFd<'_>, name: &Component) -> OvlResult<()> {
         let fd = sys::open_path_dir(dir, name)?;
+        let before = sys::stat_fd(fd.as_fd())?;
         drop_whiteouts(fd.as_fd())?;
-        format::set_opaque(fd.as_fd(), self.layers.encoding)
+        format::set_opaque(fd.as_fd(), self.layers.encoding)?;
+        sys::utimes_fd(fd.as_fd(), &times_of(&before))
     }
 
     /// The node of `name` in `dir` (the kernel has looked it up before a rename, so it exists;
@@ -224,7 +229,9 @@ impl Overlay {
             return Ok(());
         }
         let _op = node.op_lock();
+        let before = sys::stat_fd(upper.as_fd())?;
         self.materialize(upper.as_fd(), &lowers, node.ino)?;
+        sys::utimes_fd(upper.as_fd(), &times_of(&before))?;
         let mut s = node.write();
         s.lower_dirs.clear();
         s.lower = None;
@@ -290,7 +297,9 @@ impl Overlay {
                             let ino = self
                                 .layers
                                 .xino(sub[0].0, sys::stat_fd(sub[0].1.as_fd())?.st_ino);
+                            let before = sys::stat_fd(fd.as_fd())?;
                             self.materialize(fd.as_fd(), &sub, ino)?;
+                            sys::utimes_fd(fd.as_fd(), &times_of(&before))?;
                             self.repoint(dir_ino, &name, fd.try_clone().map_err(|_| Errno::IO)?)?;
                         }
                     }
@@ -301,11 +310,23 @@ impl Overlay {
             let src = sys::open_path(parent.as_fd(), &name)?;
             let st = sys::stat_fd(src.as_fd())?;
             let ino = self.layers.xino(vis.layer, st.st_ino);
-            let copy = self.copy_object(src.as_fd(), &st, ino, upper, &name, CopyData::All)?;
+            let group = if vis.kind == FileType::Directory {
+                None
+            } else {
+                self.ensure_group_entry(ino, src.as_fd(), &st)?
+            };
+            let copy = match group {
+                Some(group) => {
+                    sys::link_fd(group.as_fd(), upper, &name)?;
+                    sys::open_path(upper, &name)?
+                }
+                None => self.copy_object(src.as_fd(), &st, ino, upper, &name, CopyData::All)?,
+            };
             if vis.kind == FileType::Directory {
                 let mut sub = Vec::new();
                 child_lowers(&mut sub)?;
                 self.materialize(copy.as_fd(), &sub, ino)?;
+                sys::utimes_fd(copy.as_fd(), &times_of(&st))?;
             }
             self.repoint(dir_ino, &name, copy)?;
         }
@@ -343,6 +364,14 @@ impl Overlay {
 }
 
 use std::os::unix::ffi::OsStrExt;
+
+/// The atime/mtime of `st`, to put back.
+fn times_of(st: &sys::Stat) -> sys::Timestamps {
+    sys::Timestamps {
+        last_access: sys::atime_of(st),
+        last_modification: sys::mtime_of(st),
+    }
+}
 
 /// Removes every whiteout (char 0/0, `.wh.*` files, opaque markers) directly inside `dir`.
 fn drop_whiteouts(dir: BorrowedFd<'_>) -> OvlResult<()> {

@@ -44,6 +44,67 @@ impl Encoding {
         }
     }
 
+    /// Whether `name` is private to the overlay in this encoding: what the kernel hides from a
+    /// merged view (`trusted.overlay.*` as root, `user.overlay.*` with `userxattr`). Other
+    /// names — `user.overlay.*` as root included — are ordinary attributes.
+    pub fn is_private(self, name: &[u8]) -> bool {
+        let p = self.private_prefix();
+        name.starts_with(p) && !name[p.len()..].starts_with(b"overlay.")
+    }
+
+    /// `trusted.overlay.` or `user.overlay.`.
+    fn private_prefix(self) -> &'static [u8] {
+        match self {
+            Encoding::Kernel => b"trusted.overlay.",
+            Encoding::Unprivileged => b"user.overlay.",
+        }
+    }
+
+    /// The name under which an attribute set through a merged view is stored: a name in the
+    /// private namespace is escaped (`trusted.overlay.X` → `trusted.overlay.overlay.X`), as the
+    /// kernel overlay does for nested overlays; any other name is stored as it is.
+    pub fn escape(self, name: &[u8]) -> Vec<u8> {
+        let p = self.private_prefix();
+        match name.strip_prefix(p) {
+            Some(rest) => [p, b"overlay.", rest].concat(),
+            None => name.to_vec(),
+        }
+    }
+
+    /// The name a merged view shows for a stored attribute name; `None` for a private one.
+    pub fn unescape(self, stored: &[u8]) -> Option<Vec<u8>> {
+        let p = self.private_prefix();
+        match stored.strip_prefix(p) {
+            Some(rest) => rest.strip_prefix(b"overlay.").map(|r| [p, r].concat()),
+            None => Some(stored.to_vec()),
+        }
+    }
+
+    /// Name of the xattr in which layerfs records a copied-up object's original `st_ino`. It sits
+    /// in the overlay's private namespace, so a kernel overlay mount hides it too.
+    pub fn origin_xattr(self) -> &'static OsStr {
+        match self {
+            Encoding::Kernel => OsStr::new("trusted.overlay.layerfs.origin"),
+            Encoding::Unprivileged => OsStr::new("user.overlay.layerfs.origin"),
+        }
+    }
+
+    /// Name of the xattr holding the merged-view link count of a lower hard-link group.
+    pub fn nlink_xattr(self) -> &'static OsStr {
+        match self {
+            Encoding::Kernel => OsStr::new("trusted.overlay.layerfs.nlink"),
+            Encoding::Unprivileged => OsStr::new("user.overlay.layerfs.nlink"),
+        }
+    }
+
+    /// Name of the kernel's redirect xattr (a moved directory's lower path).
+    pub fn redirect_xattr(self) -> &'static OsStr {
+        match self {
+            Encoding::Kernel => OsStr::new("trusted.overlay.redirect"),
+            Encoding::Unprivileged => OsStr::new("user.overlay.redirect"),
+        }
+    }
+
     fn opaque_xattr(self) -> &'static OsStr {
         match self {
             Encoding::Kernel => OsStr::new("trusted.overlay.opaque"),
