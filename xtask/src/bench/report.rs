@@ -70,7 +70,10 @@ pub fn profiles(list: &[(&str, std::path::PathBuf)]) -> String {
             .lines()
             .filter(|l| !l.starts_with('#') && l.trim_start().contains('%'))
             .take(5)
-            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .map(|l| {
+                let words: Vec<&str> = l.split_whitespace().filter(|w| *w != "-").collect();
+                words.join(" ")
+            })
             .collect();
         let _ = writeln!(out, "- `{w}` ({}): {}", path.display(), top.join("; "));
     }
@@ -262,7 +265,10 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
     daemon_table(&mut out, systems, records);
     request_table(&mut out, systems, records);
     let _ = writeln!(out, "\nWorkloads:\n");
-    for r in ROWS {
+    for r in ROWS
+        .iter()
+        .filter(|r| med.keys().any(|(m, _)| *m == r.metric))
+    {
         let _ = writeln!(out, "- `{}`: {}", r.metric, r.what);
     }
     let retried: usize = records.iter().map(|r| r.disturbed).sum();
