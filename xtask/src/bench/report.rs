@@ -260,6 +260,7 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
             .collect();
         let _ = writeln!(out, "| {metric} | {target} | {} |", cells.join(" | "));
     }
+    verdict(&mut out, &med, records);
     noise_line(&mut out, records);
     flatness_table(&mut out, &names, &med);
     daemon_table(&mut out, systems, records);
@@ -297,6 +298,67 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
         }
     }
     out
+}
+
+/// The target of a row as a number: "≤ 1.05×" → 1.05.
+fn target_value(target: &str) -> Option<f64> {
+    target
+        .trim_start_matches('≤')
+        .trim()
+        .trim_end_matches('×')
+        .parse()
+        .ok()
+}
+
+/// One line: which of the targets layerfs meets in this run.
+fn verdict(
+    out: &mut String,
+    med: &BTreeMap<(&'static str, &'static str), (f64, usize)>,
+    records: &[Record],
+) {
+    let mut met = Vec::new();
+    let mut missed = Vec::new();
+    for r in ROWS {
+        let (Some(t), Some((v, _)), Some((k, _))) = (
+            target_value(r.target),
+            med.get(&(r.metric, "layerfs")),
+            med.get(&(r.reference, "kernel")),
+        ) else {
+            continue;
+        };
+        if *k <= 0.0 {
+            continue;
+        }
+        let ratio = v / k;
+        if ratio <= t {
+            met.push(r.metric.to_string());
+        } else {
+            missed.push(format!("{} {ratio:.2}× > {t}×", r.metric));
+        }
+    }
+    let find_rss: Vec<f64> = records
+        .iter()
+        .filter(|r| r.sys == System::Layerfs && r.workload == "find" && r.error.is_none())
+        .filter_map(|r| r.usage.map(|u| u.hwm_mib))
+        .collect();
+    if let Some(rss) = median(find_rss) {
+        if rss <= 16.0 {
+            met.push("daemon RSS after find".into());
+        } else {
+            missed.push(format!("daemon RSS after find {rss:.1} MiB > 16 MiB"));
+        }
+    }
+    if met.is_empty() && missed.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nlayerfs meets {} of {} targets in this run{}{}.",
+        met.len(),
+        met.len() + missed.len(),
+        if missed.is_empty() { "" } else { "; misses: " },
+        missed.join(", ")
+    );
 }
 
 /// Lists the cells whose rounds spread by more than 30 % of their median (noise indicator).
@@ -491,6 +553,13 @@ mod tests {
     }
 
     #[test]
+    fn targets_parse() {
+        assert_eq!(target_value("≤ 1.05×"), Some(1.05));
+        assert_eq!(target_value("≤ 0.15×"), Some(0.15));
+        assert_eq!(target_value(""), None);
+    }
+
+    #[test]
     fn counters_accept_three_separators_and_skip_junk() {
         let c = counters("lookup 12\nreaddirplus: 5\nforget=3\n# comment\nname notanumber\n");
         assert_eq!(c.get("lookup"), Some(&12));
@@ -530,6 +599,19 @@ mod tests {
             md.contains(
                 "| copy-up-volatile | ≤ 0.15× | 200 ms (0.10×) [n=1] | 500 ms (0.25×) [n=1] |"
             ),
+            "{md}"
+        );
+        assert!(
+            md.contains("layerfs meets 2 of 2 targets in this run."),
+            "{md}"
+        );
+        let slow = [
+            rec(System::Kernel, 1, "ls-f", 1.0),
+            rec(System::Layerfs, 1, "ls-f", 2.5),
+        ];
+        let md = markdown(&[], &[System::Layerfs, System::Kernel], 1, &slow);
+        assert!(
+            md.contains("layerfs meets 0 of 1 targets in this run; misses: ls-f 2.50× > 2×."),
             "{md}"
         );
     }
