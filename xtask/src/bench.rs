@@ -16,6 +16,7 @@ mod host;
 mod opts;
 mod profile;
 mod report;
+mod results;
 mod system;
 mod workload;
 
@@ -53,6 +54,11 @@ pub fn main(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let opts = Opts::parse(args)?;
+    if let Some(file) = &opts.report {
+        let r = results::load(file)?;
+        let md = report::markdown(&r.header, &r.systems, r.runs, &r.records);
+        return write_report(&opts, &workspace_root(), &md);
+    }
     select_workloads(&opts)?;
     if !is_root() {
         bail!("cargo xtask bench must run as root (mounts, loop devices)");
@@ -210,7 +216,8 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     std::fs::create_dir_all(&results)?;
     let raw = results.join(format!("bench-{}.json", now("%Y%m%d-%H%M%S")));
     let save = |header: &[String], records: &[Record]| -> Result<()> {
-        let text = serde_json::to_string_pretty(&report::json(header, records))?;
+        let text =
+            serde_json::to_string_pretty(&results::to_json(header, &systems, opts.runs, records))?;
         std::fs::write(&raw, text).with_context(|| format!("write {}", raw.display()))
     };
     let mut records = Vec::new();
@@ -239,6 +246,13 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     header.push(format!("- load average at end: {}", host::loadavg()));
     let mut md = report::markdown(&header, &systems, opts.runs, &records);
     md.push_str(&report::profiles(&profiles));
+    save(&header, &records)?;
+    eprintln!("bench: raw results in {}", raw.display());
+    write_report(opts, workspace, &md)
+}
+
+/// Writes the markdown to `--out` (relative to the workspace) and prints it.
+fn write_report(opts: &Opts, workspace: &Path, md: &str) -> Result<()> {
     let out = if opts.out.is_absolute() {
         opts.out.clone()
     } else {
@@ -247,14 +261,9 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&out, &md).with_context(|| format!("write {}", out.display()))?;
-    save(&header, &records)?;
+    std::fs::write(&out, md).with_context(|| format!("write {}", out.display()))?;
     println!("{md}");
-    eprintln!(
-        "bench: report in {}, raw results in {}",
-        out.display(),
-        raw.display()
-    );
+    eprintln!("bench: report in {}", out.display());
     Ok(())
 }
 

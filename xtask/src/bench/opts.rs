@@ -23,6 +23,7 @@ journaled ext4 loop image, in a private mount namespace. Must run as root.
   --layerfs-bin P   run this layerfs binary instead of building target/release/layerfs (e.g. a baseline)
   --nice N          run the bench (workloads and daemons alike) at this niceness, e.g. -10 on a machine
                     where others compile (default: unchanged)
+  --report FILE     only print (and write to --out) the report of a raw results file
   --perf            also profile the layerfs daemon once per workload (perf record; an extra, unrecorded
                     run), into <base>/perf/<workload>.{data,txt}";
 
@@ -51,6 +52,8 @@ pub struct Opts {
     pub perf: bool,
     /// Niceness for the bench and everything it starts.
     pub nice: Option<i32>,
+    /// Re-render this raw results file instead of running.
+    pub report: Option<PathBuf>,
 }
 
 impl Opts {
@@ -69,6 +72,7 @@ impl Opts {
         let mut layerfs_bin = None;
         let mut perf = false;
         let mut nice = None;
+        let mut report = None;
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -84,6 +88,7 @@ impl Opts {
             match flag {
                 "--quick" => quick = true,
                 "--perf" => perf = true,
+                "--report" => report = Some(PathBuf::from(value()?)),
                 "--nice" => {
                     let v = value()?;
                     nice = Some(
@@ -144,6 +149,7 @@ impl Opts {
             layerfs_bin,
             perf,
             nice,
+            report,
         })
     }
 }
