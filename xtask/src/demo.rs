@@ -47,6 +47,10 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         .arg("umount")
         .arg(base.join("merged"))
         .output();
+    let _ = Command::new(&bin)
+        .arg("umount")
+        .arg(base.join("c1"))
+        .output();
     if base.starts_with(std::env::temp_dir()) && base.file_name().is_some() {
         let _ = std::fs::remove_dir_all(&base);
     }
@@ -95,5 +99,36 @@ fn demo(bin: &Path, base: &Path) -> anyhow::Result<()> {
         &format!("{b} diff --upper upper --lower app --lower base"),
         base,
     )?;
+    store_demo(b, base)
+}
+
+/// The layer store: import an image, run a container from it, change it, commit, save.
+fn store_demo(b: std::path::Display<'_>, base: &Path) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "# the layer store: import an image, mount it as a container, edit, diff, commit, save"
+    );
+    let r = format!("{b} --root {}", base.join("store").display());
+    sh("tar -C base -cf base.tar .", base)?;
+    sh(&format!("{r} import base.tar --tag demo:base"), base)?;
+    sh(&format!("{r} images"), base)?;
+    sh(
+        &format!("mkdir -p c1 && {r} mount demo:base c1 --name c1"),
+        base,
+    )?;
+    sh("ls -l c1/etc", base)?;
+    sh(
+        "echo 'changed in c1' >> c1/etc/motd && rm c1/etc/passwd",
+        base,
+    )?;
+    sh(&format!("{r} diff c1"), base)?;
+    sh(&format!("{r} commit c1 --tag demo:edited"), base)?;
+    sh(&format!("{r} umount c1 && {r} ps"), base)?;
+    sh(&format!("{r} history demo:edited"), base)?;
+    sh(
+        &format!("{r} save demo:edited -o edited.tar && tar -tf edited.tar"),
+        base,
+    )?;
+    sh(&format!("{r} images"), base)?;
     Ok(())
 }

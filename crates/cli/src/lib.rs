@@ -8,6 +8,7 @@
 mod mount;
 mod mounts;
 mod output;
+pub mod store_cmds;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,14 +22,35 @@ struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// The layer store (default /var/lib/layerfs as root, $XDG_DATA_HOME/layerfs otherwise).
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// JSON output for listing commands.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Mount lower dirs under an upper dir: `mount --lower L1 --lower L2 --upper U --work W MNT`.
+    /// Mount an image as a new container (`mount IMAGE MNT`), remount a container
+    /// (`mount CONTAINER MNT`), or mount dirs (`mount --lower L1 --lower L2 --upper U --work W MNT`).
     Mount(mount::MountArgs),
+    /// Turn a container's changes into a new layer and image.
+    Commit {
+        /// Container name or id, or its mountpoint.
+        container: String,
+        /// Name the new image NAME[:TAG].
+        #[arg(long, short)]
+        tag: Option<String>,
+        /// History comment.
+        #[arg(long, short)]
+        message: Option<String>,
+        /// Author in the image config.
+        #[arg(long, short)]
+        author: Option<String>,
+    },
     /// Unmount a layerfs mount and end its daemon.
     Umount {
         /// The mountpoint.
@@ -41,25 +63,34 @@ enum Command {
         /// The mountpoint.
         mountpoint: PathBuf,
     },
+    #[command(flatten)]
+    Store(store_cmds::StoreCommand),
 }
 
-/// Subcommand names, to tell `layerfs mount …` from the helper form `layerfs SOURCE MNT -o …`.
-const SUBCOMMANDS: &[&str] = &["mount", "umount", "diff", "stats", "help"];
+/// Whether `word` is a subcommand (or a flag clap handles), to tell `layerfs mount …` from the
+/// helper form `layerfs SOURCE MNT -o …`.
+fn is_subcommand(word: &str) -> bool {
+    use clap::CommandFactory;
+    word == "help"
+        || Cli::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == word)
+}
 
 /// Entry point of the `layerfs` binary.
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let first = args.get(1).map(String::as_str).unwrap_or("");
     let helper_form = !first.is_empty()
-        && !SUBCOMMANDS.contains(&first)
-        && !matches!(first, "-h" | "--help" | "-V" | "--version")
-        && !(first.starts_with("-v") && args.len() > 2 && SUBCOMMANDS.contains(&args[2].as_str()));
+        && !first.starts_with('-')
+        && !is_subcommand(first)
+        && args.iter().skip(1).any(|a| a.starts_with("-o"));
     let result = if helper_form {
         mount::helper_main(&args[1..])
     } else {
         let cli = Cli::parse();
         init_logging(cli.verbose);
-        run(cli.command)
+        run(cli.command, cli.root, cli.json)
     };
     match result {
         Ok(code) => code,
@@ -70,12 +101,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+fn run(cmd: Command, root: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let ok = |()| ExitCode::SUCCESS;
     match cmd {
-        Command::Mount(args) => mount::run(args),
-        Command::Umount { mountpoint } => mounts::umount(&mountpoint).map(|()| ExitCode::SUCCESS),
-        Command::Diff(args) => output::diff(args).map(|()| ExitCode::SUCCESS),
-        Command::Stats { mountpoint } => output::stats(&mountpoint).map(|()| ExitCode::SUCCESS),
+        Command::Mount(args) => mount::run(args, root),
+        Command::Umount { mountpoint } => mounts::umount(&mountpoint, root).map(ok),
+        Command::Diff(args) => output::diff(args, root, json).map(ok),
+        Command::Stats { mountpoint } => output::stats(&mountpoint).map(ok),
+        Command::Commit {
+            container,
+            tag,
+            message,
+            author,
+        } => output::commit(&container, root, json, tag, message, author).map(ok),
+        Command::Store(cmd) => store_cmds::run(cmd, root, json).map(ok),
     }
 }
 

@@ -30,8 +30,12 @@ pub struct MountArgs {
     /// Mount options, as with `-o` of mount(8) (also lowerdir=…,upperdir=…,workdir=…).
     #[arg(short = 'o', value_name = "OPTS")]
     options: Vec<String>,
-    /// MOUNTPOINT.
-    mountpoint: PathBuf,
+    /// Name of the new container (with IMAGE).
+    #[arg(long)]
+    name: Option<String>,
+    /// [IMAGE|CONTAINER] MOUNTPOINT.
+    #[arg(num_args = 1..=2, required = true)]
+    args: Vec<PathBuf>,
 }
 
 /// Everything a mount needs, from either spelling.
@@ -46,10 +50,17 @@ struct Plan {
     allow_other: Option<bool>,
     default_permissions: bool,
     threads: Option<usize>,
+    /// The store container this mount serves, and the store's root.
+    container: Option<(String, Option<PathBuf>)>,
 }
 
 /// `layerfs mount …`.
-pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: MountArgs, root: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let (what, mountpoint) = match args.args.as_slice() {
+        [m] => (None, m.clone()),
+        [w, m] => (Some(w.to_string_lossy().into_owned()), m.clone()),
+        _ => bail!("usage: layerfs mount [IMAGE|CONTAINER] MOUNTPOINT"),
+    };
     let mut plan = Plan {
         cfg: OverlayConfig {
             lowers: args.lowers,
@@ -57,7 +68,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
             work: args.work,
             volatile: false,
         },
-        mountpoint: args.mountpoint,
+        mountpoint,
         foreground: args.foreground,
         source: "layerfs".into(),
         default_permissions: true,
@@ -66,7 +77,38 @@ pub fn run(args: MountArgs) -> anyhow::Result<ExitCode> {
     for o in &args.options {
         apply_options(&mut plan, o)?;
     }
-    start(plan)
+    let Some(what) = what else { return start(plan) };
+    if !plan.cfg.lowers.is_empty() {
+        bail!("give either IMAGE/CONTAINER or --lower dirs, not both");
+    }
+    // A container of the store: remount it, or make one from an image.
+    let store = layerfs_store::Store::open(root.clone())?;
+    let (container, created) = match store.container(&what) {
+        Ok(c) if args.name.is_none() => (c, false),
+        _ => (store.create_container(&what, args.name.as_deref())?, true),
+    };
+    if container.is_mounted() {
+        let at = container.mountpoint.as_deref().unwrap_or(Path::new("?"));
+        bail!(
+            "container {} is already mounted at {}",
+            container.name,
+            at.display()
+        );
+    }
+    let dirs = store.container_dirs(&container);
+    plan.cfg.lowers = dirs.lowers;
+    plan.cfg.upper = Some(dirs.upper);
+    plan.cfg.work = Some(dirs.work);
+    plan.container = Some((container.name.clone(), root));
+    let result = start(plan);
+    match &result {
+        Ok(_) if created => eprintln!("container {} created", container.name),
+        Err(_) if created => {
+            let _ = store.remove_container(&container.name);
+        }
+        _ => {}
+    }
+    result
 }
 
 /// The helper form: `layerfs [SOURCE] MOUNTPOINT [-o OPTS]… [-f] [-d] [-v]`.
@@ -279,17 +321,18 @@ fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
         upper: plan.cfg.upper.clone(),
         work: plan.cfg.work.clone(),
         pid: 0,
-        container: None,
+        container: plan.container.as_ref().map(|(n, _)| n.clone()),
     };
+    let store_link = plan.container.clone();
     if plan.foreground {
-        return serve_mount(ovl, &mnt, &opts, record, None);
+        return serve_mount(ovl, &mnt, &opts, record, store_link, None);
     }
     match process::daemonize().context("cannot start the mount daemon")? {
         Side::Parent { ok: true, .. } => Ok(ExitCode::SUCCESS),
         Side::Parent { ok: false, message } => bail!("{}: {message}", mnt.display()),
         Side::Daemon(ready) => {
             process::detach_stdio();
-            serve_mount(ovl, &mnt, &opts, record, Some(ready))
+            serve_mount(ovl, &mnt, &opts, record, store_link, Some(ready))
         }
     }
 }
@@ -307,8 +350,13 @@ fn serve_mount(
     mnt: &Path,
     opts: &MountOptions,
     mut record: MountRecord,
+    container: Option<(String, Option<PathBuf>)>,
     ready: Option<process::Ready>,
 ) -> anyhow::Result<ExitCode> {
+    let store = match &container {
+        Some((_, root)) => Some(layerfs_store::Store::open(root.clone())?),
+        None => None,
+    };
     process::raise_nofile();
     process::set_umask(0);
     record.pid = std::process::id() as i32;
@@ -319,11 +367,19 @@ fn serve_mount(
         if let Err(e) = record.save() {
             record_err = Some(e);
         }
+        if let (Some(store), Some((name, _))) = (&store, &container) {
+            if let Err(e) = store.set_container_mounted(name, mnt, record.pid as u32, &[]) {
+                record_err = Some(e);
+            }
+        }
         if let Some(r) = ready.take() {
             r.ok();
         }
     });
     MountRecord::remove(mnt, record.pid);
+    if let (Some(store), Some((name, _))) = (&store, &container) {
+        let _ = store.set_container_unmounted(name);
+    }
     if let Some(e) = record_err {
         tracing::warn!("{e:#}");
     }

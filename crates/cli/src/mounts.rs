@@ -145,7 +145,7 @@ pub fn mount_fstype(path: &Path) -> anyhow::Result<Option<String>> {
 }
 
 /// `layerfs umount MNT`: unmounts and waits for the daemon to end.
-pub fn umount(mountpoint: &Path) -> anyhow::Result<()> {
+pub fn umount(mountpoint: &Path, root: Option<PathBuf>) -> anyhow::Result<()> {
     let record = MountRecord::find(mountpoint)?;
     let canon = record.mountpoint.clone();
     match rustix::mount::unmount(&canon, rustix::mount::UnmountFlags::empty()) {
@@ -173,5 +173,9 @@ pub fn umount(mountpoint: &Path) -> anyhow::Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     MountRecord::remove(&canon, record.pid);
+    if let Some(name) = &record.container {
+        let store = layerfs_store::Store::open(root)?;
+        store.set_container_unmounted(name)?;
+    }
     Ok(())
 }

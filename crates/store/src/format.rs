@@ -236,6 +236,7 @@ pub fn is_private_xattr(name: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

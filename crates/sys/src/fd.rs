@@ -7,6 +7,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rustix::fs::{self as rfs, CWD};
@@ -76,6 +77,33 @@ pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlags) -> SysResu
         flags | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// Opens `path` (relative, `/`-separated bytes) below `root` one component at a time: every
+/// intermediate as a directory with `O_NOFOLLOW`, the last with `flags | O_NOFOLLOW`. Works at any
+/// depth (no PATH_MAX limit); a symlink on the way gives `ELOOP`/`ENOTDIR`, `..` gives `EINVAL`.
+pub fn open_beneath(root: BorrowedFd<'_>, path: &[u8], flags: OFlags) -> SysResult<OwnedFd> {
+    let parts: Vec<&[u8]> = path
+        .split(|b| *b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        return rfs::openat(root, c".", flags | OFlags::CLOEXEC, Mode::empty());
+    };
+    let mut cur: Option<OwnedFd> = None;
+    for d in dirs {
+        let c = Component::new(std::ffi::OsStr::from_bytes(d))?;
+        let at = cur.as_ref().map_or(root, |f| f.as_fd());
+        cur = Some(open_path_dir(at, &c)?);
+    }
+    let c = Component::new(std::ffi::OsStr::from_bytes(last))?;
+    let at = cur.as_ref().map_or(root, |f| f.as_fd());
+    rfs::openat(
+        at,
+        c.as_c_str(),
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
     )
 }
 

@@ -89,9 +89,20 @@ pub fn set_umask(mask: u32) {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
 }
 
-/// Whether process `pid` exists.
+/// Whether process `pid` is alive (a zombie waiting to be reaped counts as ended).
 pub fn alive(pid: i32) -> bool {
-    rustix::process::Pid::from_raw(pid)
+    let exists = rustix::process::Pid::from_raw(pid)
         .map(|p| rustix::process::test_kill_process(p).is_ok())
-        .unwrap_or(false)
+        .unwrap_or(false);
+    if !exists {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the command name's closing parenthesis.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
 }
