@@ -88,12 +88,16 @@ pub fn run_visible(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The last few hundred characters of a command's stderr, for an error message.
+/// A command's stderr for an error message: its first and last lines, each cut to 300 characters.
 pub fn tail(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
-    let s = s.trim();
-    let start = s.char_indices().rev().nth(400).map(|(i, _)| i).unwrap_or(0);
-    s[start..].to_string()
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let cut = |l: &str| l.chars().take(300).collect::<String>();
+    match lines.as_slice() {
+        [] => String::new(),
+        [one] => cut(one),
+        [first, .., last] => format!("{} … ({} lines) … {}", cut(first), lines.len(), cut(last)),
+    }
 }
 
 /// SIGKILLs the process group `pgid` (a command started by [`prepare`] leads its own group).
@@ -262,6 +266,13 @@ mod tests {
     fn mountinfo_octal_escapes() {
         assert_eq!(unescape_octal(r"/a\040b\134c"), r"/a b\c");
         assert_eq!(unescape_octal(r"/x\04"), r"/x\04");
+    }
+
+    #[test]
+    fn stderr_tail_keeps_first_and_last_lines() {
+        assert_eq!(tail(b""), "");
+        assert_eq!(tail(b"one\n"), "one");
+        assert_eq!(tail(b"a\nb\n\nc\n"), "a \u{2026} (3 lines) \u{2026} c");
     }
 
     #[test]
