@@ -292,25 +292,56 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
             "\nRuns repeated because another process dropped the page cache: {retried}."
         );
     }
-    let bad: Vec<&Record> = records
+    failures(&mut out, records);
+    out
+}
+
+/// The failures and count mismatches, one line per (system, workload, message) with the rounds it hit.
+fn failures(out: &mut String, records: &[Record]) {
+    let mut seen: Vec<(String, Vec<usize>)> = Vec::new();
+    for r in records
         .iter()
         .filter(|r| r.error.is_some() || !r.checks.is_empty())
-        .collect();
-    if !bad.is_empty() {
-        let _ = writeln!(out, "\nFailures and count mismatches:\n");
-        for r in bad {
-            let _ = writeln!(
-                out,
-                "- {} {} round {}: {}{}",
-                r.sys.name(),
-                r.workload,
-                r.round,
-                r.error.as_deref().unwrap_or(""),
-                r.checks.join("; ")
-            );
+    {
+        let mut msg = r.error.clone().unwrap_or_default();
+        if !r.checks.is_empty() {
+            if !msg.is_empty() {
+                msg.push_str("; ");
+            }
+            msg.push_str(&r.checks.join("; "));
+        }
+        let msg = one_line(&msg);
+        let key = format!("{} {}: {msg}", r.sys.name(), r.workload);
+        match seen.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, rounds)) => rounds.push(r.round),
+            None => seen.push((key, vec![r.round])),
         }
     }
-    out
+    if seen.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nFailures and count mismatches:\n");
+    for (key, rounds) in seen {
+        let rounds: Vec<String> = rounds.iter().map(|r| r.to_string()).collect();
+        let (sys_wl, msg) = key.split_once(": ").unwrap_or((&key, ""));
+        let _ = writeln!(out, "- {sys_wl} (round {}): {msg}", rounds.join(", "));
+    }
+}
+
+/// `s` on one markdown-safe line: no backtrace, lines joined with " / ", at most 400 characters.
+fn one_line(s: &str) -> String {
+    let s = s.split("Stack backtrace:").next().unwrap_or("");
+    let joined = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" / ");
+    let mut cut: String = joined.chars().take(400).collect();
+    if cut.len() < joined.len() {
+        cut.push('…');
+    }
+    cut.replace('|', "\\|")
 }
 
 /// The workload that produces `metric`.
@@ -561,6 +592,26 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn failures_are_grouped_on_one_line() {
+        let mut a = Record::new("find", 1, System::Layerfs);
+        a.checks = vec!["find: got 1, want 2".into()];
+        let mut b = Record::new("find", 2, System::Layerfs);
+        b.checks = a.checks.clone();
+        let mut c = Record::new("ls-l", 1, System::Layerfs);
+        c.error = Some("ls failed\nToo many open files\n\nStack backtrace:\n 0: x".into());
+        let mut out = String::new();
+        failures(&mut out, &[a, b, c]);
+        assert!(
+            out.contains("- layerfs find (round 1, 2): find: got 1, want 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("- layerfs ls-l (round 1): ls failed / Too many open files\n"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -70,7 +70,11 @@ impl Ctx<'_> {
     fn op(&self, op: &str, list: &Path) -> Result<OpResult> {
         // This very binary, even if a rebuild has replaced the file since the bench started.
         let mut c = Command::new("/proc/self/exe");
-        c.args(["bench", "__op", op]).arg(self.mnt).arg(list);
+        c.args(["bench", "__op", op])
+            .arg(self.mnt)
+            .arg(list)
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0");
         let out = cmd::run(&mut c, &format!("__op {op}"), self.timeout)?.stdout;
         let f: Vec<&str> = out.split_whitespace().collect();
         let num = |i: usize| -> Result<f64> {
