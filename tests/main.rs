@@ -7,6 +7,7 @@ mod differential;
 mod dual;
 mod fsops;
 mod interop;
+mod mount_cli;
 mod opgen;
 mod scenarios;
 mod util;

@@ -291,14 +291,14 @@ fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
     plan.cfg.upper = plan.cfg.upper.as_deref().map(canon).transpose()?;
     plan.cfg.work = plan.cfg.work.as_deref().map(canon).transpose()?;
     for (name, d) in [("upper", &plan.cfg.upper), ("work", &plan.cfg.work)] {
-        if let Some(d) = d {
-            if d.starts_with(&mnt) || mnt.starts_with(d) {
-                bail!(
-                    "{name} directory {} and mountpoint {} overlap",
-                    d.display(),
-                    mnt.display()
-                );
-            }
+        if let Some(d) = d
+            && (d.starts_with(&mnt) || mnt.starts_with(d))
+        {
+            bail!(
+                "{name} directory {} and mountpoint {} overlap",
+                d.display(),
+                mnt.display()
+            );
         }
     }
     let ovl = Overlay::new(&plan.cfg).map_err(anyhow::Error::msg)?;
@@ -367,10 +367,10 @@ fn serve_mount(
         if let Err(e) = record.save() {
             record_err = Some(e);
         }
-        if let (Some(store), Some((name, _))) = (&store, &container) {
-            if let Err(e) = store.set_container_mounted(name, mnt, record.pid as u32, &[]) {
-                record_err = Some(e);
-            }
+        if let (Some(store), Some((name, _))) = (&store, &container)
+            && let Err(e) = store.set_container_mounted(name, mnt, record.pid as u32, &[])
+        {
+            record_err = Some(e);
         }
         if let Some(r) = ready.take() {
             r.ok();

@@ -65,10 +65,10 @@ impl MountRecord {
     /// Removes the record of `mountpoint` if it is ours.
     pub fn remove(mountpoint: &Path, pid: i32) {
         let path = record_path(mountpoint);
-        if let Ok(r) = Self::load_path(&path) {
-            if r.pid == pid {
-                let _ = std::fs::remove_file(path);
-            }
+        if let Ok(r) = Self::load_path(&path)
+            && r.pid == pid
+        {
+            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -109,7 +109,7 @@ fn unescape(field: &str) -> PathBuf {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len() + 0
+            && i + 3 < b.len()
             && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));

@@ -66,10 +66,10 @@ impl Overlay {
         if a.uid.is_some() || a.gid.is_some() {
             sys::chown_fd(fd, a.uid, a.gid)?;
         }
-        if let Some(mode) = a.mode {
-            if kind != FileType::Symlink {
-                sys::chmod_fd(fd, Mode::from_raw_mode(mode & 0o7777))?;
-            }
+        if let Some(mode) = a.mode
+            && kind != FileType::Symlink
+        {
+            sys::chmod_fd(fd, Mode::from_raw_mode(mode & 0o7777))?;
         }
         if let Some(size) = a.size {
             if kind == FileType::Directory {

@@ -118,17 +118,6 @@ fn redirect_of(dir: BorrowedFd<'_>) -> Option<Vec<u8>> {
         .find_map(|n| sys::xattr::get(dir, OsStr::new(n)).ok())
 }
 
-/// Opens `path` (components split on `/`) below `start`, directories only.
-fn open_dir_path(start: BorrowedFd<'_>, path: &[u8]) -> Option<OwnedFd> {
-    let mut cur: Option<OwnedFd> = None;
-    for comp in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
-        let comp = Component::new(OsStr::from_bytes(comp)).ok()?;
-        let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(start);
-        cur = Some(sys::open_path_dir(base, &comp).ok()?);
-    }
-    cur
-}
-
 impl Walk<'_> {
     /// The lower dirs a redirect points at.
     fn redirect_dirs(
@@ -141,18 +130,9 @@ impl Walk<'_> {
         } else {
             lowers
         };
-        let mut out = Vec::new();
-        for (layer, start) in starts {
-            let Some(fd) = open_dir_path(start.as_fd(), target) else {
-                continue;
-            };
-            let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-            out.push((*layer, fd));
-            if opaque {
-                break;
-            }
-        }
-        out
+        let starts: Vec<(LayerIdx, BorrowedFd<'_>)> =
+            starts.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
+        crate::layers::resolve_redirect(&starts, target).unwrap_or_default()
     }
 
     /// Lists the whole merged tree of `upper` over `lowers` as added.
@@ -372,10 +352,10 @@ impl Walk<'_> {
                 all_added(sub.as_fd(), &child_path, out)?;
                 // An upper child that a lower also has was replaced, not added.
                 for n in &upper_names {
-                    if hidden.visible(n).is_some() {
-                        if let Some(k) = out.get_mut(&join(&child_path, n)) {
-                            *k = ChangeKind::Modified;
-                        }
+                    if hidden.visible(n).is_some()
+                        && let Some(k) = out.get_mut(&join(&child_path, n))
+                    {
+                        *k = ChangeKind::Modified;
                     }
                 }
                 if any || out.len() > before {

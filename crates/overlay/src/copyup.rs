@@ -64,15 +64,17 @@ impl Overlay {
         } else {
             self.ensure_group_entry(node.ino, lower_fd.as_fd(), &st)?
         };
+        if group.is_some() {
+            node.write().group = true;
+        }
         let built = if let Some(group) = group {
             // A hard-link group with an upper inode: link it, copy nothing.
             sys::link_fd(group.as_fd(), work, &tmp).and_then(|()| sys::open_path(work, &tmp))
         } else {
             self.build_copy(lower_fd.as_fd(), &st, work, &tmp, data)
-                .map(|fd| {
+                .inspect(|fd| {
                     // Best effort: symlinks and special files may refuse user.* xattrs.
                     let _ = xattr::set(fd.as_fd(), self.origin_xattr(), &node.ino.to_le_bytes(), 0);
-                    fd
                 })
         };
         let fd = match built {
@@ -84,13 +86,13 @@ impl Overlay {
         };
         let _op = parent.op_lock();
         // Someone may have made the upper object meanwhile (a hard link, a moved tree): adopt it.
-        if let Some(e) = self.entry(&parent, &name)? {
-            if let Some(UpperSlot::Present(_)) = e.upper {
-                let _ = crate::layers::remove_tree(work, &tmp);
-                let fd = Arc::new(sys::open_path(parent_upper.as_fd(), &name)?);
-                node.write().upper = Some(fd.clone());
-                return Ok(fd);
-            }
+        if let Some(e) = self.entry(&parent, &name)?
+            && let Some(UpperSlot::Present(_)) = e.upper
+        {
+            let _ = crate::layers::remove_tree(work, &tmp);
+            let fd = Arc::new(sys::open_path(parent_upper.as_fd(), &name)?);
+            node.write().upper = Some(fd.clone());
+            return Ok(fd);
         }
         if let Err(e) = self.publish(work, &tmp, parent_upper.as_fd(), &name) {
             let _ = crate::layers::remove_tree(work, &tmp);
@@ -105,35 +107,35 @@ impl Overlay {
         Ok(fd)
     }
 
-    /// Copies the object `src` (stat `st`) to `dir/name` in the upper through the work dir,
-    /// recording `origin_ino`; returns an `O_PATH` fd of the copy. The caller holds `dir`'s
-    /// `op_lock` and knows `dir/name` is free (or a whiteout to replace).
-    pub(crate) fn copy_object(
+    /// Makes sure the name `dir/name` of non-directory `node` exists in the upper. A hard-link
+    /// group member may already have an upper inode under another name: that inode is linked here.
+    pub(crate) fn ensure_upper_name(
         &self,
-        src: BorrowedFd<'_>,
-        st: &Stat,
-        origin_ino: u64,
-        dir: BorrowedFd<'_>,
+        node: &Arc<Node>,
+        dir: &Arc<Node>,
         name: &Component,
-        data: CopyData,
-    ) -> OvlResult<OwnedFd> {
+    ) -> OvlResult<()> {
+        let upper = self.copy_up(node, CopyData::All)?;
+        if node.is_dir {
+            return Ok(());
+        }
+        let dir_up = self.copy_up(dir, CopyData::All)?;
+        let _op = dir.op_lock();
+        let entry = self.entry_locked(dir, name)?;
+        if matches!(entry.and_then(|e| e.upper), Some(UpperSlot::Present(_))) {
+            return Ok(());
+        }
         let work = self.layers.work()?;
         let tmp = self.tmp_name();
-        let built = self.build_copy(src, st, work, &tmp, data).and_then(|fd| {
-            // Best effort: symlinks and special files may refuse user.* xattrs.
-            let _ = xattr::set(
-                fd.as_fd(),
-                self.origin_xattr(),
-                &origin_ino.to_le_bytes(),
-                0,
-            );
-            self.publish(work, &tmp, dir, name)?;
-            Ok(fd)
-        });
-        if built.is_err() {
-            let _ = crate::layers::remove_tree(work, &tmp);
+        sys::link_fd(upper.as_fd(), work, &tmp)?;
+        if let Err(e) = self.publish(work, &tmp, dir_up.as_fd(), name) {
+            let _ = sys::unlink_at(work, &tmp, false);
+            return Err(e);
         }
-        built
+        let kind = sys::file_type(&sys::stat_fd(upper.as_fd())?);
+        self.update_index(dir, |idx| {
+            idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)))
+        })
     }
 
     /// Builds the copy of `src` as `work/tmp`: everything but the rename.

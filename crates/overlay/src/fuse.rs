@@ -43,14 +43,127 @@ pub struct MountOptions {
 /// The `fuser::Filesystem` of a mount.
 pub struct Fuse {
     ovl: Arc<Overlay>,
+    /// Kernel passthrough bookkeeping (its own lock).
+    pt: Passthrough,
 }
 
 impl Fuse {
     /// Wraps an overlay.
     pub fn new(ovl: Arc<Overlay>) -> Self {
-        Fuse { ovl }
+        Fuse {
+            ovl,
+            pt: Passthrough::default(),
+        }
     }
 }
+
+/// Kernel passthrough of file data (FUSE_PASSTHROUGH, kernel ≥ 6.9, CAP_SYS_ADMIN).
+///
+/// Only upper files are passed through: a lower file may be copied up while open, and an fd
+/// opened before the copy-up must then read the upper copy (reference/overlay-semantics.md 11),
+/// which a passthrough fd on the lower file could not. All passthrough opens of one node share one
+/// backing file, kept alive by the handles that use it. The kernel refuses to mix passthrough and
+/// cached opens of one inode, so a node with cached opens (from before its copy-up) gets cached
+/// opens until those close.
+#[derive(Default)]
+struct Passthrough {
+    /// Off until INIT granted it; off for good after the first refusal.
+    enabled: std::sync::atomic::AtomicBool,
+    /// Lock order: `state` is a leaf lock, never held across a reply or I/O.
+    state: std::sync::Mutex<PtState>,
+}
+
+#[derive(Default)]
+struct PtState {
+    /// Per node id: (real inode of the upper file, its shared backing) and the cached opens.
+    by_ino: std::collections::HashMap<u64, InoIo>,
+    /// Per handle: its node and the backing it holds (None: a cached open).
+    by_fh: std::collections::HashMap<u64, (u64, Option<Arc<fuser::BackingId>>)>,
+}
+
+#[derive(Default)]
+struct InoIo {
+    backing: Option<(u64, std::sync::Weak<fuser::BackingId>)>,
+    cached: u32,
+}
+
+impl Fuse {
+    /// Replies to an OPEN/CREATE of handle `fh` on node `ino`: passthrough for an upper file
+    /// when possible, else a cached open.
+    fn open_mode(
+        &self,
+        ino: u64,
+        fh: u64,
+        upper: bool,
+        open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<fuser::BackingId>,
+    ) -> Option<Arc<fuser::BackingId>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
+        if upper && self.pt.enabled.load(Relaxed) {
+            let key = self.ovl.handle_fd(fh).ok().and_then(|fd| {
+                sys::stat_fd(std::os::fd::AsFd::as_fd(&*fd))
+                    .ok()
+                    .map(|s| (fd, s.st_ino))
+            });
+            let io = st.by_ino.entry(ino).or_default();
+            if let (0, Some((fd, real))) = (io.cached, key) {
+                let existing = io
+                    .backing
+                    .as_ref()
+                    .filter(|(r, _)| *r == real)
+                    .and_then(|(_, w)| w.upgrade());
+                let backing = match existing {
+                    Some(b) => Some(b),
+                    None => match open_backing(&fd) {
+                        Ok(b) => {
+                            let b = Arc::new(b);
+                            io.backing = Some((real, Arc::downgrade(&b)));
+                            Some(b)
+                        }
+                        Err(e) => {
+                            self.pt.enabled.store(false, Relaxed);
+                            tracing::warn!(
+                                "kernel passthrough unavailable ({e}); serving data through the daemon"
+                            );
+                            None
+                        }
+                    },
+                };
+                if let Some(b) = backing {
+                    st.by_fh.insert(fh, (ino, Some(b.clone())));
+                    return Some(b);
+                }
+            }
+        }
+        st.by_ino.entry(ino).or_default().cached += 1;
+        st.by_fh.insert(fh, (ino, None));
+        None
+    }
+
+    /// RELEASE: drops what handle `fh` held.
+    fn release_mode(&self, fh: u64) {
+        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((ino, backing)) = st.by_fh.remove(&fh) else {
+            return;
+        };
+        if let Some(io) = st.by_ino.get_mut(&ino) {
+            if backing.is_none() {
+                io.cached = io.cached.saturating_sub(1);
+            }
+            drop(backing);
+            let live = io
+                .backing
+                .as_ref()
+                .is_some_and(|(_, w)| w.strong_count() > 0);
+            if io.cached == 0 && !live {
+                st.by_ino.remove(&ino);
+            }
+        }
+    }
+}
+
+/// The fd type handed to `open_backing`.
+type OwnedFdRef = Arc<std::os::fd::OwnedFd>;
 
 /// Runs a FUSE session for `ovl` on `mountpoint` until it is unmounted. `ready` is called once the
 /// mount is live.
@@ -207,6 +320,15 @@ impl Filesystem for Fuse {
             InitFlags::FUSE_MAX_PAGES,
         ] {
             let _ = config.add_capabilities(cap);
+        }
+        let root = rustix::process::geteuid().is_root();
+        if root && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
+            let _ = config.set_max_stack_depth(1);
+            self.pt
+                .enabled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            tracing::info!("kernel passthrough not available: file data goes through the daemon");
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -374,7 +496,12 @@ impl Filesystem for Fuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.ovl.open(ino.0, flags.0) {
-            Ok((fh, _layer)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, layer)) => {
+                match self.open_mode(ino.0, fh, layer.is_upper(), |fd| reply.open_backing(&**fd)) {
+                    Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
+                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                }
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -435,6 +562,7 @@ impl Filesystem for Fuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.release_mode(fh.0);
         self.ovl.release(fh.0);
         reply.ok();
     }
@@ -636,13 +764,26 @@ impl Filesystem for Fuse {
         let created = self.ovl.create_object(parent.0, name, obj, caller(req));
         match created {
             Ok((attr, Some(fd))) => match self.ovl.adopt_created(attr.ino, flags, fd) {
-                Ok(fh) => reply.created(
-                    &TTL,
-                    &file_attr(&attr),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                ),
+                Ok(fh) => {
+                    let fa = file_attr(&attr);
+                    match self.open_mode(attr.ino, fh, true, |fd| reply.open_backing(&**fd)) {
+                        Some(b) => reply.created_passthrough(
+                            &TTL,
+                            &fa,
+                            Generation(0),
+                            FileHandle(fh),
+                            FopenFlags::empty(),
+                            &b,
+                        ),
+                        None => reply.created(
+                            &TTL,
+                            &fa,
+                            Generation(0),
+                            FileHandle(fh),
+                            FopenFlags::FOPEN_KEEP_CACHE,
+                        ),
+                    }
+                }
                 Err(e) => reply.error(errno(e)),
             },
             Ok((_, None)) => reply.error(fuser::Errno::EIO),

@@ -76,6 +76,11 @@ impl Overlay {
         ))))
     }
 
+    /// The fd a file handle does I/O on (for registering a passthrough backing file).
+    pub fn handle_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
+        self.file_fd(fh)
+    }
+
     fn file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
         let h = self.handles.file(fh)?;
         match &*h {
@@ -196,10 +201,10 @@ impl Overlay {
         let Handle::Dir(d) = &*h else {
             return Err(Errno::NOTDIR);
         };
-        if offset != 0 {
-            if let Some(s) = d.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-                return Ok(s);
-            }
+        if offset != 0
+            && let Some(s) = d.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        {
+            return Ok(s);
         }
         let names = self.with_index(&d.node, |idx| idx.visible_sorted())?;
         let (parent, _) = d.node.location();

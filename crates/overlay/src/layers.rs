@@ -148,7 +148,7 @@ impl Layers {
     }
 
     /// Number of layers including the (possibly absent) upper slot.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.roots.len()
     }
 
@@ -230,4 +230,57 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &Component) -> SysResult<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// The lower directories a redirect `path` names, as the kernel overlay resolves it: the path is
+/// walked in each of `starts` (lower roots for an absolute path, the parent's lower dirs for a bare
+/// name) in order; a layer without it is skipped; a whiteout or a non-directory on the path ends
+/// the search; an opaque directory on the path (or at its end) ends it after this layer.
+pub fn resolve_redirect(
+    starts: &[(LayerIdx, BorrowedFd<'_>)],
+    path: &[u8],
+) -> SysResult<Vec<(LayerIdx, OwnedFd)>> {
+    use layerfs_store::format::{self, DirMark};
+    use std::os::unix::ffi::OsStrExt;
+    let comps: Vec<&[u8]> = path
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+        .collect();
+    let mut out = Vec::new();
+    'layers: for (layer, start) in starts {
+        let mut cur: Option<OwnedFd> = None;
+        let mut stop = false;
+        for (i, comp) in comps.iter().enumerate() {
+            let name = Component::new(std::ffi::OsStr::from_bytes(comp))?;
+            let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(*start);
+            let st = match sys::stat_at(base, &name) {
+                Ok(st) => st,
+                Err(Errno::NOENT) => {
+                    let hidden = format::whiteout_file_name(&name)
+                        .ok()
+                        .is_some_and(|wh| sys::stat_at(base, &wh).is_ok());
+                    if hidden || stop {
+                        break 'layers;
+                    }
+                    continue 'layers;
+                }
+                Err(e) => return Err(e),
+            };
+            if sys::file_type(&st) != sys::FileType::Directory {
+                break 'layers;
+            }
+            let fd = sys::open_path_dir(base, &name)?;
+            if i + 1 < comps.len() && format::dir_mark(fd.as_fd()) == DirMark::Opaque {
+                stop = true;
+            }
+            cur = Some(fd);
+        }
+        let Some(fd) = cur else { continue };
+        let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+        out.push((*layer, fd));
+        if opaque || stop {
+            break;
+        }
+    }
+    Ok(out)
 }

@@ -154,28 +154,36 @@ impl Overlay {
                 FileType::Symlink
             }
         };
-        let fd = match self.finish_new(
-            target_dir,
-            &target_name,
-            kind,
-            &obj,
-            caller.uid,
-            gid,
-            over_whiteout,
-        ) {
+        let sgid_dir = dir_st.st_mode & 0o2000 != 0;
+        let fd = match self
+            .finish_new(
+                target_dir,
+                &target_name,
+                kind,
+                &obj,
+                caller.uid,
+                gid,
+                over_whiteout,
+            )
+            .and_then(|fd| {
+                // mkdir(2) ignores S_ISGID in its mode; a setgid parent passes it on.
+                if let (NewObject::Dir { mode }, true) = (&obj, sgid_dir) {
+                    sys::chmod_fd(fd.as_fd(), Mode::from_raw_mode((*mode & 0o7777) | 0o2000))?;
+                }
+                Ok(fd)
+            }) {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = crate::layers::remove_tree(target_dir, &target_name);
                 return Err(e);
             }
         };
-        if over_whiteout {
-            if let Err(e) =
+        if over_whiteout
+            && let Err(e) =
                 self.publish_over_whiteout(target_dir, &target_name, p.upper.as_fd(), &name)
-            {
-                let _ = crate::layers::remove_tree(target_dir, &target_name);
-                return Err(e);
-            }
+        {
+            let _ = crate::layers::remove_tree(target_dir, &target_name);
+            return Err(e);
         }
         let kind_slot = Some(UpperSlot::Present(kind));
         if let Some(idx) = dir.write().index.as_mut() {
@@ -286,10 +294,29 @@ impl Overlay {
         let Some(probe) = self.probe(dir, name, entry)? else {
             return Ok(None);
         };
-        Ok(self.nodes.get(probe.ino).filter(|n| {
-            let s = n.read();
-            s.parent == dir.ino && s.name.as_ref() == Some(name)
-        }))
+        Ok(self
+            .nodes
+            .get(probe.ino)
+            .filter(|n| n.read().is_at(dir.ino, name)))
+    }
+
+    /// Bookkeeping after the name `dir/name` of `child` went away: the node is unlinked once it
+    /// has no known name left and no link in the upper either.
+    pub(crate) fn name_removed(&self, child: &Node, dir: u64, name: &Component) {
+        let (last, upper) = {
+            let mut s = child.write();
+            (s.drop_location(dir, name), s.upper.clone())
+        };
+        let gone = last
+            && match upper {
+                Some(fd) => sys::stat_fd(fd.as_fd())
+                    .map(|st| st.st_nlink == 0)
+                    .unwrap_or(true),
+                None => true,
+            };
+        if gone {
+            child.write().unlinked = true;
+        }
     }
 
     /// UNLINK.
@@ -305,16 +332,7 @@ impl Overlay {
         self.group_unlinked(&dir, &name, &p.entry)?;
         self.remove_entry(&dir, &p, &name, false)?;
         if let Some(child) = child {
-            let upper = child.read().upper.clone();
-            let gone = match upper {
-                Some(fd) => sys::stat_fd(fd.as_fd())
-                    .map(|st| st.st_nlink == 0)
-                    .unwrap_or(true),
-                None => true,
-            };
-            if gone {
-                child.write().unlinked = true;
-            }
+            self.name_removed(&child, dir.ino, &name);
         }
         Ok(())
     }

@@ -55,9 +55,64 @@ pub struct NodeState {
     pub unlinked: bool,
     /// A lower hard-link group member served from the group's index entry ([`crate::group`]).
     pub group: bool,
+    /// Further names of a non-directory (hard links) the kernel has looked up.
+    pub aliases: Vec<(u64, Component)>,
 }
 
 impl NodeState {
+    /// Whether the object is known under `name` in directory `parent`.
+    pub fn is_at(&self, parent: u64, name: &Component) -> bool {
+        (self.parent == parent && self.name.as_ref() == Some(name))
+            || self.aliases.iter().any(|(p, n)| *p == parent && n == name)
+    }
+
+    /// Records another name of the object.
+    pub fn add_alias(&mut self, parent: u64, name: &Component) {
+        if !self.is_at(parent, name) {
+            self.aliases.push((parent, name.clone()));
+        }
+    }
+
+    /// The name `parent/name` now reads `to_parent/to_name`.
+    pub fn move_location(
+        &mut self,
+        parent: u64,
+        name: &Component,
+        to_parent: u64,
+        to_name: &Component,
+    ) {
+        if self.parent == parent && self.name.as_ref() == Some(name) {
+            self.parent = to_parent;
+            self.name = Some(to_name.clone());
+        } else if let Some(a) = self
+            .aliases
+            .iter_mut()
+            .find(|(p, n)| *p == parent && n == name)
+        {
+            *a = (to_parent, to_name.clone());
+        } else {
+            self.parent = to_parent;
+            self.name = Some(to_name.clone());
+        }
+    }
+
+    /// Forgets the name `parent/name`; true if the object has no known name left.
+    pub fn drop_location(&mut self, parent: u64, name: &Component) -> bool {
+        if self.parent == parent && self.name.as_ref() == Some(name) {
+            match self.aliases.pop() {
+                Some((p, n)) => {
+                    self.parent = p;
+                    self.name = Some(n);
+                    false
+                }
+                None => true,
+            }
+        } else {
+            self.aliases.retain(|(p, n)| !(*p == parent && n == name));
+            false
+        }
+    }
+
     /// The fd of the topmost object and its layer.
     pub fn top(&self) -> Option<(LayerIdx, Arc<OwnedFd>)> {
         match (&self.upper, &self.lower) {
@@ -138,10 +193,10 @@ impl NodeTable {
     /// `same` decides whether an existing node is the same object (else it is replaced).
     pub fn insert_or_get(&self, node: Node, same: impl FnOnce(&Node) -> bool) -> (Arc<Node>, bool) {
         let mut map = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = map.get(&node.ino) {
-            if same(existing) {
-                return (existing.clone(), false);
-            }
+        if let Some(existing) = map.get(&node.ino)
+            && same(existing)
+        {
+            return (existing.clone(), false);
         }
         let node = Arc::new(node);
         map.insert(node.ino, node.clone());

@@ -4,7 +4,6 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -79,7 +78,7 @@ impl Overlay {
         };
         let upper = self.layers.root(LayerIdx::UPPER).map(dup).transpose()?;
         let mut lower_dirs = Vec::new();
-        for i in 1..self.layers.len() {
+        for i in 1..self.layers.count() {
             let idx = LayerIdx(i as u16);
             if let Some(fd) = self.layers.root(idx) {
                 let opaque = format::dir_mark(fd) == DirMark::Opaque;
@@ -104,6 +103,7 @@ impl Overlay {
             index: None,
             unlinked: false,
             group: false,
+            aliases: Vec::new(),
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -179,6 +179,20 @@ impl Overlay {
         Ok(())
     }
 
+    /// The index entry of `name` in `dir`; the caller holds `dir.op_lock()`.
+    pub(crate) fn entry_locked(
+        &self,
+        dir: &Node,
+        name: &Component,
+    ) -> OvlResult<Option<IndexEntry>> {
+        self.ensure_index_locked(dir)?;
+        Ok(dir
+            .read()
+            .index
+            .as_ref()
+            .and_then(|i| i.get(name.as_bytes()).cloned()))
+    }
+
     /// The index entry of `name` in `dir`.
     pub(crate) fn entry(&self, dir: &Node, name: &Component) -> OvlResult<Option<IndexEntry>> {
         self.with_index(dir, |idx| idx.get(name.as_bytes()).cloned())
@@ -247,18 +261,18 @@ impl Overlay {
                 {
                     self.open_lower_dirs(dir, name, lower.layer, &lower.more, &mut lower_dirs)?;
                 }
-            } else if !vis.layer.is_upper() {
-                if let Some(lower) = entry.lower.as_ref() {
-                    lower_dirs.push((vis.layer, fd.clone()));
-                    if format::dir_mark(fd.as_fd()) != DirMark::Opaque {
-                        self.open_lower_dirs(
-                            dir,
-                            name,
-                            LayerIdx(u16::MAX),
-                            &lower.more,
-                            &mut lower_dirs,
-                        )?;
-                    }
+            } else if !vis.layer.is_upper()
+                && let Some(lower) = entry.lower.as_ref()
+            {
+                lower_dirs.push((vis.layer, fd.clone()));
+                if format::dir_mark(fd.as_fd()) != DirMark::Opaque {
+                    self.open_lower_dirs(
+                        dir,
+                        name,
+                        LayerIdx(u16::MAX),
+                        &lower.more,
+                        &mut lower_dirs,
+                    )?;
                 }
             }
         }
@@ -311,9 +325,9 @@ impl Overlay {
         target: &[u8],
         out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
     ) -> OvlResult<()> {
-        let starts: Vec<(LayerIdx, Arc<OwnedFd>)> = if target.starts_with(b"/") {
+        let owned: Vec<(LayerIdx, Arc<OwnedFd>)> = if target.starts_with(b"/") {
             let mut v = Vec::new();
-            for i in 1..self.layers.len() {
+            for i in 1..self.layers.count() {
                 let idx = LayerIdx(i as u16);
                 if let Some(root) = self.layers.root(idx) {
                     let root = root
@@ -326,28 +340,10 @@ impl Overlay {
         } else {
             dir.read().lower_dirs.clone()
         };
-        for (layer, start) in starts {
-            let mut cur: Option<OwnedFd> = None;
-            let mut ok = true;
-            for comp in target.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
-                let comp = Component::new(OsStr::from_bytes(comp))?;
-                let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(start.as_fd());
-                match sys::open_path_dir(base, &comp) {
-                    Ok(fd) => cur = Some(fd),
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                }
-            }
-            let Some(fd) = cur.filter(|_| ok) else {
-                continue;
-            };
-            let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+        let starts: Vec<(LayerIdx, BorrowedFd<'_>)> =
+            owned.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
+        for (layer, fd) in crate::layers::resolve_redirect(&starts, target)? {
             out.push((layer, Arc::new(fd)));
-            if opaque {
-                break;
-            }
         }
         Ok(())
     }
@@ -366,10 +362,10 @@ impl Overlay {
                 let lst = sys::stat_fd(lfd.as_fd())?;
                 return Ok(self.layers.xino(*layer, lst.st_ino));
             }
-            if let Ok(v) = xattr::get(fd.as_fd(), self.origin_xattr()) {
-                if let Ok(bytes) = <[u8; 8]>::try_from(v.as_slice()) {
-                    return Ok(u64::from_le_bytes(bytes));
-                }
+            if let Ok(v) = xattr::get(fd.as_fd(), self.origin_xattr())
+                && let Ok(bytes) = <[u8; 8]>::try_from(v.as_slice())
+            {
+                return Ok(u64::from_le_bytes(bytes));
             }
         }
         Ok(self.layers.xino(vis.layer, st.st_ino))
@@ -412,11 +408,15 @@ impl Overlay {
             index: None,
             unlinked: false,
             group: probe.group,
+            aliases: Vec::new(),
         };
         let node = Node::new(probe.ino, is_dir, state);
         let (node, _) = self
             .nodes
             .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
+        if !is_dir {
+            node.write().add_alias(dir.ino, name);
+        }
         let attr = self.attr_from(&node, probe.st, probe.fd.as_fd());
         (node, attr)
     }

@@ -1,20 +1,20 @@
 //! RENAME (plain, `RENAME_NOREPLACE`, `RENAME_EXCHANGE`).
 //!
-//! A directory that has lower parts is moved by first *materializing* it: its whole merged subtree
-//! is copied into the upper dir (reflinks where the filesystem can), whiteouts inside are dropped
-//! and it is marked opaque. It then lives in the upper alone and renames like any upper directory;
-//! a whiteout at the old name hides the lower original. No EXDEV, and `diff` and exported layers
-//! stay exact (the moved tree is D at the old path and A at the new one).
+//! A directory that has lower parts is moved as the kernel overlay does with `redirect_dir=on`:
+//! only the directory itself is copied up and renamed, and its `overlay.redirect` xattr records the
+//! absolute path of its lower parts, which keep merging below it; a whiteout hides the old name.
+//! Nothing of the subtree is copied, there is no EXDEV, and `diff` and exported layers stay exact
+//! (the moved tree is D at the old path and A, with everything it shows, at the new one). A
+//! directory with no lower parts moved onto a name a lower has is made opaque instead.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use layerfs_store::format;
-use layerfs_sys::{self as sys, Component, Errno, FileType, RenameFlags};
+use layerfs_sys::{self as sys, Component, Errno, FileType, RenameFlags, xattr};
 
 use crate::copyup::CopyData;
-use crate::index::{DirIndex, IndexEntry, LayerDir, UpperSlot};
-use crate::layers::LayerIdx;
+use crate::index::{IndexEntry, UpperSlot};
 use crate::node::Node;
 use crate::overlay::{Overlay, OvlResult};
 
@@ -45,15 +45,17 @@ impl Overlay {
         let src_entry = self.entry(&dir, &name)?.unwrap_or_default();
         let src_vis = src_entry.visible().ok_or(Errno::NOENT)?;
         let src = self.child_node(&dir, &name, &src_entry)?;
-        self.make_movable(&src)?;
+        let src_redirect = self.make_movable(&src, &dir, &name)?;
         let dst_entry = self.entry(&newdir, &newname)?.unwrap_or_default();
         let dst = match dst_entry.visible() {
             Some(_) => Some(self.child_node(&newdir, &newname, &dst_entry)?),
             None => None,
         };
-        if exchange {
-            self.make_movable(dst.as_ref().ok_or(Errno::NOENT)?)?;
-        }
+        let dst_redirect = if exchange {
+            self.make_movable(dst.as_ref().ok_or(Errno::NOENT)?, &newdir, &newname)?
+        } else {
+            None
+        };
         if Arc::ptr_eq(&dir, &newdir) && name == newname {
             return Ok(());
         }
@@ -101,17 +103,23 @@ impl Overlay {
                 RenameFlags::EXCHANGE,
             )?;
             let dst_is_dir = dst_vis.kind == FileType::Directory;
-            if src_is_dir && dst_entry.lower.is_some() {
+            if let Some(path) = &src_redirect {
+                self.set_redirect(newdir_up.as_fd(), &newname, path)?;
+            } else if src_is_dir && dst_entry.lower.is_some() {
                 self.make_opaque(newdir_up.as_fd(), &newname)?;
             }
-            if dst_is_dir && src_entry.lower.is_some() {
+            if let Some(path) = &dst_redirect {
+                self.set_redirect(dir_up.as_fd(), &name, path)?;
+            } else if dst_is_dir && src_entry.lower.is_some() {
                 self.make_opaque(dir_up.as_fd(), &name)?;
             }
             self.set_slot(&dir, &name, Some(UpperSlot::Present(dst_vis.kind)));
             self.set_slot(&newdir, &newname, Some(UpperSlot::Present(src_vis.kind)));
-            Self::relocate(&src, newdir.ino, &newname);
+            src.write()
+                .move_location(dir.ino, &name, newdir.ino, &newname);
             if let Some(dst) = &dst {
-                Self::relocate(dst, dir.ino, &name);
+                dst.write()
+                    .move_location(newdir.ino, &newname, dir.ino, &name);
             }
             return Ok(());
         }
@@ -123,11 +131,11 @@ impl Overlay {
             if !src_is_dir && dst_is_dir {
                 return Err(Errno::ISDIR);
             }
-            if let Some(d) = &dst {
-                if Arc::ptr_eq(d, &src) {
-                    // Two names of one file: nothing to do.
-                    return Ok(());
-                }
+            if let Some(d) = &dst
+                && Arc::ptr_eq(d, &src)
+            {
+                // Two names of one file: nothing to do.
+                return Ok(());
             }
             if !dst_is_dir {
                 self.group_unlinked(&newdir, &newname, &dst_entry)?;
@@ -164,7 +172,9 @@ impl Overlay {
         if whiteout_needed && !kernel_wh {
             format::write_whiteout(dir_up.as_fd(), &name, self.layers.encoding)?;
         }
-        if src_is_dir && dst_entry.lower.is_some() {
+        if let Some(path) = &src_redirect {
+            self.set_redirect(newdir_up.as_fd(), &newname, path)?;
+        } else if src_is_dir && dst_entry.lower.is_some() {
             self.make_opaque(newdir_up.as_fd(), &newname)?;
             let mut s = src.write();
             s.lower_dirs.clear();
@@ -173,10 +183,10 @@ impl Overlay {
         }
         self.set_slot(&dir, &name, whiteout_needed.then_some(UpperSlot::Whiteout));
         self.set_slot(&newdir, &newname, Some(UpperSlot::Present(src_vis.kind)));
-        Self::relocate(&src, newdir.ino, &newname);
+        src.write()
+            .move_location(dir.ino, &name, newdir.ino, &newname);
         if let Some(dst) = dst {
-            let mut s = dst.write();
-            s.unlinked = true;
+            self.name_removed(&dst, newdir.ino, &newname);
         }
         Ok(())
     }
@@ -185,12 +195,6 @@ impl Overlay {
         if let Some(idx) = dir.write().index.as_mut() {
             idx.set_upper(name.as_bytes(), slot);
         }
-    }
-
-    fn relocate(node: &Node, parent: u64, name: &Component) {
-        let mut s = node.write();
-        s.parent = parent;
-        s.name = Some(name.clone());
     }
 
     /// Marks `dir/name` (an upper directory) opaque, dropping whiteouts inside it.
@@ -218,148 +222,49 @@ impl Overlay {
             .ok_or(Errno::NOENT)
     }
 
-    /// Gets `node` ready to move: copied up, and for a directory with lower parts, materialized.
-    fn make_movable(&self, node: &Arc<Node>) -> OvlResult<()> {
-        let upper = self.copy_up(node, CopyData::All)?;
-        if !node.is_dir {
-            return Ok(());
-        }
-        let lowers = node.read().lower_dirs.clone();
-        if lowers.is_empty() {
-            return Ok(());
-        }
-        let _op = node.op_lock();
-        let before = sys::stat_fd(upper.as_fd())?;
-        self.materialize(upper.as_fd(), &lowers, node.ino)?;
-        sys::utimes_fd(upper.as_fd(), &times_of(&before))?;
-        let mut s = node.write();
-        s.lower_dirs.clear();
-        s.lower = None;
-        s.index = None;
-        Ok(())
-    }
-
-    /// Copies every lower-only entry of the merged directory (`upper` + `lowers`) into `upper`,
-    /// recursively, then makes `upper` opaque. Nodes the kernel holds inside are pointed at the
-    /// copies. `dir_ino` is the node id of the directory.
-    fn materialize(
+    /// Gets `node` ready to move: copied up; for a directory with lower parts, returns the path
+    /// of those lower parts (from the layer roots), to record as its redirect once moved.
+    fn make_movable(
         &self,
-        upper: BorrowedFd<'_>,
-        lowers: &[(LayerIdx, Arc<OwnedFd>)],
-        dir_ino: u64,
-    ) -> OvlResult<()> {
-        let layer_dirs: Vec<LayerDir<'_>> = lowers
-            .iter()
-            .map(|(l, fd)| LayerDir {
-                layer: *l,
-                fd: fd.as_fd(),
-            })
-            .collect();
-        let index = DirIndex::build(Some(upper), &layer_dirs)?;
-        let lower_fd = |layer: LayerIdx| {
-            lowers
-                .iter()
-                .find(|(l, _)| *l == layer)
-                .map(|(_, fd)| fd.clone())
-        };
-        for (name, vis) in index.visible_sorted() {
-            let name = Component::new(std::ffi::OsStr::from_bytes(&name))?;
-            let Some(entry) = index.get(name.as_bytes()) else {
-                continue;
-            };
-            let child_lowers = |out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>| -> OvlResult<()> {
-                if let Some(l) = entry
-                    .lower
-                    .as_ref()
-                    .filter(|l| l.kind == FileType::Directory)
-                {
-                    for layer in std::iter::once(l.layer).chain(l.more.iter().copied()) {
-                        let Some(parent) = lower_fd(layer) else {
-                            continue;
-                        };
-                        let fd = sys::open_path_dir(parent.as_fd(), &name)?;
-                        let opaque = format::dir_mark(fd.as_fd()) == format::DirMark::Opaque;
-                        out.push((layer, Arc::new(fd)));
-                        if opaque {
-                            break;
-                        }
-                    }
-                }
-                Ok(())
-            };
-            if vis.layer.is_upper() {
-                if vis.kind == FileType::Directory {
-                    let fd = sys::open_path_dir(upper, &name)?;
-                    if format::dir_mark(fd.as_fd()) != format::DirMark::Opaque {
-                        let mut sub = Vec::new();
-                        child_lowers(&mut sub)?;
-                        if !sub.is_empty() {
-                            let ino = self
-                                .layers
-                                .xino(sub[0].0, sys::stat_fd(sub[0].1.as_fd())?.st_ino);
-                            let before = sys::stat_fd(fd.as_fd())?;
-                            self.materialize(fd.as_fd(), &sub, ino)?;
-                            sys::utimes_fd(fd.as_fd(), &times_of(&before))?;
-                            self.repoint(dir_ino, &name, fd.try_clone().map_err(|_| Errno::IO)?)?;
-                        }
-                    }
-                }
-                continue;
-            }
-            let parent = lower_fd(vis.layer).ok_or(Errno::IO)?;
-            let src = sys::open_path(parent.as_fd(), &name)?;
-            let st = sys::stat_fd(src.as_fd())?;
-            let ino = self.layers.xino(vis.layer, st.st_ino);
-            let group = if vis.kind == FileType::Directory {
-                None
-            } else {
-                self.ensure_group_entry(ino, src.as_fd(), &st)?
-            };
-            let copy = match group {
-                Some(group) => {
-                    sys::link_fd(group.as_fd(), upper, &name)?;
-                    sys::open_path(upper, &name)?
-                }
-                None => self.copy_object(src.as_fd(), &st, ino, upper, &name, CopyData::All)?,
-            };
-            if vis.kind == FileType::Directory {
-                let mut sub = Vec::new();
-                child_lowers(&mut sub)?;
-                self.materialize(copy.as_fd(), &sub, ino)?;
-                sys::utimes_fd(copy.as_fd(), &times_of(&st))?;
-            }
-            self.repoint(dir_ino, &name, copy)?;
+        node: &Arc<Node>,
+        dir: &Arc<Node>,
+        name: &Component,
+    ) -> OvlResult<Option<Vec<u8>>> {
+        self.ensure_upper_name(node, dir, name)?;
+        if !node.is_dir || node.read().lower_dirs.is_empty() {
+            return Ok(None);
         }
-        drop_whiteouts(upper)?;
-        format::set_opaque(upper, self.layers.encoding)
+        self.lower_path(node).map(Some)
     }
 
-    /// Points the node of `name` in directory `dir_ino` (if the kernel holds one) at its upper copy.
-    fn repoint(&self, dir_ino: u64, name: &Component, fd: OwnedFd) -> OvlResult<()> {
-        let Some(dir) = self.nodes.get(dir_ino) else {
-            return Ok(());
+    /// Where the lower parts of directory `node` live: its own redirect if it has one, else its
+    /// parent's lower path plus its name. Absolute, `/`-separated.
+    fn lower_path(&self, node: &Arc<Node>) -> OvlResult<Vec<u8>> {
+        let (parent, name, upper) = {
+            let s = node.read();
+            (s.parent, s.name.clone(), s.upper.clone())
         };
-        let ino = {
-            let st = sys::stat_fd(fd.as_fd())?;
-            let origin = sys::xattr::get(fd.as_fd(), self.origin_xattr()).ok();
-            origin
-                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-                .map(u64::from_le_bytes)
-                .unwrap_or(st.st_ino)
+        let Some(name) = name else {
+            return Ok(Vec::new());
         };
-        let _ = &dir;
-        if let Some(child) = self.nodes.get(ino) {
-            let mut s = child.write();
-            if s.parent == dir_ino && s.name.as_ref() == Some(name) {
-                s.upper = Some(Arc::new(fd));
-                if child.is_dir {
-                    s.lower_dirs.clear();
-                    s.lower = None;
-                    s.index = None;
-                }
+        let redirect =
+            upper.and_then(|u| xattr::get(u.as_fd(), self.layers.encoding.redirect_xattr()).ok());
+        if let Some(r) = &redirect {
+            if r.starts_with(b"/") {
+                return Ok(r.clone());
             }
         }
-        Ok(())
+        let mut path = self.lower_path(&self.node(parent)?)?;
+        path.push(b'/');
+        path.extend_from_slice(redirect.as_deref().unwrap_or(name.as_bytes()));
+        Ok(path)
+    }
+
+    /// Records on the moved upper directory `dir/name` where its lower parts are (the kernel
+    /// overlay's `redirect` xattr, absolute form).
+    fn set_redirect(&self, dir: BorrowedFd<'_>, name: &Component, path: &[u8]) -> OvlResult<()> {
+        let fd = sys::open_path_dir(dir, name)?;
+        xattr::set(fd.as_fd(), self.layers.encoding.redirect_xattr(), path, 0)
     }
 }
 

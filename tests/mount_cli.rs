@@ -1,0 +1,349 @@
+//! The mount command line: bad arguments are refused before anything is mounted, the
+//! fuse-overlayfs/mount-helper spelling works (also through `mount -t fuse.layerfs`), and the
+//! request counters prove that a walk costs one READDIRPLUS per directory, not a LOOKUP per file.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::util::{Fixture, can_mount, is_mounted, layerfs_bin, output, sh_ok};
+
+/// Runs `layerfs ARGS…`; returns (success, stderr).
+fn layerfs(args: &[&str]) -> (bool, String) {
+    let out = output(Command::new(layerfs_bin()).args(args)).expect("run layerfs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 test path")
+}
+
+/// Every refusal: non-zero exit, one line naming the thing, nothing mounted.
+#[test]
+fn mount_refuses_bad_arguments() {
+    if !can_mount("mount_refuses_bad_arguments") {
+        return;
+    }
+    let fix = Fixture::new("badargs");
+    let lower = fix.dir("lower");
+    std::fs::create_dir_all(lower.join("inner")).expect("mkdir");
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    let missing = fix.path().join("does-not-exist");
+    let tmpfs = fix.dir("tmpfs");
+    sh_ok(fix.path(), &format!("mount -t tmpfs tmpfs {}", s(&tmpfs)));
+    let other_fs_work = tmpfs.join("work");
+    std::fs::create_dir_all(&other_fs_work).expect("mkdir");
+    let inner = lower.join("inner");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--lower".into(), s(&missing).into(), s(&mnt).into()],
+            "does-not-exist",
+        ),
+        (
+            vec![
+                "--lower".into(),
+                s(&lower).into(),
+                "--upper".into(),
+                s(&inner).into(),
+                "--work".into(),
+                s(&work).into(),
+                s(&mnt).into(),
+            ],
+            "overlap",
+        ),
+        (
+            vec![
+                "--lower".into(),
+                s(&lower).into(),
+                "--upper".into(),
+                s(&upper).into(),
+                "--work".into(),
+                s(&other_fs_work).into(),
+                s(&mnt).into(),
+            ],
+            "same filesystem",
+        ),
+        (
+            vec!["--lower".into(), s(&lower).into(), s(&missing).into()],
+            "does-not-exist",
+        ),
+        (
+            vec!["--upper".into(), s(&upper).into(), s(&mnt).into()],
+            "lower",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["mount"];
+        all.extend(args.iter().map(String::as_str));
+        let (ok, err) = layerfs(&all);
+        assert!(!ok, "layerfs {all:?} succeeded");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "one line expected, got {err:?}"
+        );
+        assert!(
+            err.contains(needle),
+            "layerfs {all:?}: {err:?} does not mention {needle:?}"
+        );
+        assert!(!is_mounted(&mnt), "layerfs {all:?} left a mount");
+    }
+    // A busy mountpoint: something is already mounted there.
+    sh_ok(fix.path(), &format!("mount -t tmpfs busy {}", s(&mnt)));
+    let (ok, err) = layerfs(&["mount", "--lower", s(&lower), s(&mnt)]);
+    assert!(
+        !ok && err.contains("busy"),
+        "busy mountpoint accepted: {err:?}"
+    );
+    sh_ok(fix.path(), &format!("umount {} {}", s(&mnt), s(&tmpfs)));
+}
+
+/// `layerfs SOURCE MNT -o lowerdir=…` and `mount -t fuse.layerfs` (via mount.fuse3) mount the same
+/// tree; lower-only is read-only; `layerfs umount` and plain `umount` both end the daemon.
+#[test]
+fn helper_form_and_mount_t_fuse_layerfs() {
+    if !can_mount("helper_form_and_mount_t_fuse_layerfs") {
+        return;
+    }
+    let fix = Fixture::new("helper");
+    let l1 = fix.dir("l1");
+    let l2 = fix.dir("l2");
+    std::fs::write(l1.join("top"), "top\n").expect("write");
+    std::fs::write(l2.join("bottom"), "bottom\n").expect("write");
+    std::fs::write(l2.join("top"), "hidden\n").expect("write");
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    let opts = format!(
+        "rw,dev,suid,lowerdir={}:{},upperdir={},workdir={}",
+        s(&l1),
+        s(&l2),
+        s(&upper),
+        s(&work)
+    );
+    let (ok, err) = layerfs(&["layerfs", s(&mnt), "-o", &opts]);
+    assert!(ok, "helper form failed: {err}");
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("top")).expect("read"),
+        "top\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("bottom")).expect("read"),
+        "bottom\n"
+    );
+    sh_ok(fix.path(), &format!("echo new > {}/new", s(&mnt)));
+    assert!(upper.join("new").exists());
+    // Plain umount ends the daemon too.
+    sh_ok(fix.path(), &format!("umount {}", s(&mnt)));
+    assert!(!is_mounted(&mnt));
+
+    // Lower dirs only: read-only.
+    let (ok, err) = layerfs(&["layerfs", s(&mnt), "-o", &format!("lowerdir={}", s(&l1))]);
+    assert!(ok, "read-only mount failed: {err}");
+    let w = std::fs::write(mnt.join("x"), "x");
+    assert_eq!(w.err().and_then(|e| e.raw_os_error()), Some(libc::EROFS));
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "layerfs umount: {err}");
+
+    // mount -t fuse.layerfs: mount.fuse3 runs `layerfs SOURCE MNT -o …` found on its PATH.
+    if !Path::new("/sbin/mount.fuse3").exists() && !Path::new("/usr/sbin/mount.fuse3").exists() {
+        crate::util::skip(
+            "helper_form_and_mount_t_fuse_layerfs",
+            "mount.fuse3 (fuse3) is absent",
+        );
+        return;
+    }
+    // mount(8) gives helpers a fixed PATH; /usr/local/sbin is on root's. Install a symlink there
+    // for the test (replacing only a symlink an earlier test run left).
+    let link = Path::new("/usr/local/sbin/layerfs");
+    if let Ok(meta) = std::fs::symlink_metadata(link) {
+        if !meta.file_type().is_symlink() {
+            panic!(
+                "{} exists and is not ours: cannot test mount -t fuse.layerfs",
+                link.display()
+            );
+        }
+        std::fs::remove_file(link).expect("remove stale symlink");
+    }
+    std::fs::create_dir_all("/usr/local/sbin").expect("mkdir /usr/local/sbin");
+    std::os::unix::fs::symlink(layerfs_bin(), link).expect("symlink");
+    let out = output(
+        Command::new("mount")
+            .args(["-t", "fuse.layerfs", "-o", &opts, "layerfs"])
+            .arg(&mnt),
+    )
+    .expect("run mount");
+    let _ = std::fs::remove_file(link);
+    assert!(
+        out.status.success(),
+        "mount -t fuse.layerfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("new")).expect("read"),
+        "new\n"
+    );
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "layerfs umount: {err}");
+    assert!(!is_mounted(&mnt));
+}
+
+/// A walk of N files in D directories costs about D READDIRPLUS requests and no per-file LOOKUP;
+/// `ls -l` of every file then needs no GETATTR either (attributes came with the listing).
+#[test]
+fn walk_costs_one_readdirplus_per_directory() {
+    if !can_mount("walk_costs_one_readdirplus_per_directory") {
+        return;
+    }
+    let fix = Fixture::new("reqcount");
+    let lower = fix.dir("lower");
+    let (dirs, files) = (20, 50);
+    for d in 0..dirs {
+        let dp = lower.join(format!("d{d:02}"));
+        std::fs::create_dir_all(&dp).expect("mkdir");
+        for f in 0..files {
+            std::fs::write(dp.join(format!("f{f:03}")), format!("{d}/{f}")).expect("write");
+        }
+    }
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    let (ok, err) = layerfs(&[
+        "mount",
+        "--lower",
+        s(&lower),
+        "--upper",
+        s(&upper),
+        "--work",
+        s(&work),
+        s(&mnt),
+    ]);
+    assert!(ok, "mount: {err}");
+    let listing = sh_ok(fix.path(), &format!("ls -lR {} | grep -c '^-'", s(&mnt)));
+    assert_eq!(listing.trim(), (dirs * files).to_string());
+    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats prints JSON");
+    let lookups = stats["lookups"].as_u64().expect("lookups");
+    let plus = stats["readdirpluses"].as_u64().expect("readdirpluses");
+    eprintln!("walk of {} files in {dirs} dirs: {stats}", dirs * files);
+    assert!(
+        plus >= dirs as u64,
+        "expected READDIRPLUS per directory, got {plus}"
+    );
+    assert!(
+        lookups <= (dirs as u64) * 2 + 10,
+        "{lookups} LOOKUPs for {} files: the walk is not served by READDIRPLUS",
+        dirs * files
+    );
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "umount: {err}");
+}
+
+/// Deep paths near PATH_MAX work (every component resolved from a directory fd), and a name over
+/// 255 bytes is ENAMETOOLONG.
+#[test]
+fn deep_paths_and_long_names() {
+    if !can_mount("deep_paths_and_long_names") {
+        return;
+    }
+    let fix = Fixture::new("deep");
+    let lower = fix.dir("lower");
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    let (ok, err) = layerfs(&[
+        "mount",
+        "--lower",
+        s(&lower),
+        "--upper",
+        s(&upper),
+        "--work",
+        s(&work),
+        s(&mnt),
+    ]);
+    assert!(ok, "mount: {err}");
+    // 20 components of 200 bytes: a relative path of ~4 KiB, built and read back with *at calls.
+    let script = r#"
+import os, sys, errno
+root = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fd = root
+name = "d" * 200
+for i in range(20):
+    os.mkdir(name, dir_fd=fd)
+    nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    if fd != root:
+        os.close(fd)
+    fd = nfd
+f = os.open("leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+os.write(f, b"deep")
+os.close(f)
+try:
+    os.open("x" * 256, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+    print("no error")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"#;
+    let out = output(Command::new("python3").arg("-c").arg(script).arg(&mnt)).expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ENAMETOOLONG");
+    // The same deep file is in the upper dir, 20 levels down.
+    let count = sh_ok(
+        fix.path(),
+        &format!("find {} -name leaf | wc -l", s(&upper)),
+    );
+    assert_eq!(count.trim(), "1");
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "umount: {err}");
+}
+
+/// A shared writable mmap of a copied-up file writes through; another fd sees the bytes.
+#[test]
+fn shared_writable_mmap_of_a_copied_up_file() {
+    if !can_mount("shared_writable_mmap_of_a_copied_up_file") {
+        return;
+    }
+    let fix = Fixture::new("mmap");
+    let lower = fix.dir("lower");
+    std::fs::write(lower.join("data"), vec![b'a'; 8192]).expect("write");
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    let (ok, err) = layerfs(&[
+        "mount",
+        "--lower",
+        s(&lower),
+        "--upper",
+        s(&upper),
+        "--work",
+        s(&work),
+        s(&mnt),
+    ]);
+    assert!(ok, "mount: {err}");
+    let script = r#"
+import mmap, os, sys
+p = os.path.join(sys.argv[1], "data")
+reader = os.open(p, os.O_RDONLY)
+fd = os.open(p, os.O_RDWR)
+m = mmap.mmap(fd, 8192, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+m[100:105] = b"HELLO"
+m.flush()
+m.close()
+os.close(fd)
+print(os.pread(reader, 5, 100).decode())
+"#;
+    let out = output(Command::new("python3").arg("-c").arg(script).arg(&mnt)).expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "HELLO");
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "umount: {err}");
+    let data = std::fs::read(upper.join("data")).expect("upper copy");
+    assert_eq!(&data[100..105], b"HELLO");
+    assert_eq!(std::fs::read(lower.join("data")).expect("lower")[100], b'a');
+}
