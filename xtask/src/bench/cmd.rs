@@ -226,9 +226,11 @@ pub struct Usage {
     pub hwm_mib: f64,
     /// User + system CPU time, seconds.
     pub cpu_secs: f64,
+    /// Open file descriptors.
+    pub fds: Option<usize>,
 }
 
-/// VmHWM and utime+stime of `pid`.
+/// VmHWM, utime+stime and open fds of `pid`.
 pub fn usage(pid: u32) -> Option<Usage> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let hwm_kib: f64 = status
@@ -244,6 +246,9 @@ pub fn usage(pid: u32) -> Option<Usage> {
     Some(Usage {
         hwm_mib: hwm_kib / 1024.0,
         cpu_secs: ticks / clock_ticks(),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count()),
     })
 }
 

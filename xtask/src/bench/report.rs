@@ -2,7 +2,7 @@
 //!
 //! A cell is the median over the measured rounds; the ratio is that median over the kernel's median of the
 //! reference metric (the same metric, except for the volatile copy-up, which the issue compares with the
-//! kernel's ordinary, fsync'd copy-up). FUSE daemons also get a table of peak RSS and CPU time, and layerfs,
+//! kernel's ordinary, fsync'd copy-up). FUSE daemons also get a table of peak RSS, CPU time and fds, and layerfs,
 //! when it has `layerfs stats`, a table of its request counters per workload.
 
 use super::cmd::Usage;
@@ -502,7 +502,7 @@ fn daemon_table(out: &mut String, systems: &[System], records: &[Record]) {
     }
     let _ = writeln!(
         out,
-        "\nFUSE daemons: peak RSS (VmHWM) and CPU time (utime+stime) at the end of each workload, medians \
+        "\nFUSE daemons: peak RSS (VmHWM), CPU time (utime+stime) and open fds at the end of each workload, medians \
          (target: ≤ 16 MiB after `find`).\n"
     );
     let hdr: Vec<&str> = fuse.iter().map(|s| s.name()).collect();
@@ -523,11 +523,15 @@ fn daemon_table(out: &mut String, systems: &[System], records: &[Record]) {
                     .filter(|r| r.workload == w && r.sys == *s && r.error.is_none())
                     .filter_map(|r| r.usage)
                     .collect();
+                let fds = median(us.iter().filter_map(|u| u.fds).map(|n| n as f64).collect());
                 match (
                     median(us.iter().map(|u| u.hwm_mib).collect()),
                     median(us.iter().map(|u| u.cpu_secs).collect()),
                 ) {
-                    (Some(h), Some(c)) => format!("{h:.1} MiB, {c:.2} s"),
+                    (Some(h), Some(c)) => match fds {
+                        Some(f) => format!("{h:.1} MiB, {c:.2} s, {f:.0} fds"),
+                        None => format!("{h:.1} MiB, {c:.2} s"),
+                    },
                     _ => "-".to_string(),
                 }
             })

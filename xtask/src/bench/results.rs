@@ -23,6 +23,7 @@ pub fn to_json(header: &[String], systems: &[System], runs: usize, records: &[Re
             "mount_secs": r.mount_secs,
             "daemon_hwm_mib": r.usage.map(|u| u.hwm_mib),
             "daemon_cpu_secs": r.usage.map(|u| u.cpu_secs),
+            "daemon_fds": r.usage.and_then(|u| u.fds),
             "stats_before": r.stats.as_ref().map(|s| &s.0),
             "stats_after": r.stats.as_ref().map(|s| &s.1),
             "error": r.error,
@@ -84,6 +85,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
             rec.usage = Some(Usage {
                 hwm_mib: h,
                 cpu_secs: c,
+                fds: r["daemon_fds"].as_u64().map(|n| n as usize),
             });
         }
         if let (Some(b), Some(a)) = (r["stats_before"].as_str(), r["stats_after"].as_str()) {
