@@ -248,7 +248,11 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     md.push_str(&report::profiles(&profiles));
     save(&header, &records)?;
     eprintln!("bench: raw results in {}", raw.display());
-    write_report(opts, workspace, &md)
+    write_report(opts, workspace, &md)?;
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted: the report above is partial");
+    }
+    Ok(())
 }
 
 /// Writes the markdown to `--out` (relative to the workspace) and prints it.
