@@ -13,7 +13,6 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "/usr/bin/skopeo"),
     ("busybox-static", "/bin/busybox"),
     ("attr", "/usr/bin/getfattr"),
-    ("python3-venv", "/usr/share/doc/python3-venv"),
     ("git", "/usr/bin/git"),
     ("tar", "/bin/tar"),
 ];

@@ -306,3 +306,119 @@ pub type SharedIndex = Arc<DirIndex>;
 
 /// Keeps an fd alive next to a layer index.
 pub type LayerFd = (LayerIdx, Arc<OwnedFd>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::path::Path;
+
+    fn layer(root: &Path, files: &[&str]) {
+        for f in files {
+            let p = root.join(f.trim_end_matches('/'));
+            if f.ends_with('/') {
+                fs::create_dir_all(&p).expect("mkdir");
+            } else {
+                fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+                fs::write(&p, b"x").expect("write");
+            }
+        }
+    }
+
+    /// Upper and two lowers, in the unprivileged encoding (`.wh.` files), merged by name.
+    #[test]
+    fn merges_layers_top_down() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (u, l1, l2) = (
+            tmp.path().join("u"),
+            tmp.path().join("l1"),
+            tmp.path().join("l2"),
+        );
+        layer(&u, &["new", ".wh.gone", "both", "dir/"]);
+        layer(
+            &l1,
+            &[
+                "both",
+                "gone",
+                "dir/",
+                "only1",
+                ".wh.hidden2",
+                "file_over_dir",
+            ],
+        );
+        layer(
+            &l2,
+            &["hidden2", "dir/", "only2", "file_over_dir/", "deep/"],
+        );
+        let open = |p: &Path| sys::open_root(p).expect("open");
+        let (uf, f1, f2) = (open(&u), open(&l1), open(&l2));
+        let lowers = [
+            LayerDir {
+                layer: LayerIdx(1),
+                fd: f1.as_fd(),
+            },
+            LayerDir {
+                layer: LayerIdx(2),
+                fd: f2.as_fd(),
+            },
+        ];
+        let idx = DirIndex::build(Some(uf.as_fd()), &lowers).expect("build");
+        let vis = |n: &str| idx.visible(n.as_bytes()).map(|v| v.layer.0);
+        let cases: &[(&str, Option<u16>)] = &[
+            ("new", Some(0)),
+            ("both", Some(0)),
+            ("gone", None),
+            ("only1", Some(1)),
+            ("hidden2", None),
+            ("only2", Some(2)),
+            ("file_over_dir", Some(1)),
+            ("deep", Some(2)),
+            ("dir", Some(0)),
+            ("absent", None),
+        ];
+        for (name, want) in cases {
+            assert_eq!(vis(name), *want, "{name}");
+        }
+        // A deleted name still counts as present in the lowers (a whiteout must stay).
+        assert!(idx.get(b"gone").is_some_and(|e| e.lower.is_some()));
+        // The directory merges with both lowers; a file above a directory stops the merge.
+        let dir = idx
+            .get(b"dir")
+            .and_then(|e| e.lower.clone())
+            .expect("dir lower");
+        assert_eq!((dir.layer, &*dir.more), (LayerIdx(1), &[LayerIdx(2)][..]));
+        let fod = idx
+            .get(b"file_over_dir")
+            .and_then(|e| e.lower.clone())
+            .expect("lower");
+        assert_eq!((fod.kind, fod.more.len()), (FileType::RegularFile, 0));
+        assert_eq!(idx.visible_sorted().len(), 7);
+    }
+
+    /// An opaque marker in a lower dir hides everything below it.
+    #[test]
+    fn opaque_marker_stops_the_merge() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (l1, l2) = (tmp.path().join("l1"), tmp.path().join("l2"));
+        layer(&l1, &["a", ".wh..wh..opq"]);
+        layer(&l2, &["b"]);
+        let (f1, f2) = (
+            sys::open_root(&l1).expect("open"),
+            sys::open_root(&l2).expect("open"),
+        );
+        let lowers = [
+            LayerDir {
+                layer: LayerIdx(1),
+                fd: f1.as_fd(),
+            },
+            LayerDir {
+                layer: LayerIdx(2),
+                fd: f2.as_fd(),
+            },
+        ];
+        let idx = DirIndex::build(None, &lowers).expect("build");
+        assert!(idx.visible(b"a").is_some());
+        assert!(idx.visible(b"b").is_none());
+        assert!(idx.visible(b".wh..wh..opq").is_none());
+    }
+}

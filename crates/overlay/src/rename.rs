@@ -249,10 +249,10 @@ impl Overlay {
         };
         let redirect =
             upper.and_then(|u| xattr::get(u.as_fd(), self.layers.encoding.redirect_xattr()).ok());
-        if let Some(r) = &redirect {
-            if r.starts_with(b"/") {
-                return Ok(r.clone());
-            }
+        if let Some(r) = &redirect
+            && r.starts_with(b"/")
+        {
+            return Ok(r.clone());
         }
         let mut path = self.lower_path(&self.node(parent)?)?;
         path.push(b'/');
