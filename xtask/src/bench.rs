@@ -18,6 +18,7 @@ mod profile;
 mod report;
 mod results;
 mod system;
+mod tables;
 mod workload;
 
 use anyhow::{Context, Result, bail};
@@ -245,7 +246,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     }
     header.push(format!("- load average at end: {}", host::loadavg()));
     let mut md = report::markdown(&header, &systems, opts.runs, &records);
-    md.push_str(&report::profiles(&profiles));
+    md.push_str(&tables::profiles(&profiles));
     save(&header, &records)?;
     eprintln!("bench: raw results in {}", raw.display());
     write_report(opts, workspace, &md)?;
