@@ -74,7 +74,8 @@ pub fn main(args: &[String]) -> Result<()> {
     }
     // The inner bench handles Ctrl-C; this one waits for it.
     let _ = ctrlc::set_handler(|| {});
-    let exe = std::env::current_exe().context("current_exe")?;
+    // This very binary through /proc (the file may be rebuilt while the bench builds layerfs).
+    let exe = format!("/proc/{}/exe", std::process::id());
     let status = Command::new("unshare")
         .args(["-m", "--propagation", "private"])
         .arg(exe)
