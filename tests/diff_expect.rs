@@ -1,5 +1,7 @@
 //! `layerfs diff` checked line by line against hand-written expectations (overlay-semantics.md, "diff"):
-//! A, C, D, parent-C lines, an opaque directory (rm -rf + mkdir over a lower dir), a renamed lower dir.
+//! A, C, D, parent-C lines, an opaque directory (rm -rf + mkdir over a lower dir), a renamed lower dir, a
+//! deleted-and-recreated file, owner-only and xattr-only changes, and a directory whose only change is its
+//! mtime (copied up, but not listed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +19,10 @@ echo x > opq/x.txt
 echo y > opq/y.txt
 echo deep > nest/l1/l2/file.txt
 echo top > top.txt
+echo r > recreate.txt
+mkdir -p owned/sub mtimeonly
+echo o > owned/sub/o.txt
+echo m > mtimeonly/m.txt
 "#;
 
 const TOP: &str = r#"
@@ -37,6 +43,10 @@ chmod 600 chmodme.txt
 mkdir -p newdir/deep && echo q > newdir/deep/f
 echo more >> nest/l1/l2/file.txt
 rm top.txt
+rm recreate.txt && echo again > recreate.txt
+chown 1000:1000 owned
+touch mtimeonly
+python3 -c 'import os; os.setxattr("untouched/u.txt", "user.k", b"v")'
 "#;
 
 const EXPECTED: &str = "\
@@ -57,11 +67,15 @@ C /opq
 D /opq/x.txt
 D /opq/y.txt
 A /opq/z.txt
+C /owned
+C /recreate.txt
 A /renamed
 A /renamed/a.txt
 A /renamed/sub
 A /renamed/sub/b.txt
 D /top.txt
+C /untouched
+C /untouched/u.txt
 ";
 
 fn lowers(fix: &Fixture) -> Vec<PathBuf> {
@@ -124,17 +138,29 @@ fn written_by(fix: &Fixture, lowers: &[PathBuf], imp: Impl, side: &str) -> (Laye
     (layers, m)
 }
 
+/// `--json` is Docker's `ContainerChanges` shape: `[{"Kind": 0|1|2, "Path": "/p"}]` with 0 = C, 1 = A,
+/// 2 = D; it must carry exactly the expected changes in order.
 fn check_json(what: &str, json: &str) {
     let v: serde_json::Value = serde_json::from_str(json)
         .unwrap_or_else(|e| panic!("{what}: --json output is not JSON ({e}):\n{json}"));
-    let text = v.to_string();
-    for line in EXPECTED.lines() {
-        let path = &line[2..];
-        assert!(
-            text.contains(&format!("\"{path}\"")),
-            "{what}: --json lacks {path}:\n{json}"
-        );
+    let items = v
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: --json is not an array:\n{json}"));
+    let mut lines = String::new();
+    for it in items {
+        let kind = match it.get("Kind").and_then(|k| k.as_u64()) {
+            Some(0) => 'C',
+            Some(1) => 'A',
+            Some(2) => 'D',
+            other => panic!("{what}: bad Kind {other:?} in {it}"),
+        };
+        let path = it
+            .get("Path")
+            .and_then(|p| p.as_str())
+            .unwrap_or_else(|| panic!("{what}: no Path in {it}"));
+        lines += &format!("{kind} {path}\n");
     }
+    assert_lines(what, &lines);
 }
 
 /// `layerfs diff MOUNTPOINT` on a live layerfs mount, and `--json`.

@@ -5,14 +5,21 @@
 //! - `LAYERFS_FUZZ_SEQS` (default 500): number of sequences.
 //! - `LAYERFS_FUZZ_SEED` (default fixed): base seed; sequence i uses `seq_seed(base, i)`.
 //! - `LAYERFS_FUZZ_ONLY`: run just this one sequence seed (as printed in a failure).
+//! - `LAYERFS_FUZZ_JOBS` (default 2): sequences run in parallel.
 //! - `LAYERFS_FUZZ_MAX_FAILS` (default 3): stop after this many failing sequences (each is shrunk).
+//! - `LAYERFS_FUZZ_EXCLUDE=kind,…`: leave out op kinds / `lower-hardlinks` / `private-xattrs` (see
+//!   `opgen::GenConfig`), to look past a known divergence.
+//! - `LAYERFS_FUZZ_NO_DIFF=1`: skip comparing `layerfs diff --upper` over the two uppers.
 //! - `LAYERFS_SUT=kernel`: kernel-vs-kernel, to check the harness itself.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::fsops::apply;
-use crate::opgen::{Lowers, Op, build_layer, gen_lowers, gen_ops, seq_seed};
+use crate::fsops::{Session, apply};
+use crate::lowergen::{Lowers, build_layer, gen_lowers, seq_seed};
+use crate::opgen::{GenConfig, Op, gen_ops};
 use crate::util::{
     Fixture, Impl, Layers, Mount, SnapOpts, Snapshot, can_mount, diff_snapshots, snapshot, sut,
 };
@@ -59,6 +66,7 @@ fn without_leaked_whiteouts(outcome: &str) -> String {
 fn snap_opts() -> SnapOpts {
     SnapOpts {
         times: true,
+        dir_nlink: true,
         ..SnapOpts::default()
     }
 }
@@ -124,12 +132,14 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
     let ref_m = Mount::new(Impl::Kernel, &ref_layers, &built.fix.mountpoint(&ref_side));
     let sut_m = Mount::new(sut, &sut_layers, &built.fix.mountpoint(&sut_side));
     let stats = std::env::var_os("LAYERFS_FUZZ_STATS").is_some();
+    let mut ref_s = Session::new(&ref_m.path);
+    let mut sut_s = Session::new(&sut_m.path);
     for (i, op) in ops.iter().enumerate() {
-        let a = apply(&ref_m.path, op);
+        let a = apply(&mut ref_s, op);
         if stats {
             eprintln!("STAT {} {}", op.kind(), a.split(' ').next().unwrap_or(""));
         }
-        let b = apply(&sut_m.path, op);
+        let b = apply(&mut sut_s, op);
         if without_leaked_whiteouts(&a) != b {
             res.problems.push(format!(
                 "op {}: {op}\n    kernel: {a}\n    {sut}: {b}",
@@ -138,6 +148,8 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
         }
         res.outcomes.push((a, b));
     }
+    ref_s.close_all();
+    sut_s.close_all();
     let sa = snapshot(&ref_m.path, &snap_opts());
     let sb = snapshot(&sut_m.path, &snap_opts());
     for d in diff_snapshots("kernel", &sa, &sut.to_string(), &sb) {
@@ -147,7 +159,27 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
     let inos_before = inos(&sut_m.path);
     sut_m.unmount();
     ref_m.unmount();
-    let sut_m = Mount::new(sut, &sut_layers, &built.fix.mountpoint(&sut_side));
+    // `layerfs diff` over the two uppers (same merged tree) must list the same changes — except
+    // over lower hard-link groups: FUSE names only the inode a change goes through, not the name,
+    // so which names of a group get an upper entry can differ from the kernel's choice (the merged
+    // trees, compared above, agree; tests/DIVERGENCES.md "H").
+    let lower_groups = built.lowers.iter().any(|l| has_hard_links(l));
+    if std::env::var_os("LAYERFS_FUZZ_NO_DIFF").is_none() && !lower_groups {
+        let da = offline_diff(&ref_layers);
+        let db = offline_diff(&sut_layers);
+        if da != db {
+            res.problems.push(format!(
+                "`layerfs diff --upper` differs:\n    over the kernel's upper: {da:?}\n    over the {sut} upper: {db:?}"
+            ));
+        }
+    }
+    // A different mount point: a daemon that is still exiting must not be able to touch the new mount
+    // (that race has its own test, `cli::cli_remount_same_mountpoint_after_umount`).
+    let sut_m = Mount::new(
+        sut,
+        &sut_layers,
+        &built.fix.mountpoint(&format!("{sut_side}b")),
+    );
     let sc = snapshot(&sut_m.path, &snap_opts());
     for d in diff_snapshots("before remount", &sb, "after remount", &sc) {
         res.problems.push(format!("{sut} remount: {d}"));
@@ -171,6 +203,33 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
     res
 }
 
+/// Whether a lower dir holds a regular file with more than one link.
+fn has_hard_links(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| match e.metadata() {
+        Ok(m) if m.is_dir() => has_hard_links(&e.path()),
+        Ok(m) => m.is_file() && m.nlink() > 1,
+        Err(_) => false,
+    })
+}
+
+/// `layerfs diff --upper U --lower …` (or the error message).
+fn offline_diff(l: &Layers) -> String {
+    let mut c = std::process::Command::new(crate::util::layerfs_bin());
+    c.arg("diff").arg("--upper").arg(&l.upper);
+    for low in &l.lowers {
+        c.arg("--lower").arg(low);
+    }
+    match crate::util::output(&mut c) {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => format!("FAILED: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => format!("FAILED: {e}"),
+    }
+}
+
 fn inos(root: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
     let snap = snapshot(root, &SnapOpts::default());
     snap.entries
@@ -187,7 +246,36 @@ fn inos(root: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
 }
 
 /// Removes ops while the run still fails: chunks of halving size, then single ops.
-fn shrink(built: &Built, ops: &[Op], sut: Impl, runs: &mut usize) -> Vec<Op> {
+/// The kinds of problem a run shows: `op:<kind>` for a differing outcome, else the problem's leading words
+/// (`final tree`, `layerfs diff`, `remount`, `LOWER LAYER MODIFIED`).
+fn signatures(ops: &[Op], res: &RunResult) -> Vec<String> {
+    res.problems
+        .iter()
+        .map(|p| {
+            if let Some(rest) = p.strip_prefix("op ") {
+                let n: usize = rest
+                    .split(':')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let kind = match ops.get(n.wrapping_sub(1)) {
+                    Some(Op::AsUser { op, .. }) => format!("as-user {}", op.kind()),
+                    Some(op) => op.kind().to_string(),
+                    None => "?".to_string(),
+                };
+                format!("op:{kind}")
+            } else if p.contains("remount") {
+                "remount".to_string()
+            } else {
+                p.split(':').next().unwrap_or("").to_string()
+            }
+        })
+        .collect()
+}
+
+/// Removes ops while the run still fails with the original first kind of problem (so the reproduction
+/// does not slip to another bug): chunks of halving size, then single ops.
+fn shrink(built: &Built, ops: &[Op], first: &str, sut: Impl, runs: &mut usize) -> Vec<Op> {
     let mut cur = ops.to_vec();
     let mut chunk = cur.len().div_ceil(2).max(1);
     loop {
@@ -198,7 +286,11 @@ fn shrink(built: &Built, ops: &[Op], sut: Impl, runs: &mut usize) -> Vec<Op> {
             let mut cand = cur[..i].to_vec();
             cand.extend_from_slice(&cur[end..]);
             *runs += 1;
-            if !cand.is_empty() && !run_ops(built, &cand, sut, *runs).problems.is_empty() {
+            let still_fails = !cand.is_empty() && {
+                let r = run_ops(built, &cand, sut, *runs);
+                signatures(&cand, &r).iter().any(|s| s == first)
+            };
+            if still_fails {
                 cur = cand;
                 changed = true;
             } else {
@@ -216,20 +308,27 @@ fn shrink(built: &Built, ops: &[Op], sut: Impl, runs: &mut usize) -> Vec<Op> {
 
 /// Runs one sequence seed; on failure returns a printable minimal reproduction.
 pub fn check_seed(seed: u64, sut: Impl) -> Result<(), String> {
-    let spec = gen_lowers(seed);
-    let ops = gen_ops(seed, 20, 40);
+    let cfg = GenConfig::from_env();
+    let spec = gen_lowers(seed, &cfg);
+    let ops = gen_ops(seed, 20, 40, &cfg);
     let built = build(seed, &spec);
     let res = run_ops(&built, &ops, sut, 0);
     if res.problems.is_empty() {
         return Ok(());
     }
     let mut runs = 0;
-    let min = shrink(&built, &ops, sut, &mut runs);
+    let first = signatures(&ops, &res).first().cloned().unwrap_or_default();
+    let min = shrink(&built, &ops, &first, sut, &mut runs);
     runs += 1;
     let min_res = run_ops(&built, &min, sut, runs);
+    let excl = if cfg.exclude.is_empty() {
+        String::new()
+    } else {
+        format!(" LAYERFS_FUZZ_EXCLUDE={}", cfg.exclude.join(","))
+    };
     let mut s = format!(
-        "\n=== DIVERGENCE: seed 0x{seed:016x} (replay: LAYERFS_FUZZ_ONLY=0x{seed:x}) ===\n\
-         {} ops, shrunk to {} ({} shrink runs)\nlowers:\n{spec}minimal reproduction (outcome kernel | {sut}):\n",
+        "\n=== DIVERGENCE: seed 0x{seed:016x} (replay: LAYERFS_FUZZ_ONLY=0x{seed:x}{excl}) ===\n\
+         first problem: {first}; {} ops, shrunk to {} ({} shrink runs)\nlowers:\n{spec}minimal reproduction (outcome kernel | {sut}):\n",
         ops.len(),
         min.len(),
         runs
@@ -271,19 +370,51 @@ fn differential_vs_kernel() {
     let n = env_u64("LAYERFS_FUZZ_SEQS").unwrap_or(500);
     let base = env_u64("LAYERFS_FUZZ_SEED").unwrap_or(DEFAULT_SEED);
     let max_fails = env_u64("LAYERFS_FUZZ_MAX_FAILS").unwrap_or(3) as usize;
-    let mut fails = Vec::new();
-    let mut ran = 0;
-    for i in 0..n {
-        let seed = seq_seed(base, i);
-        ran += 1;
-        if let Err(e) = check_seed(seed, sut) {
-            eprintln!("{e}");
-            fails.push(seed);
-            if fails.len() >= max_fails {
-                break;
-            }
+    let jobs = env_u64("LAYERFS_FUZZ_JOBS").unwrap_or(2).max(1);
+    // Workers take sequence indices from one counter; each sequence has its own dirs and mounts.
+    let next = AtomicU64::new(0);
+    let ran = AtomicU64::new(0);
+    let fails = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n || lock(&fails).len() >= max_fails {
+                        break;
+                    }
+                    let seed = seq_seed(base, i);
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    // A mount or umount failure panics inside the sequence: report it as that seed's
+                    // failure and go on with the others.
+                    let outcome = std::panic::catch_unwind(|| check_seed(seed, sut));
+                    let failed = match outcome {
+                        Ok(Ok(())) => false,
+                        Ok(Err(e)) => {
+                            eprintln!("{e}");
+                            true
+                        }
+                        Err(p) => {
+                            let msg = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_default();
+                            eprintln!(
+                                "\n=== HARNESS PANIC: seed 0x{seed:016x} (replay: LAYERFS_FUZZ_ONLY=0x{seed:x}) ===\n{msg}"
+                            );
+                            true
+                        }
+                    };
+                    if failed {
+                        lock(&fails).push(seed);
+                    }
+                }
+            });
         }
-    }
+    });
+    let ran = ran.into_inner();
+    let fails = fails.into_inner().unwrap_or_else(|e| e.into_inner());
     eprintln!(
         "differential: {ran} sequences kernel vs {sut}, base seed 0x{base:x}, {} failing, {:.1}s",
         fails.len(),
@@ -297,15 +428,20 @@ fn differential_vs_kernel() {
     );
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The generator itself: deterministic and covering at least 20 kinds of operation.
 #[test]
 fn generator_is_deterministic_and_broad() {
-    let a = gen_ops(42, 20, 40);
-    let b = gen_ops(42, 20, 40);
+    let cfg = GenConfig::default();
+    let a = gen_ops(42, 20, 40, &cfg);
+    let b = gen_ops(42, 20, 40, &cfg);
     assert_eq!(a, b);
     let mut kinds = std::collections::BTreeSet::new();
     for s in 0..200 {
-        for op in gen_ops(seq_seed(1, s), 20, 40) {
+        for op in gen_ops(seq_seed(1, s), 20, 40, &cfg) {
             kinds.insert(op.kind());
         }
     }

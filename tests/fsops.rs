@@ -8,7 +8,8 @@ use std::path::Path;
 use rustix::fs::{self as rfs, AtFlags, CWD, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::opgen::{Op, RenameKind, TimeArg, XFlag, content};
+use crate::lowergen::content;
+use crate::opgen::{Op, RenameKind, TimeArg, XFlag};
 use crate::util::{TimeClass, kind_of, sha_hex};
 
 /// Symbolic name of an errno.
@@ -114,6 +115,7 @@ fn stat_line(st: &rfs::Stat) -> String {
         st.st_uid,
         st.st_gid
     );
+    // Directory link counts are checked in snapshots (kernel overlayfs reports 1 for merged dirs).
     if kind != 'd' {
         s += &format!(" size={} nlink={}", st.st_size, st.st_nlink);
     }
@@ -144,12 +146,38 @@ fn ts(t: TimeArg) -> rfs::Timespec {
     }
 }
 
-/// Applies `op` under `root`; returns the rendered outcome.
-pub fn apply(root: &Path, op: &Op) -> String {
-    render(apply_inner(root, op))
+/// One mount's side of a sequence: its root and the fds held open across ops.
+pub struct Session {
+    pub root: std::path::PathBuf,
+    held: [Option<rustix::fd::OwnedFd>; 2],
 }
 
-fn apply_inner(root: &Path, op: &Op) -> R {
+impl Session {
+    pub fn new(root: &Path) -> Session {
+        Session {
+            root: root.to_path_buf(),
+            held: [None, None],
+        }
+    }
+
+    /// Closes held fds (before snapshots and unmounting).
+    pub fn close_all(&mut self) {
+        self.held = [None, None];
+    }
+
+    fn held(&self, slot: usize) -> Result<&rustix::fd::OwnedFd, Errno> {
+        self.held[slot].as_ref().ok_or(Errno::BADF)
+    }
+}
+
+/// Applies `op` in `sess`; returns the rendered outcome.
+pub fn apply(sess: &mut Session, op: &Op) -> String {
+    render(apply_inner(sess, op))
+}
+
+fn apply_inner(sess: &mut Session, op: &Op) -> R {
+    let root = sess.root.clone();
+    let root = root.as_path();
     let j = |p: &str| root.join(p);
     let none = || Ok(String::new());
     match op {
@@ -330,6 +358,9 @@ fn apply_inner(root: &Path, op: &Op) -> R {
             } else {
                 String::new()
             };
+            if kind_of(st.st_mode) == 'd' {
+                return Ok("dir".to_string());
+            }
             Ok(format!("nlink={} {data}", st.st_nlink))
         }
         Op::Read { path } => {
@@ -388,11 +419,121 @@ fn apply_inner(root: &Path, op: &Op) -> R {
             rfs::access(j(path), rfs::Access::from_bits_retain(*mode))?;
             none()
         }
+        Op::AsUser { uid, op } => {
+            let _creds = Creds::become_user(*uid)?;
+            apply_inner(sess, op)
+        }
+        Op::Hold { slot, path, write } => {
+            sess.held[*slot] = None;
+            let flags = if *write { OFlags::RDWR } else { OFlags::RDONLY };
+            sess.held[*slot] = Some(open(&j(path), flags, 0)?);
+            none()
+        }
+        Op::HeldRead { slot } => {
+            let fd = sess.held(*slot)?;
+            let st = rfs::fstat(fd)?;
+            if kind_of(st.st_mode) != 'f' {
+                return Ok(format!("not a file: {}", kind_of(st.st_mode)));
+            }
+            read_all(fd)
+        }
+        Op::HeldWrite { slot, len } => {
+            let fd = sess.held(*slot)?;
+            write_all_at(fd, &content(&format!("H{len}"), *len), 3)?;
+            none()
+        }
+        Op::HeldStat { slot } => Ok(stat_line(&rfs::fstat(sess.held(*slot)?)?)),
+        Op::CreateLong { len } => {
+            let name = "l".repeat(*len);
+            open(&j(&name), OFlags::CREATE | OFlags::WRONLY, 0o644)?;
+            rfs::unlink(j(&name))?;
+            none()
+        }
+        Op::TmpfileLink { dir, path, len } => {
+            let d = if dir.is_empty() {
+                root.to_path_buf()
+            } else {
+                j(dir)
+            };
+            let fd = open(&d, OFlags::TMPFILE | OFlags::WRONLY, 0o640)?;
+            write_all(&fd, &content(&format!("TMP{len}"), *len))?;
+            rfs::linkat(&fd, "", CWD, j(path), AtFlags::EMPTY_PATH)?;
+            none()
+        }
+        Op::Fallocate {
+            path,
+            punch,
+            off,
+            len,
+        } => {
+            let fd = open(&j(path), OFlags::RDWR, 0)?;
+            let mode = if *punch {
+                rfs::FallocateFlags::PUNCH_HOLE | rfs::FallocateFlags::KEEP_SIZE
+            } else {
+                rfs::FallocateFlags::empty()
+            };
+            rfs::fallocate(&fd, mode, *off, *len)?;
+            Ok(format!("size={}", rfs::fstat(&fd)?.st_size))
+        }
+        Op::SeekDataHole { path, off } => {
+            let fd = open(&j(path), OFlags::RDONLY, 0)?;
+            let st = rfs::fstat(&fd)?;
+            if kind_of(st.st_mode) != 'f' {
+                // Directory offsets are the underlying filesystem's business.
+                return Ok(format!("not a file: {}", kind_of(st.st_mode)));
+            }
+            let show = |r: Result<u64, Errno>| match r {
+                Ok(n) => n.to_string(),
+                Err(e) => errno_name(e),
+            };
+            let data = show(rfs::seek(&fd, rfs::SeekFrom::Data(*off)));
+            let hole = show(rfs::seek(&fd, rfs::SeekFrom::Hole(*off)));
+            Ok(format!("data={data} hole={hole}"))
+        }
+        Op::Mknod { path, socket } => {
+            let (ft, dev) = if *socket {
+                (rfs::FileType::Socket, 0)
+            } else {
+                (rfs::FileType::CharacterDevice, rfs::makedev(1, 3))
+            };
+            rfs::mknodat(CWD, j(path), ft, Mode::from_raw_mode(0o640), dev)?;
+            none()
+        }
         Op::CopyFileRange { from, to } => {
             let src = open(&j(from), OFlags::RDONLY, 0)?;
             let dst = open(&j(to), OFlags::WRONLY | OFlags::CREATE, 0o644)?;
             let n = rfs::copy_file_range(&src, None, &dst, None, 1 << 20)?;
             Ok(format!("{n} bytes"))
         }
+    }
+}
+
+/// This thread runs as `uid`/`gid == uid` with no supplementary groups until dropped, then is root again.
+struct Creds {
+    groups: Vec<rustix::process::Gid>,
+}
+
+impl Creds {
+    fn become_user(uid: u32) -> Result<Creds, Errno> {
+        use rustix::process::{Gid, Uid};
+        use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
+        let groups = rustix::process::getgroups()?;
+        let guard = Creds { groups };
+        set_thread_groups(&[])?;
+        set_thread_res_gid(None::<Gid>, Gid::from_raw(uid), None::<Gid>)?;
+        set_thread_res_uid(None::<Uid>, Uid::from_raw(uid), None::<Uid>)?;
+        Ok(guard)
+    }
+}
+
+impl Drop for Creds {
+    fn drop(&mut self) {
+        use rustix::process::{Gid, Uid};
+        use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
+        // Regain root first: only then may gid and groups be set back.
+        let ok = set_thread_res_uid(None::<Uid>, Uid::ROOT, None::<Uid>).is_ok()
+            && set_thread_res_gid(None::<Gid>, Gid::ROOT, None::<Gid>).is_ok()
+            && set_thread_groups(&self.groups).is_ok();
+        assert!(ok, "could not restore root credentials on the test thread");
     }
 }

@@ -1,12 +1,25 @@
 //! The one integration-test binary: real mounts, compared with kernel overlayfs.
 //!
-//! `LAYERFS_SUT=kernel cargo test --test integration` runs everything kernel-vs-kernel (harness check).
+//! - `cargo test --test integration` — everything against layerfs (root needed; tests that cannot run print
+//!   `skipped: <reason>`).
+//! - `LAYERFS_SUT=kernel cargo test --test integration` — the same tests kernel-vs-kernel (harness check).
+//! - `cargo xtask fuzz --seqs N [--seed S] [--only SEED] [--exclude KIND,…]` — a longer differential run; see
+//!   `differential.rs` for the environment variables it sets.
+//!
+//! Modules: `util` (fixture, mounts, snapshots), `opgen` (seeded lowers and op sequences), `fsops` (runs
+//! one op, renders its outcome), `differential` (the fuzzer and shrinker), `dual` (two mounts over the
+//! standard lowers), `scenarios` (real programs), `interop` (uppers across implementations),
+//! `diff_expect` (`layerfs diff` line by line), `cli` (the mount command line).
+//! Divergences found so far: `tests/DIVERGENCES.md`.
 
+mod cli;
 mod diff_expect;
 mod differential;
 mod dual;
 mod fsops;
+mod image_mount;
 mod interop;
+mod lowergen;
 mod mount_cli;
 mod opgen;
 mod scenarios;

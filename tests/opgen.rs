@@ -1,356 +1,50 @@
-//! Seeded generation of lower layers and operation sequences for the differential test.
+//! Seeded generation of operation sequences for the differential test (lowers: `lowergen`).
 //!
-//! Everything is a pure function of a `u64` seed (splitmix64), so a failing seed replays exactly.
-//! Paths come from a small fixed pool so that operations collide with each other and with lower entries.
+//! Ops use the same small path pool as the lowers, so they collide with each other and with lower entries.
 
 use std::fmt;
-use std::path::Path;
 
+use crate::lowergen::{DIR_MODES, FILE_MODES, OWNERS, POOL, Rng, symlink_target};
 use crate::util::OLD_TIME_LIMIT;
 
-/// splitmix64: tiny, fast, good enough for test generation.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
+/// What the generator leaves out (`LAYERFS_FUZZ_EXCLUDE=a,b,…`): op kinds as named by `Op::kind`, plus
+/// `lower-hardlinks` (no hard links inside lower layers) and `private-xattrs` (no `trusted.overlay.*` /
+/// `user.overlay.*` names in xattr ops). Used to look past a known divergence for the next one.
+#[derive(Clone, Debug, Default)]
+pub struct GenConfig {
+    pub exclude: Vec<String>,
+}
 
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+impl GenConfig {
+    pub fn from_env() -> GenConfig {
+        // Unset: leave out O_TMPFILE, a known gap (fuser 0.18 has no FUSE_TMPFILE, so layerfs answers
+        // EOPNOTSUPP; tests/DIVERGENCES.md). `LAYERFS_FUZZ_EXCLUDE=` (empty) includes it.
+        let exclude = std::env::var("LAYERFS_FUZZ_EXCLUDE")
+            .unwrap_or_else(|_| "tmpfile-link".to_string())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        GenConfig { exclude }
     }
 
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    pub fn excludes(&self, what: &str) -> bool {
+        self.exclude.iter().any(|e| e == what)
     }
 
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// True with probability `pct`%.
-    pub fn chance(&mut self, pct: u64) -> bool {
-        self.below(100) < pct
-    }
-
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
-/// Mixes a base seed and an index into a per-sequence seed.
-pub fn seq_seed(base: u64, i: u64) -> u64 {
-    let mut r = Rng::new(base ^ i.wrapping_mul(0xA24B_AED4_963E_E407));
-    r.next_u64()
-}
-
-/// The path pool, parents before children.
-pub const POOL: &[&str] = &[
-    "a", "b", "c", "d", "a/x", "a/y", "b/x", "b/y", "c/x", "c/y", "a/x/p", "a/x/q", "b/x/p",
-    "b/x/q",
-];
-
-fn parent(p: &str) -> Option<&str> {
-    p.rsplit_once('/').map(|(d, _)| d)
-}
-
-fn depth(p: &str) -> usize {
-    p.matches('/').count() + 1
-}
-
-const FILE_MODES: &[u32] = &[0o644, 0o644, 0o600, 0o755, 0o444, 0o400, 0o000, 0o4755];
-const DIR_MODES: &[u32] = &[0o755, 0o755, 0o700, 0o555, 0o1777, 0o2755];
-const OWNERS: &[u32] = &[0, 0, 1000, 1001];
-
-/// One entry of a generated lower layer.
-#[derive(Clone, Debug)]
-pub enum LowerKind {
-    File {
-        data: Vec<u8>,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        xattrs: Vec<(String, String)>,
-    },
-    Dir {
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        opaque: bool,
-        xattrs: Vec<(String, String)>,
-    },
-    Symlink(String),
-    /// Kernel-format whiteout: char device 0/0.
-    Whiteout,
-    Fifo,
-    /// A hard link to an earlier file of the same layer.
-    HardLink(String),
-}
-
-/// A generated lower layer: entries in creation order, plus an mtime per entry.
-#[derive(Clone, Debug)]
-pub struct LowerLayer {
-    pub entries: Vec<(String, LowerKind, i64)>,
-}
-
-/// Lower layers, top first.
-#[derive(Clone, Debug)]
-pub struct Lowers {
-    pub layers: Vec<LowerLayer>,
-}
-
-/// Deterministic content of `len` bytes labelled `tag`.
-pub fn content(tag: &str, len: usize) -> Vec<u8> {
-    let unit = format!("{tag};");
-    unit.bytes().cycle().take(len).collect()
-}
-
-fn symlink_target(rng: &mut Rng, at: &str) -> String {
-    if rng.chance(15) {
-        return "zz".to_string(); // dangling
-    }
-    let ups = "../".repeat(depth(at) - 1);
-    format!("{ups}{}", rng.pick(POOL))
-}
-
-fn gen_xattrs(rng: &mut Rng) -> Vec<(String, String)> {
-    let mut x = Vec::new();
-    if rng.chance(25) {
-        x.push(("user.a".to_string(), format!("v{}", rng.below(100))));
-    }
-    if rng.chance(10) {
-        x.push(("user.b".to_string(), String::new()));
-    }
-    if rng.chance(5) {
-        x.push(("trusted.t".to_string(), "tv".to_string()));
-    }
-    x
-}
-
-pub fn gen_lowers(seed: u64) -> Lowers {
-    let mut rng = Rng::new(seed ^ 0x10_3e25);
-    let n = 1 + rng.below(3) as usize; // 1..=3 layers, mostly 2 or 3
-    let mut layers = Vec::new();
-    for li in 0..n {
-        let bottom = li == n - 1;
-        let mut entries: Vec<(String, LowerKind, i64)> = Vec::new();
-        let mut dirs: Vec<String> = Vec::new();
-        let mut files: Vec<String> = Vec::new();
-        for &p in POOL {
-            if let Some(par) = parent(p)
-                && !dirs.iter().any(|d| d == par)
-            {
-                continue;
-            }
-            let has_children = POOL.iter().any(|c| parent(c) == Some(p));
-            // Paths with children in the pool are mostly directories, so deeper paths exist often.
-            let r = if has_children {
-                match rng.below(100) {
-                    0..15 => 0,   // absent
-                    15..30 => 40, // file
-                    30..88 => 80, // dir
-                    x => x,
-                }
-            } else {
-                rng.below(100)
-            };
-            let mtime = 1_000_000_000 + rng.below(100_000_000) as i64;
-            let kind = if r < 30 {
-                continue;
-            } else if r < 70 {
-                let len = if rng.chance(10) {
-                    70_000 + rng.below(5000) as usize
-                } else {
-                    rng.below(40) as usize
-                };
-                files.push(p.to_string());
-                LowerKind::File {
-                    data: content(&format!("L{li}:{p}"), len),
-                    mode: *rng.pick(FILE_MODES),
-                    uid: *rng.pick(OWNERS),
-                    gid: *rng.pick(OWNERS),
-                    xattrs: gen_xattrs(&mut rng),
-                }
-            } else if r < 88 {
-                dirs.push(p.to_string());
-                LowerKind::Dir {
-                    mode: *rng.pick(DIR_MODES),
-                    uid: *rng.pick(OWNERS),
-                    gid: *rng.pick(OWNERS),
-                    opaque: !bottom && rng.chance(15),
-                    xattrs: gen_xattrs(&mut rng),
-                }
-            } else if r < 92 {
-                LowerKind::Symlink(symlink_target(&mut rng, p))
-            } else if r < 96 && !bottom {
-                LowerKind::Whiteout
-            } else if r < 98 {
-                LowerKind::Fifo
-            } else if !files.is_empty() {
-                let to = rng.pick(&files).clone();
-                LowerKind::HardLink(to)
-            } else {
-                LowerKind::Fifo
-            };
-            entries.push((p.to_string(), kind, mtime));
+    fn allows(&self, op: &Op) -> bool {
+        if self.excludes(op.kind()) {
+            return false;
         }
-        layers.push(LowerLayer { entries });
-    }
-    Lowers { layers }
-}
-
-/// Creates the layer on disk at `dir` (which must exist and be empty).
-pub fn build_layer(layer: &LowerLayer, dir: &Path) {
-    use rustix::fs::{self as rfs, AtFlags, CWD, Mode, Timespec, Timestamps};
-    for (p, kind, _) in &layer.entries {
-        let full = dir.join(p);
-        match kind {
-            LowerKind::File {
-                data,
-                mode,
-                uid,
-                gid,
-                xattrs,
-            } => {
-                std::fs::write(&full, data).expect("write lower file");
-                for (k, v) in xattrs {
-                    rfs::lsetxattr(&full, k.as_str(), v.as_bytes(), rfs::XattrFlags::empty())
-                        .expect("lower xattr");
-                }
-                rfs::chown(
-                    &full,
-                    Some(rfs::Uid::from_raw(*uid)),
-                    Some(rfs::Gid::from_raw(*gid)),
-                )
-                .expect("chown");
-                rfs::chmod(&full, Mode::from_raw_mode(*mode)).expect("chmod");
-            }
-            LowerKind::Dir { xattrs, opaque, .. } => {
-                std::fs::create_dir(&full).expect("mkdir lower");
-                for (k, v) in xattrs {
-                    rfs::lsetxattr(&full, k.as_str(), v.as_bytes(), rfs::XattrFlags::empty())
-                        .expect("lower xattr");
-                }
-                if *opaque {
-                    rfs::lsetxattr(
-                        &full,
-                        "trusted.overlay.opaque",
-                        b"y",
-                        rfs::XattrFlags::empty(),
-                    )
-                    .expect("opaque xattr");
-                }
-            }
-            LowerKind::Symlink(t) => {
-                std::os::unix::fs::symlink(t, &full).expect("symlink");
-            }
-            LowerKind::Whiteout => {
-                rfs::mknodat(
-                    CWD,
-                    &full,
-                    rfs::FileType::CharacterDevice,
-                    Mode::empty(),
-                    rfs::makedev(0, 0),
-                )
-                .expect("whiteout");
-            }
-            LowerKind::Fifo => {
-                rfs::mknodat(
-                    CWD,
-                    &full,
-                    rfs::FileType::Fifo,
-                    Mode::from_raw_mode(0o644),
-                    0,
-                )
-                .expect("fifo");
-            }
-            LowerKind::HardLink(to) => {
-                std::fs::hard_link(dir.join(to), &full).expect("hard link");
-            }
-        }
-    }
-    // Directory modes/owners last (children needed a writable dir), then times deepest first.
-    for (p, kind, _) in &layer.entries {
-        if let LowerKind::Dir { mode, uid, gid, .. } = kind {
-            let full = dir.join(p);
-            rfs::chown(
-                &full,
-                Some(rfs::Uid::from_raw(*uid)),
-                Some(rfs::Gid::from_raw(*gid)),
-            )
-            .expect("chown dir");
-            rfs::chmod(&full, Mode::from_raw_mode(*mode)).expect("chmod dir");
-        }
-    }
-    for (p, _, mtime) in layer.entries.iter().rev() {
-        let t = Timespec {
-            tv_sec: *mtime,
-            tv_nsec: 0,
+        let xname = match op {
+            Op::AsUser { op, .. } => return self.allows(op),
+            Op::SetXattr { name, .. }
+            | Op::RemoveXattr { name, .. }
+            | Op::GetXattr { name, .. } => name,
+            _ => return true,
         };
-        let ts = Timestamps {
-            last_access: t,
-            last_modification: t,
-        };
-        rfs::utimensat(CWD, dir.join(p), &ts, AtFlags::SYMLINK_NOFOLLOW).expect("utimensat lower");
-    }
-    let t = Timespec {
-        tv_sec: 999_999_999,
-        tv_nsec: 0,
-    };
-    let ts = Timestamps {
-        last_access: t,
-        last_modification: t,
-    };
-    rfs::utimensat(CWD, dir, &ts, AtFlags::empty()).expect("utimensat lower root");
-}
-
-impl fmt::Display for Lowers {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, l) in self.layers.iter().enumerate() {
-            writeln!(f, "  lower{i}{}:", if i == 0 { " (top)" } else { "" })?;
-            for (p, k, mtime) in &l.entries {
-                let d = match k {
-                    LowerKind::File {
-                        data,
-                        mode,
-                        uid,
-                        gid,
-                        xattrs,
-                    } => format!(
-                        "file {mode:04o} {uid}:{gid} {} bytes{}",
-                        data.len(),
-                        if xattrs.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" xattrs {xattrs:?}")
-                        }
-                    ),
-                    LowerKind::Dir {
-                        mode,
-                        uid,
-                        gid,
-                        opaque,
-                        xattrs,
-                    } => format!(
-                        "dir {mode:04o} {uid}:{gid}{}{}",
-                        if *opaque { " OPAQUE" } else { "" },
-                        if xattrs.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" xattrs {xattrs:?}")
-                        }
-                    ),
-                    LowerKind::Symlink(t) => format!("symlink -> {t}"),
-                    LowerKind::Whiteout => "WHITEOUT (c 0 0)".to_string(),
-                    LowerKind::Fifo => "fifo".to_string(),
-                    LowerKind::HardLink(t) => format!("hard link to {t}"),
-                };
-                writeln!(f, "    {p:8} {d}  mtime {mtime}")?;
-            }
-        }
-        Ok(())
+        !(self.excludes("private-xattrs")
+            && (xname.starts_with("trusted.overlay.") || xname.starts_with("user.overlay.")))
     }
 }
 
@@ -497,6 +191,54 @@ pub enum Op {
         from: String,
         to: String,
     },
+    /// Open into fd slot 0 or 1 (closing what was there); the fd stays open across later ops.
+    Hold {
+        slot: usize,
+        path: String,
+        write: bool,
+    },
+    HeldRead {
+        slot: usize,
+    },
+    HeldWrite {
+        slot: usize,
+        len: usize,
+    },
+    HeldStat {
+        slot: usize,
+    },
+    /// Create and unlink a name of `len` bytes in the root (256 must give ENAMETOOLONG).
+    CreateLong {
+        len: usize,
+    },
+    /// open(dir, O_TMPFILE|O_WRONLY), write, linkat(fd, "", path, AT_EMPTY_PATH).
+    TmpfileLink {
+        dir: String,
+        path: String,
+        len: usize,
+    },
+    /// fallocate(PUNCH_HOLE|KEEP_SIZE) or plain allocation beyond EOF.
+    Fallocate {
+        path: String,
+        punch: bool,
+        off: u64,
+        len: u64,
+    },
+    /// lseek(SEEK_DATA) and lseek(SEEK_HOLE) from `off`.
+    SeekDataHole {
+        path: String,
+        off: u64,
+    },
+    /// mknod of a socket or of the char device 1/3.
+    Mknod {
+        path: String,
+        socket: bool,
+    },
+    /// The inner op run with uid/gid 1000 (no supplementary groups) on this thread.
+    AsUser {
+        uid: u32,
+        op: Box<Op>,
+    },
 }
 
 impl Op {
@@ -532,6 +274,16 @@ impl Op {
             Op::Fsync { .. } => "fsync",
             Op::Access { .. } => "access",
             Op::CopyFileRange { .. } => "copy-file-range",
+            Op::AsUser { .. } => "as-user",
+            Op::Hold { .. } => "hold-fd",
+            Op::HeldRead { .. } => "held-read",
+            Op::HeldWrite { .. } => "held-write",
+            Op::HeldStat { .. } => "held-fstat",
+            Op::CreateLong { .. } => "create-long-name",
+            Op::TmpfileLink { .. } => "tmpfile-link",
+            Op::Fallocate { .. } => "fallocate",
+            Op::SeekDataHole { .. } => "seek-data-hole",
+            Op::Mknod { .. } => "mknod",
         }
     }
 }
@@ -621,6 +373,41 @@ impl fmt::Display for Op {
                     "copy_file_range({from:?} -> open({to:?}, O_WRONLY|O_CREAT))"
                 )
             }
+            Op::AsUser { uid, op } => write!(f, "[as uid/gid {uid}] {op}"),
+            Op::Hold { slot, path, write } => write!(
+                f,
+                "fd{slot}=open({path:?}, {}) (kept open)",
+                if *write { "O_RDWR" } else { "O_RDONLY" }
+            ),
+            Op::HeldRead { slot } => write!(f, "pread(fd{slot}, whole file)"),
+            Op::HeldWrite { slot, len } => write!(f, "pwrite(fd{slot}, {len} bytes, off=3)"),
+            Op::HeldStat { slot } => write!(f, "fstat(fd{slot})"),
+            Op::CreateLong { len } => write!(f, "open(<{len}-byte name>, O_CREAT) + unlink"),
+            Op::TmpfileLink { dir, path, len } => write!(
+                f,
+                "fd=open({dir:?}, O_TMPFILE|O_WRONLY, 0640); write {len} bytes; linkat(fd, \"\", {path:?}, AT_EMPTY_PATH)"
+            ),
+            Op::Fallocate {
+                path,
+                punch,
+                off,
+                len,
+            } => write!(
+                f,
+                "fallocate({path:?}, {}, off={off}, len={len})",
+                if *punch { "PUNCH_HOLE|KEEP_SIZE" } else { "0" }
+            ),
+            Op::SeekDataHole { path, off } => {
+                write!(
+                    f,
+                    "lseek({path:?}, {off}, SEEK_DATA); lseek(.., {off}, SEEK_HOLE)"
+                )
+            }
+            Op::Mknod { path, socket } => write!(
+                f,
+                "mknod({path:?}, {})",
+                if *socket { "S_IFSOCK" } else { "S_IFCHR 1/3" }
+            ),
         }
     }
 }
@@ -670,8 +457,67 @@ fn xattr_name(rng: &mut Rng) -> String {
     rng.pick(&names).to_string()
 }
 
-/// One random operation.
+/// One random operation; some run as an unprivileged user.
 pub fn gen_op(rng: &mut Rng) -> Op {
+    let op = gen_plain_op(rng);
+    if rng.chance(15) {
+        Op::AsUser {
+            uid: 1000,
+            op: Box::new(op),
+        }
+    } else {
+        op
+    }
+}
+
+fn gen_plain_op(rng: &mut Rng) -> Op {
+    if rng.chance(12) {
+        let slot = rng.below(2) as usize;
+        return match rng.below(6) {
+            0 | 1 => Op::Hold {
+                slot,
+                path: path(rng),
+                write: rng.chance(30),
+            },
+            2 | 3 => Op::HeldRead { slot },
+            4 => Op::HeldWrite {
+                slot,
+                len: data_len(rng),
+            },
+            _ => Op::HeldStat { slot },
+        };
+    }
+    if rng.chance(6) {
+        return match rng.below(4) {
+            0 => {
+                let dir = rng.pick(&["", "a", "b", "a/x"]).to_string();
+                Op::TmpfileLink {
+                    dir,
+                    path: dest(rng),
+                    len: data_len(rng),
+                }
+            }
+            1 => Op::Fallocate {
+                path: path(rng),
+                punch: rng.chance(60),
+                off: rng.below(3) * 4096,
+                len: (1 + rng.below(3)) * 4096,
+            },
+            2 => Op::SeekDataHole {
+                path: path(rng),
+                off: rng.below(3) * 4096,
+            },
+            _ => Op::Mknod {
+                path: dest(rng),
+                socket: rng.chance(50),
+            },
+        };
+    }
+    if rng.chance(1) {
+        return Op::CreateLong {
+            len: 255 + rng.below(2) as usize,
+        };
+    }
     let which = rng.below(32);
     let creates = matches!(which, 0 | 1 | 4 | 8 | 9 | 16 | 23);
     let p = if creates { dest(rng) } else { path(rng) };
@@ -796,8 +642,15 @@ pub fn gen_op(rng: &mut Rng) -> Op {
 }
 
 /// A sequence of `min..=max` ops.
-pub fn gen_ops(seed: u64, min: usize, max: usize) -> Vec<Op> {
+pub fn gen_ops(seed: u64, min: usize, max: usize, cfg: &GenConfig) -> Vec<Op> {
     let mut rng = Rng::new(seed ^ 0x0905_5eed);
     let n = min + rng.below((max - min + 1) as u64) as usize;
-    (0..n).map(|_| gen_op(&mut rng)).collect()
+    let mut ops = Vec::with_capacity(n);
+    while ops.len() < n {
+        let op = gen_op(&mut rng);
+        if cfg.allows(&op) {
+            ops.push(op);
+        }
+    }
+    ops
 }

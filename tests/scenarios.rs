@@ -38,6 +38,7 @@ fn scenario_cp_a() {
         "hard link lost in copy: {:?}",
         snap.link_groups
     );
+    d.assert_cross_mounts("scenario_cp_a", &scen_opts());
 }
 
 #[test]
@@ -78,6 +79,7 @@ fn scenario_tar_c_and_x() {
     assert_eq!(entry_mode(&d, "newpkg"), 0o700);
     let st = rustix::fs::stat(d.sut.path.join("proj/src/main.rs")).expect("stat");
     assert_eq!(st.st_mtime, 1_234_567_890, "tar x did not restore mtime");
+    d.assert_cross_mounts("scenario_tar_c_and_x", &scen_opts());
 }
 
 #[test]
@@ -106,6 +108,7 @@ fn scenario_mv_lower_dir() {
     // Renaming inside a renamed lower dir, and reusing the old name.
     d.run("mkdir proj && echo fresh > proj/f && mv renamed/src renamed/src2");
     d.assert_same("after more renames", &scen_opts());
+    d.assert_cross_mounts("scenario_mv_lower_dir", &scen_opts());
 }
 
 #[test]
@@ -142,6 +145,7 @@ fn scenario_git() {
     // The index holds st_ino/st_dev/ctime, which legitimately differ between the two mounts.
     opts.ignore_content = vec!["proj/.git/index".into()];
     d.assert_same("after git", &opts);
+    d.assert_cross_mounts("scenario_git", &scen_opts());
 }
 
 #[test]
@@ -165,6 +169,7 @@ fn scenario_python_venv() {
     );
     assert!(out.ends_with("[1]"), "{out}");
     d.assert_same("after python3 -m venv", &scen_opts());
+    d.assert_cross_mounts("scenario_python_venv", &scen_opts());
 }
 
 #[test]
@@ -184,6 +189,7 @@ fn scenario_sed_i() {
     assert_eq!(read(&d, "etc/app.conf"), "a=edited\n");
     assert_eq!(entry_mode(&d, "etc/app.conf"), 0o640);
     assert_eq!(read(&d, "etc/conf.d/x.conf"), "");
+    d.assert_cross_mounts("scenario_sed_i", &scen_opts());
 }
 
 #[test]
@@ -204,6 +210,7 @@ fn scenario_chmod_r() {
         main.mtime,
         Some(crate::util::TimeClass::Old(crate::dual::LOWER_TIME, 0))
     );
+    d.assert_cross_mounts("scenario_chmod_r", &scen_opts());
 }
 
 #[test]
@@ -219,4 +226,77 @@ fn scenario_find_newer() {
     // Copy-up of etc/app.conf must restore etc's mtime (overlay-semantics item 9), so ./etc is not newer.
     assert_eq!(out, ".\n./etc/app.conf\n./newdir\n./proj/src/lib.rs\n");
     d.assert_same("after find -newer scenario", &scen_opts());
+    d.assert_cross_mounts("scenario_find_newer", &scen_opts());
+}
+
+#[test]
+fn scenario_long_paths_and_names() {
+    if !can_mount("scenario_long_paths_and_names") {
+        return;
+    }
+    let d = Dual::new("longpath");
+    // ~3.8 KiB below the mount root, built with relative cd so no single path argument is that long;
+    // then a 255-byte name works and a 256-byte one gives ENAMETOOLONG.
+    let out = d.run(
+        "n=$(printf 'd%.0s' $(seq 200)); i=0; \
+         while [ $i -lt 18 ]; do mkdir $n && cd $n || exit 1; i=$((i+1)); done; \
+         echo deep > file && cat file && \
+         touch $(printf 'f%.0s' $(seq 255)) && ls | wc -l; \
+         touch $(printf 'g%.0s' $(seq 256)) 2>&1 | grep -c 'File name too long'",
+    );
+    assert_eq!(out, "deep\n2\n1\n");
+    d.assert_same("after long paths", &scen_opts());
+    d.assert_cross_mounts("scenario_long_paths_and_names", &scen_opts());
+}
+
+#[test]
+fn scenario_big_lower_dir_listing() {
+    if !can_mount("scenario_big_lower_dir_listing") {
+        return;
+    }
+    let d = Dual::new("bigdir");
+    // 600 lower entries (several getdents batches), 111 removed and 50 added in the upper.
+    let out = d.run(
+        "ls big | wc -l; rm big/entry-with-a-longish-name-1*; i=0; \
+         while [ $i -lt 50 ]; do : > big/new-$i; i=$((i+1)); done; \
+         ls big | wc -l; ls -f big | sort | md5sum; ls -f big | sort | uniq -d | wc -l",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "600", "{out}");
+    assert_eq!(lines[1], "539", "{out}");
+    assert_eq!(lines[3], "0", "readdir listed duplicates:\n{out}");
+    d.assert_same("after big dir", &scen_opts());
+    d.assert_cross_mounts("scenario_big_lower_dir_listing", &scen_opts());
+}
+
+#[test]
+fn scenario_ownership_setgid_and_permissions() {
+    if !can_mount("scenario_ownership_setgid_and_permissions") {
+        return;
+    }
+    if !have_program("setpriv") {
+        skip(
+            "scenario_ownership_setgid_and_permissions",
+            "setpriv not installed",
+        );
+        return;
+    }
+    let d = Dual::new("owner");
+    // A setgid lower dir owned by group 1000; an unprivileged user creates files and dirs; permission
+    // checks (default_permissions) refuse what the kernel refuses.
+    let out = d.run(
+        "chown 0:1000 data && chmod 2777 data && \
+         as() { setpriv --reuid 1000 --regid 1001 --clear-groups \"$@\"; } && \
+         mkdir data/rootdir && as mkdir data/userdir && as touch data/userfile && \
+         as sh -c 'echo hi > proj/denied' 2>/dev/null; echo \"denied=$?\"; \
+         as cat etc/app.conf >/dev/null 2>&1; echo \"read0640=$?\"; \
+         as mv data/userfile data/userfile2 && as rm data/userfile2 && \
+         stat -c '%n %a %u:%g' data/rootdir data/userdir",
+    );
+    assert_eq!(
+        out,
+        "denied=2\nread0640=1\ndata/rootdir 2755 0:1000\ndata/userdir 2755 1000:1000\n"
+    );
+    d.assert_same("after ownership scenario", &scen_opts());
+    d.assert_cross_mounts("scenario_ownership_setgid_and_permissions", &scen_opts());
 }

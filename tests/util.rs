@@ -3,7 +3,7 @@
 //!
 //! Layout of a fixture (everything lives under one `tempfile` dir, so removal never leaves it):
 //! ```text
-//! <tmp>/layerfs-test-XXXX/
+//! <tmp>/layerfs-<test>-XXXX/
 //!     <name>/            dirs made by `Fixture::dir`
 //!     <side>/x/y/mnt     mount points made by `Fixture::mountpoint` (nested so that relative symlinks
 //!                        escaping the mount root land in a private, per-side directory)
@@ -53,7 +53,7 @@ pub fn sut() -> Impl {
         Ok("kernel") => Impl::Kernel,
         Ok("kernel-plain") => Impl::KernelPlain,
         Ok("layerfs") | Ok("") | Err(_) => Impl::Layerfs,
-        Ok(other) => panic!("LAYERFS_SUT={other}: expected `layerfs` or `kernel`"),
+        Ok(other) => panic!("LAYERFS_SUT={other}: expected `layerfs`, `kernel` or `kernel-plain`"),
     }
 }
 
@@ -287,23 +287,17 @@ impl Mount {
     /// Unmounts now, asserting success.
     pub fn unmount(mut self) {
         self.mounted = false;
-        let st = umount(&self.path, self.imp);
+        let st = umount(&self.path);
         assert!(st.is_ok(), "umount {}: {:?}", self.path.display(), st);
     }
 }
 
-fn umount(p: &Path, imp: Impl) -> Result<(), String> {
+fn umount(p: &Path) -> Result<(), String> {
     // Exclusive: no other thread is between fork and exec holding copies of fds inside this mount.
     let _g = SPAWN_LOCK.write().unwrap_or_else(|e| e.into_inner());
-    let mut cmd = match imp {
-        Impl::Layerfs => {
-            let mut c = Command::new(layerfs_bin());
-            c.arg("umount");
-            c
-        }
-        Impl::Kernel | Impl::KernelPlain => Command::new("umount"),
-    };
-    let out = cmd
+    // Plain umount(8) for every implementation (the spec allows it for layerfs; `layerfs umount`, which
+    // also waits for the daemon to exit, is tested in `cli.rs`).
+    let out = Command::new("umount")
         .arg(p)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -313,16 +307,54 @@ fn umount(p: &Path, imp: Impl) -> Result<(), String> {
     if out.status.success() && !is_mounted(p) {
         return Ok(());
     }
-    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let msg = format!(
+        "{}; processes using it: {:?}",
+        String::from_utf8_lossy(&out.stderr).trim(),
+        holders(p)
+    );
     // Fall back so that a failing test never leaves a mount behind.
     let _ = Command::new("umount").arg("-l").arg(p).output();
     Err(format!("umount failed: {} {msg}", out.status))
 }
 
+/// `pid cmdline: path` for every open fd, cwd or root of any process below `mnt` (to explain EBUSY).
+fn holders(mnt: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let mut links: Vec<PathBuf> = ["cwd", "root"].iter().map(|l| e.path().join(l)).collect();
+        for fd in std::fs::read_dir(e.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            links.push(fd.path());
+        }
+        for l in links {
+            if let Ok(t) = std::fs::read_link(&l)
+                && t.starts_with(mnt)
+            {
+                out.push(format!(
+                    "{pid} {}: {} -> {}",
+                    cmd.trim(),
+                    l.display(),
+                    t.display()
+                ));
+            }
+        }
+    }
+    out
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = umount(&self.path, self.imp);
+            let _ = umount(&self.path);
         }
     }
 }
@@ -429,7 +461,8 @@ impl fmt::Debug for Entry {
 pub struct SnapOpts {
     /// Record mtime classes.
     pub times: bool,
-    /// Record nlink of directories (kernel overlay reports 1 for merged dirs).
+    /// Check directory link counts: 1 ("unknown", what kernel overlayfs reports for merged dirs) or
+    /// 2 + number of subdirectories are both fine and recorded alike; anything else is an anomaly.
     pub dir_nlink: bool,
     /// Replace this byte string (e.g. the mount path) in file contents and symlink targets before hashing.
     pub normalize: Option<String>,
@@ -573,11 +606,7 @@ fn walk(
         hash,
         target,
         xattrs: xattrs_of(&p),
-        nlink: if is_dir && !opts.dir_nlink {
-            0
-        } else {
-            st.st_nlink
-        },
+        nlink: if is_dir { 0 } else { st.st_nlink },
         rdev: if kind == 'c' || kind == 'b' {
             st.st_rdev
         } else {
@@ -658,6 +687,23 @@ fn walk(
                 .push(format!("{child}: listed by readdir but lstat: {e}")),
         }
         names.push(child);
+    }
+    if opts.dir_nlink {
+        let subdirs = names
+            .iter()
+            .filter(|c| {
+                rustix::fs::lstat(root.join(c.as_str()))
+                    .map(|st| kind_of(st.st_mode) == 'd')
+                    .unwrap_or(false)
+            })
+            .count() as u64;
+        if st.st_nlink != 1 && st.st_nlink != subdirs + 2 {
+            snap.anomalies.push(format!(
+                "{}: directory nlink {} but {subdirs} subdirectories",
+                if rel.is_empty() { "/" } else { rel },
+                st.st_nlink
+            ));
+        }
     }
     let mut seen = BTreeSet::new();
     for n in &names {

@@ -1,8 +1,9 @@
-//! `cargo xtask fuzz --seqs N [--seed S] [--only SEED] [--sut layerfs|kernel] [--max-fails K] [--release]`:
+//! `cargo xtask fuzz --seqs N [--seed S] [--only SEED] [--sut layerfs|kernel] [--max-fails K]
+//! [--exclude KIND,…] [--jobs J] [--release]`:
 //! runs the differential test (`tests/differential.rs`) with more sequences than CI does.
 //!
 //! It only sets the test's environment (`LAYERFS_FUZZ_SEQS`, `LAYERFS_FUZZ_SEED`, `LAYERFS_FUZZ_ONLY`,
-//! `LAYERFS_FUZZ_MAX_FAILS`, `LAYERFS_SUT`) and runs `cargo test --test integration` on that one test.
+//! `LAYERFS_FUZZ_MAX_FAILS`, `LAYERFS_FUZZ_EXCLUDE`, `LAYERFS_FUZZ_JOBS`, `LAYERFS_SUT`) and runs `cargo test --test integration` on that one test.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,7 +11,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 const USAGE: &str = "usage: cargo xtask fuzz --seqs N [--seed S] [--only SEED] [--sut layerfs|kernel] \
-                     [--max-fails K] [--release]";
+                     [--max-fails K] [--exclude KIND,…] [--jobs J] [--release]";
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut env: Vec<(&str, String)> = Vec::new();
@@ -27,6 +28,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "--seed" => env.push(("LAYERFS_FUZZ_SEED", value("--seed")?)),
             "--only" => env.push(("LAYERFS_FUZZ_ONLY", value("--only")?)),
             "--sut" => env.push(("LAYERFS_SUT", value("--sut")?)),
+            "--jobs" => env.push(("LAYERFS_FUZZ_JOBS", value("--jobs")?)),
+            "--exclude" => env.push(("LAYERFS_FUZZ_EXCLUDE", value("--exclude")?)),
             "--max-fails" => env.push(("LAYERFS_FUZZ_MAX_FAILS", value("--max-fails")?)),
             "--release" => release = true,
             "-h" | "--help" => {

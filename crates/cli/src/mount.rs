@@ -309,6 +309,17 @@ fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
         threads: plan.threads.unwrap_or_else(default_threads),
         extra: {
             let mut e = plan.extra.clone();
+            // As root, devices and set-id bits work as on a kernel overlay mount unless the
+            // options say otherwise (FUSE's own default is nodev,nosuid).
+            if is_root {
+                use fuser::MountOption as M;
+                if !e.iter().any(|o| matches!(o, M::Dev | M::NoDev)) {
+                    e.push(M::Dev);
+                }
+                if !e.iter().any(|o| matches!(o, M::Suid | M::NoSuid)) {
+                    e.push(M::Suid);
+                }
+            }
             if plan.cfg.upper.is_none() {
                 e.push(fuser::MountOption::RO);
             }

@@ -95,16 +95,21 @@ impl Overlay {
         }
         let stored = self.layers.encoding.escape(name.as_bytes());
         let node = self.node(ino)?;
-        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        let (_, fd) = self.object(&node)?;
         xattr::get(fd.as_fd(), OsStr::from_bytes(&stored))
     }
 
     /// LISTXATTR without the private names, NUL-separated.
-    pub fn listxattr(&self, ino: u64) -> OvlResult<Vec<u8>> {
+    /// `privileged`: the caller may see `trusted.*` names (the daemon, running as root, lists
+    /// them all; the kernel would hide them from a caller without CAP_SYS_ADMIN).
+    pub fn listxattr(&self, ino: u64, privileged: bool) -> OvlResult<Vec<u8>> {
         let node = self.node(ino)?;
-        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        let (_, fd) = self.object(&node)?;
         let mut out = Vec::new();
         for stored in xattr::list(fd.as_fd())? {
+            if !privileged && stored.starts_with(b"trusted.") {
+                continue;
+            }
             if let Some(name) = self.layers.encoding.unescape(&stored) {
                 out.extend_from_slice(&name);
                 out.push(0);
@@ -125,7 +130,7 @@ impl Overlay {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> OvlResult<()> {
         let stored = self.layers.encoding.escape(name.as_bytes());
         let node = self.node(ino)?;
-        if node.read().upper.is_none() {
+        if !node.read().in_upper() {
             self.getxattr(ino, name)?;
         }
         let upper = self.copy_up(&node, CopyData::All)?;
@@ -134,7 +139,7 @@ impl Overlay {
 
     /// ACCESS (only sent without `default_permissions`): permission bits against the caller.
     pub fn access(&self, ino: u64, mask: i32, uid: u32, gid: u32) -> OvlResult<()> {
-        let attr = self.getattr(ino)?;
+        let attr = self.getattr(ino, None)?;
         if mask & libc::W_OK != 0 && self.read_only() {
             return Err(Errno::ROFS);
         }

@@ -17,6 +17,7 @@ use layerfs_sys::{
 };
 
 use crate::index::UpperSlot;
+use crate::layers::LayerIdx;
 use crate::node::Node;
 use crate::overlay::{Overlay, OvlResult};
 
@@ -32,28 +33,27 @@ pub enum CopyData {
 impl Overlay {
     /// Makes sure `node` has an upper object and returns its `O_PATH` fd.
     pub(crate) fn copy_up(&self, node: &Arc<Node>, data: CopyData) -> OvlResult<Arc<OwnedFd>> {
-        if let Some(u) = node.read().upper.clone() {
-            return Ok(u);
+        if node.read().in_upper() {
+            return self.object(node).map(|(_, fd)| fd);
         }
         if !self.layers.has_upper() {
             return Err(Errno::ROFS);
         }
         let _g = node.copyup_lock();
-        let (parent_ino, name, lower) = {
+        let (parent_ino, name, done, unlinked) = {
             let s = node.read();
-            if let Some(u) = s.upper.clone() {
-                return Ok(u);
-            }
-            if s.unlinked {
-                return Err(Errno::NOENT);
-            }
-            let name = s.name.clone().ok_or(Errno::IO)?;
-            let lower = s.lower.clone().ok_or(Errno::STALE)?;
-            (s.parent, name, lower)
+            (s.parent, s.name.clone(), s.in_upper(), s.unlinked)
         };
+        if done {
+            return self.object(node).map(|(_, fd)| fd);
+        }
+        if unlinked {
+            return Err(Errno::NOENT);
+        }
+        let name = name.ok_or(Errno::IO)?;
         let parent = self.node(parent_ino)?;
         let parent_upper = self.copy_up(&parent, CopyData::All)?;
-        let (_, lower_fd) = lower;
+        let (_, lower_fd) = self.object(node)?;
         let st = sys::stat_fd(lower_fd.as_fd())?;
         let kind = sys::file_type(&st);
         // The data copy runs before the parent's lock is taken: a large copy stalls nobody else.
@@ -78,7 +78,7 @@ impl Overlay {
                 })
         };
         let fd = match built {
-            Ok(fd) => fd,
+            Ok(fd) => Arc::new(fd),
             Err(e) => {
                 let _ = crate::layers::remove_tree(work, &tmp);
                 return Err(e);
@@ -86,24 +86,26 @@ impl Overlay {
         };
         let _op = parent.op_lock();
         // Someone may have made the upper object meanwhile (a hard link, a moved tree): adopt it.
-        if let Some(e) = self.entry(&parent, &name)?
-            && let Some(UpperSlot::Present(_)) = e.upper
-        {
+        let existing = self.entry_locked(&parent, &name)?.and_then(|e| e.upper);
+        let fd = if let Some(UpperSlot::Present(_)) = existing {
             let _ = crate::layers::remove_tree(work, &tmp);
-            let fd = Arc::new(sys::open_path(parent_upper.as_fd(), &name)?);
-            node.write().upper = Some(fd.clone());
-            return Ok(fd);
+            Arc::new(sys::open_path(parent_upper.as_fd(), &name)?)
+        } else {
+            if let Err(e) = self.publish(work, &tmp, parent_upper.as_fd(), &name) {
+                let _ = crate::layers::remove_tree(work, &tmp);
+                return Err(e);
+            }
+            self.update_index(&parent, |idx| {
+                idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)))
+            })?;
+            self.stats.copy_ups.fetch_add(1, Ordering::Relaxed);
+            fd
+        };
+        let mut s = node.write();
+        s.place = LayerIdx::UPPER;
+        if node.is_dir {
+            s.upper = Some(fd.clone());
         }
-        if let Err(e) = self.publish(work, &tmp, parent_upper.as_fd(), &name) {
-            let _ = crate::layers::remove_tree(work, &tmp);
-            return Err(e);
-        }
-        let fd = Arc::new(fd);
-        self.update_index(&parent, |idx| {
-            idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)))
-        })?;
-        node.write().upper = Some(fd.clone());
-        self.stats.copy_ups.fetch_add(1, Ordering::Relaxed);
         Ok(fd)
     }
 

@@ -45,6 +45,8 @@ pub struct Fuse {
     ovl: Arc<Overlay>,
     /// Kernel passthrough bookkeeping (its own lock).
     pt: Passthrough,
+    /// Told when the session ends.
+    ended: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Fuse {
@@ -53,6 +55,7 @@ impl Fuse {
         Fuse {
             ovl,
             pt: Passthrough::default(),
+            ended: None,
         }
     }
 }
@@ -190,9 +193,19 @@ pub fn serve(
     };
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
-    let session = fuser::Session::new(Fuse::new(ovl), mountpoint, &cfg)?;
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    let mut fs = Fuse::new(ovl);
+    fs.ended = Some(ended_tx);
+    let session = fuser::Session::new(fs, mountpoint, &cfg)?;
     ready();
-    session.run()
+    let background = session.spawn()?;
+    // The session ends when the kernel drops the mount (`umount`, `layerfs umount`): the
+    // filesystem is then destroyed, which sends here (or drops the sender).
+    let _ = ended.recv();
+    // fuser would unmount the mountpoint path once more when its handle is dropped, which could
+    // detach a new mount made there meanwhile: the mount is already gone, so skip that.
+    std::mem::forget(background);
+    Ok(())
 }
 
 fn errno(e: Errno) -> fuser::Errno {
@@ -336,6 +349,12 @@ impl Filesystem for Fuse {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        if let Some(tx) = self.ended.take() {
+            let _ = tx.send(());
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.ovl.lookup(parent.0, name) {
             Ok(Some(a)) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -350,8 +369,8 @@ impl Filesystem for Fuse {
         self.ovl.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.ovl.getattr(ino.0) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ovl.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
@@ -638,7 +657,7 @@ impl Filesystem for Fuse {
             let off = (i + 1) as u64;
             if e.name == "." || e.name == ".." {
                 let target = if e.name == "." { ino.0 } else { e.ino };
-                let Ok(a) = self.ovl.getattr(target) else {
+                let Ok(a) = self.ovl.getattr(target, None) else {
                     continue;
                 };
                 // The kernel takes no reference for "." and "..".
@@ -731,8 +750,9 @@ impl Filesystem for Fuse {
         reply_xattr(reply, size, self.ovl.getxattr(ino.0, name));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.ovl.listxattr(ino.0));
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        // The request carries no capabilities: uid 0 stands for CAP_SYS_ADMIN.
+        reply_xattr(reply, size, self.ovl.listxattr(ino.0, req.uid() == 0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

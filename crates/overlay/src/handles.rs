@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use layerfs_sys::{self as sys, Errno, FileType, OFlags};
+use layerfs_sys::{Errno, FileType, OFlags};
 
 use crate::layers::LayerIdx;
 use crate::node::Node;
@@ -66,18 +66,14 @@ impl FileHandle {
         }
     }
 
-    /// The fd to do I/O on, reopened on the upper copy if the node was copied up since.
-    pub fn io_fd(&self) -> OvlResult<Arc<OwnedFd>> {
-        let (layer, fd) = self.file.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if layer.is_upper() {
-            return Ok(fd);
-        }
-        let Some(upper) = self.node.read().upper.clone() else {
-            return Ok(fd);
-        };
-        let fresh = Arc::new(sys::reopen(upper.as_fd(), self.flags)?);
-        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = (LayerIdx::UPPER, fresh.clone());
-        Ok(fresh)
+    /// The fd to do I/O on and the layer it belongs to.
+    pub fn current(&self) -> (LayerIdx, Arc<OwnedFd>) {
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Switches the handle to `fd` on the upper copy (after a copy-up).
+    pub fn switch_to_upper(&self, fd: Arc<OwnedFd>) {
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = (LayerIdx::UPPER, fd);
     }
 }
 

@@ -34,6 +34,8 @@ pub struct LowerSlot {
     pub layer: LayerIdx,
     /// Its type.
     pub kind: FileType,
+    /// Its inode number in that layer (`d_ino`).
+    pub ino: u64,
     /// For a directory: the further lower layers whose directory of the same name merges with it
     /// (until a non-directory, a whiteout or an opaque marker stops the merge).
     pub more: Box<[LayerIdx]>,
@@ -74,6 +76,9 @@ impl IndexEntry {
     }
 }
 
+/// A visible name, what it is, and `(layer, d_ino)` of its lower object when that is what shows.
+pub type ListedName = (Box<[u8]>, Visible, Option<(LayerIdx, u64)>);
+
 /// The merged index of a directory. Owned by the directory's node, guarded by its state lock.
 #[derive(Debug, Default)]
 pub struct DirIndex {
@@ -109,7 +114,7 @@ impl DirIndex {
             for (name, item) in listing.items {
                 let slot = match item {
                     Item::Whiteout => UpperSlot::Whiteout,
-                    Item::Entry(kind) => UpperSlot::Present(kind),
+                    Item::Entry(kind, _) => UpperSlot::Present(kind),
                 };
                 let e = entries.entry(name).or_default();
                 // A real entry beats a `.wh.` file of the same name.
@@ -127,21 +132,25 @@ impl DirIndex {
                         MapEntry::Vacant(v) => {
                             v.insert(match item {
                                 Item::Whiteout => LowerBuild::Whiteout,
-                                Item::Entry(FileType::Directory) => LowerBuild::Dir(LowerSlot {
-                                    layer: dir.layer,
-                                    kind: FileType::Directory,
-                                    more: Box::new([]),
-                                }),
-                                Item::Entry(kind) => LowerBuild::Closed(LowerSlot {
+                                Item::Entry(FileType::Directory, ino) => {
+                                    LowerBuild::Dir(LowerSlot {
+                                        layer: dir.layer,
+                                        kind: FileType::Directory,
+                                        ino,
+                                        more: Box::new([]),
+                                    })
+                                }
+                                Item::Entry(kind, ino) => LowerBuild::Closed(LowerSlot {
                                     layer: dir.layer,
                                     kind,
+                                    ino,
                                     more: Box::new([]),
                                 }),
                             });
                         }
                         MapEntry::Occupied(mut o) => {
                             if let LowerBuild::Dir(slot) = o.get_mut() {
-                                if item == Item::Entry(FileType::Directory) {
+                                if matches!(item, Item::Entry(FileType::Directory, _)) {
                                     let mut more = slot.more.to_vec();
                                     more.push(dir.layer);
                                     slot.more = more.into_boxed_slice();
@@ -224,6 +233,26 @@ impl DirIndex {
         out
     }
 
+    /// Visible names, sorted, each with the `(layer, d_ino)` of its lower object when the lower
+    /// object is what the view shows (for `d_ino` without opening it).
+    pub fn visible_sorted_with_lower(&self) -> Vec<ListedName> {
+        let mut out: Vec<_> = self
+            .entries
+            .iter()
+            .filter_map(|(n, e)| {
+                let v = e.visible()?;
+                let lower = e
+                    .lower
+                    .as_ref()
+                    .filter(|_| !v.layer.is_upper())
+                    .map(|l| (l.layer, l.ino));
+                Some((n.clone(), v, lower))
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Names whose upper slot is a whiteout.
     pub fn upper_whiteouts(&self) -> Vec<Box<[u8]>> {
         self.entries
@@ -238,13 +267,14 @@ fn empty_slot() -> LowerSlot {
     LowerSlot {
         layer: LayerIdx::UPPER,
         kind: FileType::Unknown,
+        ino: 0,
         more: Box::new([]),
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Item {
-    Entry(FileType),
+    Entry(FileType, u64),
     Whiteout,
 }
 
@@ -296,7 +326,7 @@ fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
                 }
             }
         }
-        items.insert(name.into(), Item::Entry(kind));
+        items.insert(name.into(), Item::Entry(kind, entry.ino));
     }
     Ok(Listing { items, opaque })
 }

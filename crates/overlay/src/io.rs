@@ -55,7 +55,7 @@ impl Overlay {
                 },
             )?;
         }
-        let (layer, top) = node.top().ok_or(Errno::STALE)?;
+        let (layer, top) = self.object(&node)?;
         let keep = io_flags(flags);
         let fd = sys::reopen(top.as_fd(), keep | (flags & OFlags::TRUNC))?;
         let fh = self
@@ -81,12 +81,26 @@ impl Overlay {
         self.file_fd(fh)
     }
 
+    /// The fd of an open file handle (no directory handles), as it is now.
+    pub(crate) fn open_file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
+        self.file_fd(fh)
+    }
+
+    /// The fd of file handle `fh`, reopened on the upper copy if the node was copied up since
+    /// the handle was opened (so it reads what the writers wrote).
     fn file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
         let h = self.handles.file(fh)?;
-        match &*h {
-            Handle::File(f) => f.io_fd(),
-            Handle::Dir(_) => Err(Errno::ISDIR),
+        let Handle::File(f) = &*h else {
+            return Err(Errno::ISDIR);
+        };
+        let (layer, fd) = f.current();
+        if layer.is_upper() || !f.node.read().in_upper() {
+            return Ok(fd);
         }
+        let (_, upper) = self.object(&f.node)?;
+        let fresh = Arc::new(sys::reopen(upper.as_fd(), f.flags)?);
+        f.switch_to_upper(fresh.clone());
+        Ok(fresh)
     }
 
     /// READ.
@@ -206,7 +220,7 @@ impl Overlay {
         {
             return Ok(s);
         }
-        let names = self.with_index(&d.node, |idx| idx.visible_sorted())?;
+        let names = self.with_index(&d.node, |idx| idx.visible_sorted_with_lower())?;
         let (parent, _) = d.node.location();
         let mut entries = Vec::with_capacity(names.len() + 2);
         entries.push(DirEntry {
@@ -220,12 +234,14 @@ impl Overlay {
             ino: parent_ino,
             kind: FileType::Directory,
         });
-        for (name, vis) in names {
+        for (name, vis, lower) in names {
             let name = OsString::from(std::ffi::OsStr::from_bytes(&name));
-            // d_ino is worked out when the entry is sent (READDIR) or looked up (READDIRPLUS).
+            // A lower object's d_ino is known from the listing; an upper one (which may carry an
+            // origin) is worked out when the entry is sent.
+            let ino = lower.map_or(0, |(layer, ino)| self.layers.xino(layer, ino));
             entries.push(DirEntry {
                 name,
-                ino: 0,
+                ino,
                 kind: vis.kind,
             });
         }

@@ -14,6 +14,7 @@ use layerfs_sys::{self as sys, Component, Errno, FileType, Mode, OFlags};
 
 use crate::copyup::CopyData;
 use crate::index::{DirIndex, IndexEntry, LayerDir, UpperSlot};
+use crate::layers::LayerIdx;
 use crate::node::Node;
 use crate::overlay::{Attr, Overlay, OvlResult};
 
@@ -196,7 +197,7 @@ impl Overlay {
                 layer: crate::layers::LayerIdx::UPPER,
                 kind,
             },
-            fd,
+            fd: Some(fd),
             ino: self.layers.xino(crate::layers::LayerIdx::UPPER, st.st_ino),
             st,
             lower_dirs: Vec::new(),
@@ -279,7 +280,7 @@ impl Overlay {
             idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)));
         }
         self.adjust_group_count(src.as_fd(), 1)?;
-        node.write().unlinked = false;
+        node.write().add_alias(dir.ino, &name);
         self.nodes.add_lookup(&node);
         self.attr(&node)
     }
@@ -302,20 +303,19 @@ impl Overlay {
 
     /// Bookkeeping after the name `dir/name` of `child` went away: the node is unlinked once it
     /// has no known name left and no link in the upper either.
-    pub(crate) fn name_removed(&self, child: &Node, dir: u64, name: &Component) {
-        let (last, upper) = {
-            let mut s = child.write();
-            (s.drop_location(dir, name), s.upper.clone())
-        };
-        let gone = last
-            && match upper {
-                Some(fd) => sys::stat_fd(fd.as_fd())
-                    .map(|st| st.st_nlink == 0)
-                    .unwrap_or(true),
-                None => true,
-            };
-        if gone {
-            child.write().unlinked = true;
+    pub(crate) fn name_removed(
+        &self,
+        child: &Node,
+        dir: u64,
+        name: &Component,
+        object: Option<(LayerIdx, Arc<OwnedFd>)>,
+    ) {
+        let mut s = child.write();
+        if s.drop_location(dir, name) {
+            // No known name left: the node lives on for its open files only (a hard link elsewhere
+            // that the kernel looks up later gets a fresh node).
+            s.unlinked = true;
+            s.orphan = object.map(|(_, fd)| fd);
         }
     }
 
@@ -329,10 +329,11 @@ impl Overlay {
             return Err(Errno::ISDIR);
         }
         let child = self.existing_child(&dir, &name, &p.entry)?;
+        let child_obj = child.as_ref().and_then(|c| self.object(c).ok());
         self.group_unlinked(&dir, &name, &p.entry)?;
         self.remove_entry(&dir, &p, &name, false)?;
         if let Some(child) = child {
-            self.name_removed(&child, dir.ino, &name);
+            self.name_removed(&child, dir.ino, &name, child_obj);
         }
         Ok(())
     }
@@ -364,7 +365,8 @@ impl Overlay {
 
     /// The merged index of the child directory behind a probe (without making a node).
     pub(crate) fn child_index(&self, probe: &crate::overlay::Probe) -> OvlResult<DirIndex> {
-        let upper = probe.vis.layer.is_upper().then(|| probe.fd.as_fd());
+        let fd = probe.fd.as_ref().ok_or(Errno::IO)?;
+        let upper = probe.vis.layer.is_upper().then(|| fd.as_fd());
         let lowers: Vec<LayerDir<'_>> = probe
             .lower_dirs
             .iter()
@@ -390,7 +392,7 @@ impl Overlay {
             return Err(Errno::NOTEMPTY);
         }
         if probe.vis.layer.is_upper() {
-            crate::layers::remove_children(probe.fd.as_fd())?;
+            crate::layers::remove_children(probe.fd.as_ref().ok_or(Errno::IO)?.as_fd())?;
         }
         let child = self.nodes.get(probe.ino).filter(|n| {
             let s = n.read();
@@ -400,7 +402,7 @@ impl Overlay {
         if let Some(child) = child {
             let mut s = child.write();
             s.unlinked = true;
-            s.index = Some(DirIndex::default());
+            s.index = Some(Box::default());
         }
         Ok(())
     }

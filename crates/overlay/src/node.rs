@@ -43,23 +43,36 @@ pub struct NodeState {
     pub parent: u64,
     /// Its name there (`None` for the root).
     pub name: Option<Component>,
-    /// `O_PATH` fd of the upper object, once there is one.
+    /// The layer that holds the object (the upper once copied up). A non-directory keeps no fd:
+    /// it is opened by name from its parent's directory fd when needed, so the number of open
+    /// fds is bounded by the directories the kernel caches, not the files.
+    pub place: LayerIdx,
+    /// Directory only: `O_PATH` fd of the upper directory, once there is one.
     pub upper: Option<Arc<OwnedFd>>,
-    /// The topmost lower object (for a directory: the topmost lower dir), if any.
+    /// Directory only: the topmost lower dir, if any.
     pub lower: Option<LayerFd>,
     /// For a directory: every lower dir merged below the upper, top first (`lower` is the first).
     pub lower_dirs: Vec<LayerFd>,
-    /// For a directory: its merged index, built on first use.
-    pub index: Option<DirIndex>,
+    /// For a directory: its merged index, built on first use; a cache of what is on disk, which
+    /// may be dropped at any time outside the directory's `op_lock` ([`crate::overlay`] keeps
+    /// only the most recently built ones).
+    pub index: Option<Box<DirIndex>>,
     /// The object's last name was removed (open files keep the node alive).
     pub unlinked: bool,
     /// A lower hard-link group member served from the group's index entry ([`crate::group`]).
     pub group: bool,
     /// Further names of a non-directory (hard links) the kernel has looked up.
     pub aliases: Vec<(u64, Component)>,
+    /// Once `unlinked`: the object, still reachable by the files open on it.
+    pub orphan: Option<Arc<OwnedFd>>,
 }
 
 impl NodeState {
+    /// Whether the object has an upper copy.
+    pub fn in_upper(&self) -> bool {
+        self.place.is_upper()
+    }
+
     /// Whether the object is known under `name` in directory `parent`.
     pub fn is_at(&self, parent: u64, name: &Component) -> bool {
         (self.parent == parent && self.name.as_ref() == Some(name))
@@ -149,6 +162,11 @@ impl Node {
     /// Takes the directory operation lock.
     pub fn op_lock(&self) -> MutexGuard<'_, ()> {
         self.op_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the directory operation lock if it is free.
+    pub fn try_op_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        self.op_lock.try_lock().ok()
     }
 
     /// Takes the copy-up lock.

@@ -16,6 +16,9 @@ use crate::layers::{LayerIdx, Layers, OverlayConfig};
 use crate::node::{Node, NodeState, NodeTable, ROOT};
 use crate::stats::Stats;
 
+/// How many directory indexes are kept in memory (each is rebuilt from disk on demand).
+const INDEX_CACHE: usize = 512;
+
 /// Result of an overlay operation: a raw errno on failure.
 pub type OvlResult<T> = Result<T, Errno>;
 
@@ -39,6 +42,8 @@ pub struct Overlay {
     pub(crate) handles: HandleTable,
     /// Counter for unique temporary names in the work dir.
     tmp_counter: AtomicU64,
+    /// Directories with a built index, least recently built first. Own lock, a leaf.
+    index_lru: std::sync::Mutex<std::collections::VecDeque<u64>>,
     /// Request and event counters.
     pub stats: Stats,
 }
@@ -46,7 +51,8 @@ pub struct Overlay {
 /// The object found under a name, opened, before it becomes (or joins) a node.
 pub(crate) struct Probe {
     pub vis: Visible,
-    pub fd: Arc<OwnedFd>,
+    /// The object, opened (`None` for a lower non-directory with a single link: not needed).
+    pub fd: Option<Arc<OwnedFd>>,
     pub st: Stat,
     pub ino: u64,
     pub lower_dirs: Vec<(LayerIdx, Arc<OwnedFd>)>,
@@ -63,6 +69,7 @@ impl Overlay {
             nodes: NodeTable::default(),
             handles: HandleTable::default(),
             tmp_counter: AtomicU64::new(0),
+            index_lru: Default::default(),
             stats: Stats::default(),
         };
         ovl.make_root()
@@ -94,9 +101,15 @@ impl Overlay {
         if upper_opaque {
             lower_dirs.clear();
         }
+        let place = if upper.is_some() {
+            LayerIdx::UPPER
+        } else {
+            lower_dirs.first().map(|(l, _)| *l).unwrap_or(LayerIdx(1))
+        };
         let state = NodeState {
             parent: 0,
             name: None,
+            place,
             upper,
             lower: lower_dirs.first().cloned(),
             lower_dirs,
@@ -104,6 +117,7 @@ impl Overlay {
             unlinked: false,
             group: false,
             aliases: Vec::new(),
+            orphan: None,
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -151,8 +165,35 @@ impl Overlay {
             .collect();
         let index = DirIndex::build(upper.as_ref().map(|u| u.as_fd()), &layer_dirs)?;
         self.stats.index_builds.fetch_add(1, Ordering::Relaxed);
-        dir.write().index = Some(index);
+        dir.write().index = Some(Box::new(index));
+        self.evict_indexes(dir.ino);
         Ok(())
+    }
+
+    /// Keeps at most [`INDEX_CACHE`] directory indexes: drops the least recently built ones
+    /// whose directory is not being changed right now (its `op_lock` is free).
+    fn evict_indexes(&self, built: u64) {
+        let victims: Vec<u64> = {
+            let mut lru = self.index_lru.lock().unwrap_or_else(|e| e.into_inner());
+            lru.retain(|i| *i != built);
+            lru.push_back(built);
+            let excess = lru.len().saturating_sub(INDEX_CACHE);
+            lru.drain(..excess).collect()
+        };
+        for ino in victims {
+            let Some(node) = self.nodes.get(ino) else {
+                continue;
+            };
+            match node.try_op_lock() {
+                Some(_g) => node.write().index = None,
+                // Busy: keep it, try again later.
+                None => self
+                    .index_lru
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_back(ino),
+            }
+        }
     }
 
     /// Runs `f` on `dir`'s index, building it first if needed.
@@ -166,7 +207,7 @@ impl Overlay {
         let _op = dir.op_lock();
         self.ensure_index_locked(dir)?;
         let s = dir.read();
-        s.index.as_ref().map(f).ok_or(Errno::IO)
+        s.index.as_deref().map(f).ok_or(Errno::IO)
     }
 
     /// Runs `f` on `dir`'s index for update. The caller holds `dir.op_lock()`.
@@ -224,15 +265,29 @@ impl Overlay {
             return Ok(None);
         };
         let parent_fd = self.dir_fd_in(dir, vis.layer)?;
-        let mut fd = Arc::new(sys::open_path(parent_fd.as_fd(), name)?);
-        let mut st = sys::stat_fd(fd.as_fd())?;
+        // A lower non-directory with one link needs no fd: one fstatat says all (the common case
+        // of a walk). Anything else is opened.
+        let single = if !vis.layer.is_upper() && vis.kind != FileType::Directory {
+            let st = sys::stat_at(parent_fd.as_fd(), name)?;
+            (sys::file_type(&st) != FileType::Directory && st.st_nlink <= 1).then_some(st)
+        } else {
+            None
+        };
+        let (mut fd, mut st) = match single {
+            Some(st) => (None, st),
+            None => {
+                let fd = sys::open_path(parent_fd.as_fd(), name)?;
+                let st = sys::stat_fd(fd.as_fd())?;
+                (Some(Arc::new(fd)), st)
+            }
+        };
         let mut group = false;
         if !vis.layer.is_upper() && st.st_nlink > 1 && sys::file_type(&st) != FileType::Directory {
             // A lower hard link whose group already has an upper inode: that inode is the object.
             let key = self.layers.xino(vis.layer, st.st_ino);
             if let Some(entry) = self.group_entry(key)? {
                 st = sys::stat_fd(entry.as_fd())?;
-                fd = Arc::new(entry);
+                fd = Some(Arc::new(entry));
                 group = true;
             }
         }
@@ -243,6 +298,7 @@ impl Overlay {
         };
         let mut lower_dirs = Vec::new();
         if kind == FileType::Directory {
+            let fd = fd.as_ref().ok_or(Errno::IO)?;
             let upper_opaque =
                 vis.layer.is_upper() && format::dir_mark(fd.as_fd()) == DirMark::Opaque;
             let redirect = if vis.layer.is_upper() && !upper_opaque {
@@ -280,7 +336,7 @@ impl Overlay {
             self.layers
                 .xino(vis.layer, sys::stat_at(parent_fd.as_fd(), name)?.st_ino)
         } else {
-            self.ino_of(vis, &fd, &st, &lower_dirs)?
+            self.ino_of(vis, fd.as_deref(), &st, &lower_dirs)?
         };
         Ok(Some(Probe {
             vis,
@@ -353,7 +409,7 @@ impl Overlay {
     fn ino_of(
         &self,
         vis: Visible,
-        fd: &OwnedFd,
+        fd: Option<&OwnedFd>,
         st: &Stat,
         lower_dirs: &[(LayerIdx, Arc<OwnedFd>)],
     ) -> OvlResult<u64> {
@@ -362,7 +418,7 @@ impl Overlay {
                 let lst = sys::stat_fd(lfd.as_fd())?;
                 return Ok(self.layers.xino(*layer, lst.st_ino));
             }
-            if let Ok(v) = xattr::get(fd.as_fd(), self.origin_xattr())
+            if let Some(Ok(v)) = fd.map(|fd| xattr::get(fd.as_fd(), self.origin_xattr()))
                 && let Ok(bytes) = <[u8; 8]>::try_from(v.as_slice())
             {
                 return Ok(u64::from_le_bytes(bytes));
@@ -394,14 +450,15 @@ impl Overlay {
         probe: Probe,
     ) -> (Arc<Node>, Attr) {
         let is_dir = probe.vis.kind == FileType::Directory;
-        let (upper, lower) = if probe.vis.layer.is_upper() {
-            (Some(probe.fd.clone()), probe.lower_dirs.first().cloned())
-        } else {
-            (None, Some((probe.vis.layer, probe.fd.clone())))
+        let (upper, lower) = match (is_dir, probe.vis.layer.is_upper()) {
+            (false, _) => (None, None),
+            (true, true) => (probe.fd.clone(), probe.lower_dirs.first().cloned()),
+            (true, false) => (None, probe.fd.clone().map(|fd| (probe.vis.layer, fd))),
         };
         let state = NodeState {
             parent: dir.ino,
             name: Some(name.clone()),
+            place: probe.vis.layer,
             upper,
             lower,
             lower_dirs: probe.lower_dirs,
@@ -409,36 +466,72 @@ impl Overlay {
             unlinked: false,
             group: probe.group,
             aliases: Vec::new(),
+            orphan: None,
         };
         let node = Node::new(probe.ino, is_dir, state);
         let (node, _) = self
             .nodes
             .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
         if !is_dir {
-            node.write().add_alias(dir.ino, name);
+            let mut s = node.write();
+            s.add_alias(dir.ino, name);
+            // The group may have gained its index entry since the node was made.
+            s.group |= probe.group;
         }
-        let attr = self.attr_from(&node, probe.st, probe.fd.as_fd());
+        let attr = self.attr_from(&node, probe.st, probe.fd.as_deref().map(|f| f.as_fd()));
         (node, attr)
+    }
+
+    /// The object of `node` and its layer: a directory's kept fd, or a non-directory opened by
+    /// name from its parent (a lower hard-link group member served from its index entry).
+    pub(crate) fn object(&self, node: &Node) -> OvlResult<(LayerIdx, Arc<OwnedFd>)> {
+        if node.is_dir {
+            return node.top().ok_or(Errno::STALE);
+        }
+        let (place, parent, name, group, unlinked, orphan) = {
+            let s = node.read();
+            (
+                s.place,
+                s.parent,
+                s.name.clone(),
+                s.group,
+                s.unlinked,
+                s.orphan.clone(),
+            )
+        };
+        if unlinked {
+            return orphan.map(|fd| (place, fd)).ok_or(Errno::STALE);
+        }
+        // Every name of a hard-link group is one inode, kept in the group's index entry (names
+        // of the group may sit in different layers).
+        if group && let Some(fd) = self.group_entry(node.ino)? {
+            return Ok((place, Arc::new(fd)));
+        }
+        let name = name.ok_or(Errno::STALE)?;
+        let parent = self.node(parent)?;
+        let dir = self.dir_fd_in(&parent, place)?;
+        let fd = sys::open_path(dir.as_fd(), &name)?;
+        Ok((place, Arc::new(fd)))
     }
 
     // ---- attributes ------------------------------------------------------------------------
 
     /// Current attributes of `node`.
     pub(crate) fn attr(&self, node: &Node) -> OvlResult<Attr> {
-        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        let (_, fd) = self.object(node)?;
         let st = sys::stat_fd(fd.as_fd())?;
-        Ok(self.attr_from(node, st, fd.as_fd()))
+        Ok(self.attr_from(node, st, Some(fd.as_fd())))
     }
 
     /// Adjusts a backing stat to what the mount shows.
-    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat, fd: BorrowedFd<'_>) -> Attr {
+    pub(crate) fn attr_from(&self, node: &Node, mut st: Stat, fd: Option<BorrowedFd<'_>>) -> Attr {
         st.st_ino = node.ino;
         let s = node.read();
         if !node.is_dir && (st.st_nlink > 1 || s.group) {
             let real = st.st_nlink;
-            let n = self.group_count(fd, real).or_else(|| {
+            let n = fd.and_then(|fd| self.group_count(fd, real)).or_else(|| {
                 // A lower group member: its group may have an index entry by now.
-                let entry = if s.upper.is_none() {
+                let entry = if !s.in_upper() {
                     self.group_entry(node.ino).ok().flatten()
                 } else {
                     None
@@ -481,17 +574,21 @@ impl Overlay {
         self.nodes.forget(ino, n);
     }
 
-    /// GETATTR.
-    pub fn getattr(&self, ino: u64) -> OvlResult<Attr> {
+    /// GETATTR; `fh` (an open file of the node, from fstat) answers even after the last unlink.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> OvlResult<Attr> {
         self.stats.getattrs.fetch_add(1, Ordering::Relaxed);
         let node = self.node(ino)?;
+        if let Some(fd) = fh.and_then(|fh| self.open_file_fd(fh).ok()) {
+            let st = sys::stat_fd(fd.as_fd())?;
+            return Ok(self.attr_from(&node, st, Some(fd.as_fd())));
+        }
         self.attr(&node)
     }
 
     /// READLINK.
     pub fn readlink(&self, ino: u64) -> OvlResult<Vec<u8>> {
         let node = self.node(ino)?;
-        let (_, fd) = node.top().ok_or(Errno::STALE)?;
+        let (_, fd) = self.object(&node)?;
         sys::readlink_fd(fd.as_fd())
     }
 

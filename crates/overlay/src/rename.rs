@@ -131,10 +131,11 @@ impl Overlay {
             if !src_is_dir && dst_is_dir {
                 return Err(Errno::ISDIR);
             }
-            if let Some(d) = &dst
-                && Arc::ptr_eq(d, &src)
-            {
-                // Two names of one file: nothing to do.
+            let both_upper = matches!(src_entry.upper, Some(UpperSlot::Present(_)))
+                && matches!(dst_entry.upper, Some(UpperSlot::Present(_)));
+            if both_upper && dst.as_ref().is_some_and(|d| Arc::ptr_eq(d, &src)) {
+                // Two upper names of one file: nothing to do (POSIX). A lower name of the same
+                // hard-link group is a different entry and is replaced, as the kernel overlay does.
                 return Ok(());
             }
             if !dst_is_dir {
@@ -148,7 +149,7 @@ impl Overlay {
                     return Err(Errno::NOTEMPTY);
                 }
                 if probe.vis.layer.is_upper() {
-                    crate::layers::remove_children(probe.fd.as_fd())?;
+                    crate::layers::remove_children(probe.fd.as_ref().ok_or(Errno::IO)?.as_fd())?;
                 }
             }
         }
@@ -162,6 +163,10 @@ impl Overlay {
                 }
             }
         }
+        let dst_obj = dst
+            .as_ref()
+            .filter(|_| dst_vis.is_some())
+            .and_then(|d| self.object(d).ok());
         let whiteout_needed = src_entry.lower.is_some();
         let kernel_wh = self.layers.encoding == format::Encoding::Kernel;
         let mut rflags = RenameFlags::empty();
@@ -183,10 +188,21 @@ impl Overlay {
         }
         self.set_slot(&dir, &name, whiteout_needed.then_some(UpperSlot::Whiteout));
         self.set_slot(&newdir, &newname, Some(UpperSlot::Present(src_vis.kind)));
-        src.write()
-            .move_location(dir.ino, &name, newdir.ino, &newname);
-        if let Some(dst) = dst {
-            self.name_removed(&dst, newdir.ino, &newname);
+        match dst {
+            Some(dst) if Arc::ptr_eq(&dst, &src) => {
+                // The replaced name was another name of the moving file.
+                let mut st = src.write();
+                st.drop_location(newdir.ino, &newname);
+                st.move_location(dir.ino, &name, newdir.ino, &newname);
+            }
+            Some(dst) => {
+                src.write()
+                    .move_location(dir.ino, &name, newdir.ino, &newname);
+                self.name_removed(&dst, newdir.ino, &newname, dst_obj);
+            }
+            None => src
+                .write()
+                .move_location(dir.ino, &name, newdir.ino, &newname),
         }
         Ok(())
     }

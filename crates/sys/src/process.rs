@@ -76,12 +76,24 @@ pub fn detach_stdio() {
     let _ = rustix::stdio::dup2_stderr(&null);
 }
 
-/// Raises the soft limit of open files to the hard limit (nodes hold `O_PATH` fds).
+/// Raises the open-file limit as far as allowed: nodes hold `O_PATH` fds, one per object the
+/// kernel caches. Root lifts the hard limit to `fs.nr_open`; others get soft = hard.
 pub fn raise_nofile() {
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let res = rustix::process::Resource::Nofile;
+    let lim = rustix::process::getrlimit(res);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
     let mut want = lim;
-    want.current = lim.maximum;
-    let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, want);
+    if let Some(max) = nr_open.filter(|m| lim.maximum.is_some_and(|h| *m > h)) {
+        want.maximum = Some(max);
+    }
+    want.current = want.maximum;
+    if rustix::process::setrlimit(res, want).is_err() {
+        want.maximum = lim.maximum;
+        want.current = lim.maximum;
+        let _ = rustix::process::setrlimit(res, want);
+    }
 }
 
 /// Sets the process umask (the daemon uses 0: the kernel already applied the caller's).
