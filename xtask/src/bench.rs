@@ -14,8 +14,11 @@ mod cmd;
 mod data;
 mod host;
 mod opts;
+mod profile;
 mod report;
+mod results;
 mod system;
+mod tables;
 mod workload;
 
 use anyhow::{Context, Result, bail};
@@ -52,6 +55,11 @@ pub fn main(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let opts = Opts::parse(args)?;
+    if let Some(file) = &opts.report {
+        let r = results::load(file)?;
+        let md = report::markdown(&r.header, &r.systems, r.runs, &r.records);
+        return write_report(&opts, &workspace_root(), &md);
+    }
     select_workloads(&opts)?;
     if !is_root() {
         bail!("cargo xtask bench must run as root (mounts, loop devices)");
@@ -66,7 +74,8 @@ pub fn main(args: &[String]) -> Result<()> {
     }
     // The inner bench handles Ctrl-C; this one waits for it.
     let _ = ctrlc::set_handler(|| {});
-    let exe = std::env::current_exe().context("current_exe")?;
+    // This very binary through /proc (the file may be rebuilt while the bench builds layerfs).
+    let exe = format!("/proc/{}/exe", std::process::id());
     let status = Command::new("unshare")
         .args(["-m", "--propagation", "private"])
         .arg(exe)
@@ -123,6 +132,13 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         );
     });
     reap_orphans(&opts.base.join("fs/run"));
+    if let Some(n) = opts.nice {
+        // Inherited by every command and daemon started from here on, so all systems get the same.
+        cmd::sh(
+            &format!("renice -n {n} -p {}", std::process::id()),
+            Duration::from_secs(10),
+        )?;
+    }
     let fs = host::LoopFs::up(&opts.base, IMAGE_SIZE)?;
     let data = Data::new(
         &fs.mnt,
@@ -160,7 +176,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         String::new(),
         format!(
             "`cargo xtask bench{}` — {} UTC, {} data set ({} files in {} dirs, {}-entry dir, {} MiB file, \
-             {} thin layers), {} measured round(s) after {} warm-up round(s).",
+             {} thin layers), {} measured round(s) after {} warm-up round(s){}.",
             std::env::args()
                 .skip(2)
                 .map(|a| format!(" {a}"))
@@ -174,7 +190,12 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
             data.shape.nlayers,
             opts.runs,
             opts.warmup,
+            opts.nice.map(|n| format!(", niceness {n}")).unwrap_or_default(),
         ),
+        String::new(),
+        "Reproduce (as root): `cargo xtask bench` (full size) or `cargo xtask bench --quick`; raw numbers per run \
+         in `<base>/results/*.json`; how it works: `xtask/src/bench.rs`."
+            .to_string(),
         String::new(),
     ];
     header.extend(host::describe(
@@ -191,6 +212,16 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         logs: &logs,
         timeout,
     };
+    let perf_dir = opts.base.join("perf");
+    let mut profiles = Vec::new();
+    let results = opts.base.join("results");
+    std::fs::create_dir_all(&results)?;
+    let raw = results.join(format!("bench-{}.json", now("%Y%m%d-%H%M%S")));
+    let save = |header: &[String], records: &[Record]| -> Result<()> {
+        let text =
+            serde_json::to_string_pretty(&results::to_json(header, &systems, opts.runs, records))?;
+        std::fs::write(&raw, text).with_context(|| format!("write {}", raw.display()))
+    };
     let mut records = Vec::new();
     'all: for w in &workloads {
         for round in (1..=opts.warmup + opts.runs).map(|r| r as isize - opts.warmup as isize) {
@@ -199,6 +230,12 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
                     header.push("- **interrupted**: partial results".to_string());
                     break 'all;
                 }
+                if opts.perf && round == 1 && sys == System::Layerfs {
+                    match env.profile(w, &perf_dir) {
+                        Ok(p) => profiles.push((w.name, p)),
+                        Err(e) => eprintln!("bench: profiling {} failed: {e:#}", w.name),
+                    }
+                }
                 let rec = env.run_one(sys, w, round.max(0) as usize);
                 progress(&rec, round);
                 if round > 0 {
@@ -206,9 +243,22 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
                 }
             }
         }
+        save(&header, &records)?;
     }
     header.push(format!("- load average at end: {}", host::loadavg()));
-    let md = report::markdown(&header, &systems, opts.runs, &records);
+    let mut md = report::markdown(&header, &systems, opts.runs, &records);
+    md.push_str(&tables::profiles(&profiles));
+    save(&header, &records)?;
+    eprintln!("bench: raw results in {}", raw.display());
+    write_report(opts, workspace, &md)?;
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted: the report above is partial");
+    }
+    Ok(())
+}
+
+/// Writes the markdown to `--out` (relative to the workspace) and prints it.
+fn write_report(opts: &Opts, workspace: &Path, md: &str) -> Result<()> {
     let out = if opts.out.is_absolute() {
         opts.out.clone()
     } else {
@@ -217,20 +267,9 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&out, &md).with_context(|| format!("write {}", out.display()))?;
-    let results = opts.base.join("results");
-    std::fs::create_dir_all(&results)?;
-    let raw = results.join(format!("bench-{}.json", now("%Y%m%d-%H%M%S")));
-    std::fs::write(
-        &raw,
-        serde_json::to_string_pretty(&report::json(&header, &records))?,
-    )?;
+    std::fs::write(&out, md).with_context(|| format!("write {}", out.display()))?;
     println!("{md}");
-    eprintln!(
-        "bench: report in {}, raw results in {}",
-        out.display(),
-        raw.display()
-    );
+    eprintln!("bench: report in {}", out.display());
     Ok(())
 }
 
@@ -343,21 +382,10 @@ struct RunEnv<'a> {
 impl RunEnv<'_> {
     /// One measured (or warm-up, `round` 0) run of `w` on `sys`; failures are recorded, not returned.
     fn run_one(&self, sys: System, w: &Workload, round: usize) -> Record {
-        let mut rec = Record {
-            workload: w.name,
-            round,
-            sys,
-            metrics: Vec::new(),
-            mount_secs: 0.0,
-            usage: None,
-            stats: None,
-            error: None,
-            checks: Vec::new(),
-            disturbed: 0,
-        };
+        let mut rec = Record::new(w.name, round, sys);
         loop {
             let drops = drop_count();
-            let result = self.try_run(sys, w, &mut rec);
+            let result = self.try_run(sys, w, &mut rec, None);
             if drop_count() != drops && rec.disturbed < RETRIES {
                 rec.disturbed += 1;
                 eprintln!("bench: page cache dropped by someone else during the run: repeating it");
@@ -371,14 +399,37 @@ impl RunEnv<'_> {
         }
     }
 
-    fn try_run(&self, sys: System, w: &Workload, rec: &mut Record) -> Result<()> {
+    /// An extra, unrecorded run of `w` on layerfs under `perf record`; returns the summary file.
+    fn profile(&self, w: &Workload, dir: &Path) -> Result<PathBuf> {
+        let mut rec = Record::new(w.name, 0, System::Layerfs);
+        let mut summary = None;
+        self.try_run(System::Layerfs, w, &mut rec, Some((dir, &mut summary)))?;
+        let summary = summary.context("no daemon to profile")?;
+        eprintln!(
+            "bench: profile of {} on layerfs: {}",
+            w.name,
+            summary.display()
+        );
+        Ok(summary)
+    }
+
+    fn try_run(
+        &self,
+        sys: System,
+        w: &Workload,
+        rec: &mut Record,
+        profile: Option<(&Path, &mut Option<PathBuf>)>,
+    ) -> Result<()> {
         rec.metrics.clear();
         rec.checks.clear();
         rec.usage = None;
         rec.stats = None;
         let dirs = RunDirs::new(self.run_root, sys);
         dirs.reset(self.run_root)?;
-        workload::rewarm(self.data, w)?;
+        let warm = workload::rewarm(self.data, w)?;
+        if warm > 10.0 {
+            eprintln!("bench: re-warming for {} took {warm:.1} s", w.name);
+        }
         let lowers = lowers(self.data, w.stack);
         let mount = Mount::start(
             sys,
@@ -396,7 +447,14 @@ impl RunEnv<'_> {
             timeout: self.timeout,
             checks: Default::default(),
         };
+        let recording = match (&profile, mount.daemon) {
+            (Some((dir, _)), Some(pid)) => Some(profile::start(dir, w.name, pid)?),
+            _ => None,
+        };
         let result = (w.run)(&ctx);
+        if let (Some(r), Some((_, out))) = (recording, profile) {
+            *out = Some(r.finish()?);
+        }
         rec.checks = ctx.checks.take();
         rec.usage = mount.usage();
         if let (Some(b), Some(a)) = (before, mount.request_stats(self.bins)) {

@@ -88,12 +88,16 @@ pub fn run_visible(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The last few hundred characters of a command's stderr, for an error message.
+/// A command's stderr for an error message: its first and last lines, each cut to 300 characters.
 pub fn tail(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
-    let s = s.trim();
-    let start = s.char_indices().rev().nth(400).map(|(i, _)| i).unwrap_or(0);
-    s[start..].to_string()
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let cut = |l: &str| l.chars().take(300).collect::<String>();
+    match lines.as_slice() {
+        [] => String::new(),
+        [one] => cut(one),
+        [first, .., last] => format!("{} … ({} lines) … {}", cut(first), lines.len(), cut(last)),
+    }
 }
 
 /// SIGKILLs the process group `pgid` (a command started by [`prepare`] leads its own group).
@@ -222,9 +226,11 @@ pub struct Usage {
     pub hwm_mib: f64,
     /// User + system CPU time, seconds.
     pub cpu_secs: f64,
+    /// Open file descriptors.
+    pub fds: Option<usize>,
 }
 
-/// VmHWM and utime+stime of `pid`.
+/// VmHWM, utime+stime and open fds of `pid`.
 pub fn usage(pid: u32) -> Option<Usage> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let hwm_kib: f64 = status
@@ -240,6 +246,9 @@ pub fn usage(pid: u32) -> Option<Usage> {
     Some(Usage {
         hwm_mib: hwm_kib / 1024.0,
         cpu_secs: ticks / clock_ticks(),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count()),
     })
 }
 
@@ -252,4 +261,27 @@ fn clock_ticks() -> f64 {
 pub fn q(s: impl AsRef<std::ffi::OsStr>) -> String {
     let s = s.as_ref().to_string_lossy();
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_octal_escapes() {
+        assert_eq!(unescape_octal(r"/a\040b\134c"), r"/a b\c");
+        assert_eq!(unescape_octal(r"/x\04"), r"/x\04");
+    }
+
+    #[test]
+    fn stderr_tail_keeps_first_and_last_lines() {
+        assert_eq!(tail(b""), "");
+        assert_eq!(tail(b"one\n"), "one");
+        assert_eq!(tail(b"a\nb\n\nc\n"), "a \u{2026} (3 lines) \u{2026} c");
+    }
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(q("it's"), r"'it'\''s'");
+    }
 }

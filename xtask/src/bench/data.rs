@@ -309,3 +309,33 @@ fn mkdir_parent(p: &Path) -> Result<()> {
 fn write(p: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(p, bytes).with_context(|| format!("write {}", p.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_match_the_issue() {
+        let f = Shape::FULL;
+        assert_eq!(
+            (f.nfiles(), f.nleaf(), f.ncreate()),
+            (100_000, 5_000, 20_000)
+        );
+        let q = Shape::QUICK;
+        assert_eq!((q.nfiles(), q.nleaf(), q.ncreate()), (10_000, 500, 2_000));
+    }
+
+    #[test]
+    fn tree_paths_and_stacks() {
+        let d = Data::new(Path::new("/r"), Shape::QUICK);
+        assert_eq!(d.tree_rel(0), "tree/a00/b000/f00");
+        assert_eq!(d.tree_rel(Shape::QUICK.nfiles() - 1), "tree/a19/b024/f19");
+        let many = d.lowers(Stack::Many);
+        assert_eq!(many.len(), 51);
+        assert!(many[0].ends_with("thin/t050") && many[50].ends_with("l1"));
+        assert_eq!(
+            d.lowers(Stack::Two),
+            vec![d.dir.join("l2"), d.dir.join("l1")]
+        );
+    }
+}

@@ -70,7 +70,7 @@ pub struct LoopFs {
     pub mnt: PathBuf,
     /// The loop device.
     dev: String,
-    /// Whether this process attached `dev` (and so detaches it).
+    /// Whether this process attached `dev`.
     attached: bool,
     /// Whether this process mounted it.
     mounted: bool,
@@ -140,7 +140,9 @@ impl Drop for LoopFs {
         {
             eprintln!("bench: {e:#}");
         }
-        if self.attached {
+        // Also a device left attached by a bench that was killed: on a device still in use elsewhere,
+        // `losetup -d` only sets autoclear (detached when its last user lets go), so this is safe.
+        if self.attached || self.mounted {
             let _ = cmd::sh(&format!("losetup -d {}", q(&self.dev)), t);
         }
     }

@@ -20,7 +20,12 @@ journaled ext4 loop image, in a private mount namespace. Must run as root.
   --out FILE        markdown report (default docs/benchmarks.md in the workspace)
   --base DIR        image, data and raw results (default /var/tmp/layerfs-bench, or $LAYERFS_BENCH_BASE)
   --timeout SECS    per command (default 600)
-  --layerfs-bin P   run this layerfs binary instead of building target/release/layerfs (e.g. a baseline)";
+  --layerfs-bin P   run this layerfs binary instead of building target/release/layerfs (e.g. a baseline)
+  --nice N          run the bench (workloads and daemons alike) at this niceness, e.g. -10 on a machine
+                    where others compile (default: unchanged)
+  --report FILE     only print (and write to --out) the report of a raw results file
+  --perf            also profile the layerfs daemon once per workload (perf record; an extra, unrecorded
+                    run), into <base>/perf/<workload>.{data,txt}";
 
 /// Parsed options.
 #[derive(Clone, Debug)]
@@ -43,6 +48,12 @@ pub struct Opts {
     pub timeout_secs: u64,
     /// A layerfs binary to use instead of the release build.
     pub layerfs_bin: Option<PathBuf>,
+    /// Profile the layerfs daemon once per workload.
+    pub perf: bool,
+    /// Niceness for the bench and everything it starts.
+    pub nice: Option<i32>,
+    /// Re-render this raw results file instead of running.
+    pub report: Option<PathBuf>,
 }
 
 impl Opts {
@@ -59,6 +70,9 @@ impl Opts {
             .unwrap_or_else(|| PathBuf::from("/var/tmp/layerfs-bench"));
         let mut timeout_secs = 600;
         let mut layerfs_bin = None;
+        let mut perf = false;
+        let mut nice = None;
+        let mut report = None;
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -73,6 +87,15 @@ impl Opts {
             };
             match flag {
                 "--quick" => quick = true,
+                "--perf" => perf = true,
+                "--report" => report = Some(PathBuf::from(value()?)),
+                "--nice" => {
+                    let v = value()?;
+                    nice = Some(
+                        v.parse()
+                            .with_context(|| format!("--nice wants a number, got {v:?}"))?,
+                    )
+                }
                 "--systems" => {
                     systems = Some(
                         value()?
@@ -124,6 +147,9 @@ impl Opts {
             base,
             timeout_secs,
             layerfs_bin,
+            perf,
+            nice,
+            report,
         })
     }
 }
@@ -131,4 +157,34 @@ impl Opts {
 fn number(flag: &str, v: &str) -> Result<usize> {
     v.parse()
         .with_context(|| format!("{flag} wants a number, got {v:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Opts> {
+        Opts::parse(&s.split_whitespace().map(String::from).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults_and_flags() -> Result<()> {
+        let o = parse("")?;
+        assert_eq!(o.systems, System::ALL.to_vec());
+        assert_eq!((o.runs, o.warmup, o.quick), (3, 1, false));
+        let o = parse("--quick --systems kernel,fuse-overlayfs --runs=5 --out x.md")?;
+        assert_eq!(o.systems, vec![System::Kernel, System::FuseOverlayfs]);
+        assert_eq!((o.runs, o.quick), (5, true));
+        assert_eq!(o.out, PathBuf::from("x.md"));
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(parse("--systems kernel,zfs").is_err());
+        assert!(parse("--systems kernel,kernel").is_err());
+        assert!(parse("--runs 0").is_err());
+        assert!(parse("--runs").is_err());
+        assert!(parse("--frobnicate").is_err());
+    }
 }

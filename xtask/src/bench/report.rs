@@ -1,14 +1,14 @@
 //! Results: one [`Record`] per (workload, round, system) run, aggregated into the markdown report.
 //!
-//! A cell is the median over the measured rounds; the ratio is that median over the kernel's median of the
-//! reference metric (the same metric, except for the volatile copy-up, which the issue compares with the
-//! kernel's ordinary, fsync'd copy-up). FUSE daemons also get a table of peak RSS and CPU time, and layerfs,
-//! when it has `layerfs stats`, a table of its request counters per workload.
+//! A cell is the median over the measured rounds; the ratio is the median over the rounds of the same-round
+//! ratio to the kernel's reference metric (the same metric, except for the volatile copy-up, which the issue
+//! compares with the kernel's ordinary, fsync'd copy-up). The secondary tables (daemon usage, request
+//! counters, failures ...) are in `tables.rs`.
 
 use super::cmd::Usage;
 use super::system::System;
-use serde_json::json;
-use std::collections::BTreeMap;
+use super::tables::{daemon_table, failures, flatness_table, noise_line, request_table};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 /// One run of one workload on one system.
@@ -34,6 +34,24 @@ pub struct Record {
     pub checks: Vec<String>,
     /// Runs thrown away because someone else dropped the page cache during them.
     pub disturbed: usize,
+}
+
+impl Record {
+    /// A record with no result yet.
+    pub fn new(workload: &'static str, round: usize, sys: System) -> Record {
+        Record {
+            workload,
+            round,
+            sys,
+            metrics: Vec::new(),
+            mount_secs: 0.0,
+            usage: None,
+            stats: None,
+            error: None,
+            checks: Vec::new(),
+            disturbed: 0,
+        }
+    }
 }
 
 /// A row of the main table: metric, target from the issue, what it does, reference metric for the ratio.
@@ -124,7 +142,7 @@ const fn row(metric: &'static str, target: &'static str, what: &'static str) -> 
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(super) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -147,8 +165,52 @@ fn fmt_secs(s: f64) -> String {
     }
 }
 
+/// Medians per (metric, system), with the number of values.
+pub(super) type Medians = BTreeMap<(&'static str, &'static str), (f64, usize)>;
+
+/// `sys`'s `metric` over the kernel's `reference`: the median over rounds of the same-round ratio (a round
+/// runs the systems back to back, so a pair shares the machine's load), or the ratio of the medians when
+/// no round pairs up.
+fn ratio(
+    records: &[Record],
+    med: &Medians,
+    metric: &str,
+    reference: &str,
+    sys: &str,
+) -> Option<f64> {
+    let value = |m: &str, s: &str, round: usize| {
+        records
+            .iter()
+            .filter(|r| r.error.is_none() && r.round == round && r.sys.name() == s)
+            .find_map(|r| r.metrics.iter().find(|(x, _)| *x == m).map(|(_, v)| *v))
+    };
+    let rounds: BTreeSet<usize> = records.iter().map(|r| r.round).collect();
+    let pairs: Vec<f64> = rounds
+        .iter()
+        .filter_map(|&round| {
+            let v = value(metric, sys, round)?;
+            let k = value(reference, "kernel", round)?;
+            (k > 0.0).then(|| v / k)
+        })
+        .collect();
+    median(pairs).or_else(|| {
+        let v = med.get(&(metric, sys))?.0;
+        let k = med.get(&(reference, "kernel"))?.0;
+        (k > 0.0).then(|| v / k)
+    })
+}
+
+/// (metric, system) pairs with a count mismatch in some round.
+fn flagged(records: &[Record]) -> BTreeSet<(&'static str, &'static str)> {
+    records
+        .iter()
+        .filter(|r| !r.checks.is_empty())
+        .flat_map(|r| r.metrics.iter().map(|(m, _)| (*m, r.sys.name())))
+        .collect()
+}
+
 /// Medians per (metric, system).
-fn medians(records: &[Record]) -> BTreeMap<(&'static str, &'static str), (f64, usize)> {
+fn medians(records: &[Record]) -> Medians {
     let mut obs: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
     for r in records.iter().filter(|r| r.error.is_none()) {
         for (m, v) in &r.metrics {
@@ -169,6 +231,7 @@ fn medians(records: &[Record]) -> BTreeMap<(&'static str, &'static str), (f64, u
 /// The markdown report: header lines (already formatted), the main table, daemon and request tables.
 pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[Record]) -> String {
     let med = medians(records);
+    let flagged = flagged(records);
     let mut out = String::new();
     for h in header {
         let _ = writeln!(out, "{h}");
@@ -176,7 +239,9 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
     let names: Vec<&str> = systems.iter().map(|s| s.name()).collect();
     let _ = writeln!(
         out,
-        "\nMedian seconds over {runs} interleaved rounds; (×) = ratio to kernel overlayfs (lower is better).\n"
+        "\nMedian seconds over {runs} interleaved rounds; (×) = median over the rounds of the ratio to \
+         kernel overlayfs in the same round (lower is better); \
+         (!) = a count was wrong in some round (see the failures at the end): the figure is not comparable.\n"
     );
     let _ = writeln!(out, "| workload | target | {} |", names.join(" | "));
     let _ = writeln!(out, "|---|---|{}", "---|".repeat(names.len()));
@@ -195,17 +260,19 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
         if !names.iter().any(|s| med.contains_key(&(metric, *s))) {
             continue;
         }
-        let reference = med.get(&(reference, "kernel")).map(|x| x.0);
         let cells: Vec<String> = names
             .iter()
             .map(|s| match med.get(&(metric, *s)) {
                 None => "-".to_string(),
                 Some((v, n)) => {
                     let mut cell = fmt_secs(*v);
-                    if let Some(k) = reference
-                        .filter(|k| *k > 0.0 && (*s != "kernel" || metric == "copy-up-volatile"))
+                    if (*s != "kernel" || metric != reference)
+                        && let Some(r) = ratio(records, &med, metric, reference, s)
                     {
-                        let _ = write!(cell, " ({:.2}×)", v / k);
+                        let _ = write!(cell, " ({r:.2}×)");
+                    }
+                    if flagged.contains(&(metric, *s)) {
+                        cell.push_str(" (!)");
                     }
                     if *n < runs && metric != "mount" {
                         let _ = write!(cell, " [n={n}]");
@@ -216,10 +283,16 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
             .collect();
         let _ = writeln!(out, "| {metric} | {target} | {} |", cells.join(" | "));
     }
+    verdict(&mut out, &med, &flagged, records);
+    noise_line(&mut out, records);
+    flatness_table(&mut out, &names, &med);
     daemon_table(&mut out, systems, records);
     request_table(&mut out, systems, records);
     let _ = writeln!(out, "\nWorkloads:\n");
-    for r in ROWS {
+    for r in ROWS
+        .iter()
+        .filter(|r| med.keys().any(|(m, _)| *m == r.metric))
+    {
         let _ = writeln!(out, "- `{}`: {}", r.metric, r.what);
     }
     let retried: usize = records.iter().map(|r| r.disturbed).sum();
@@ -229,125 +302,146 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
             "\nRuns repeated because another process dropped the page cache: {retried}."
         );
     }
-    let bad: Vec<&Record> = records
-        .iter()
-        .filter(|r| r.error.is_some() || !r.checks.is_empty())
-        .collect();
-    if !bad.is_empty() {
-        let _ = writeln!(out, "\nFailures and count mismatches:\n");
-        for r in bad {
-            let _ = writeln!(
-                out,
-                "- {} {} round {}: {}{}",
-                r.sys.name(),
-                r.workload,
-                r.round,
-                r.error.as_deref().unwrap_or(""),
-                r.checks.join("; ")
-            );
-        }
-    }
+    failures(&mut out, records);
     out
 }
 
-fn daemon_table(out: &mut String, systems: &[System], records: &[Record]) {
-    let fuse: Vec<System> = systems.iter().copied().filter(|s| s.is_fuse()).collect();
-    if fuse.is_empty() || records.iter().all(|r| r.usage.is_none()) {
-        return;
+/// The workload that produces `metric`.
+fn workload_of(metric: &str) -> &str {
+    match metric {
+        "seq-read-again" => "seq-read",
+        "untar" | "rm-rf" => "untar-rm",
+        m => m,
     }
-    let _ = writeln!(
-        out,
-        "\nFUSE daemons: peak RSS (VmHWM) and CPU time (utime+stime) at the end of each workload, medians \
-         (target: ≤ 16 MiB after `find`).\n"
-    );
-    let hdr: Vec<&str> = fuse.iter().map(|s| s.name()).collect();
-    let _ = writeln!(out, "| workload | {} |", hdr.join(" | "));
-    let _ = writeln!(out, "|---|{}", "---|".repeat(hdr.len()));
-    let mut workloads: Vec<&str> = Vec::new();
-    for r in records {
-        if !workloads.contains(&r.workload) {
-            workloads.push(r.workload);
+}
+
+/// The target of a row as a number: "≤ 1.05×" → 1.05.
+fn target_value(target: &str) -> Option<f64> {
+    target
+        .trim_start_matches('≤')
+        .trim()
+        .trim_end_matches('×')
+        .parse()
+        .ok()
+}
+
+/// One line: which of the issue's targets layerfs meets in this run.
+fn verdict(
+    out: &mut String,
+    med: &Medians,
+    flagged: &BTreeSet<(&'static str, &'static str)>,
+    records: &[Record],
+) {
+    let mut met = Vec::new();
+    let mut missed = Vec::new();
+    for r in ROWS {
+        let failed = records.iter().any(|x| {
+            x.sys == System::Layerfs && x.error.is_some() && x.workload == workload_of(r.metric)
+        });
+        if failed && target_value(r.target).is_some() {
+            missed.push(format!("{} (failed)", r.metric));
+            continue;
         }
-    }
-    for w in workloads {
-        let cells: Vec<String> = fuse
-            .iter()
-            .map(|s| {
-                let us: Vec<Usage> = records
-                    .iter()
-                    .filter(|r| r.workload == w && r.sys == *s && r.error.is_none())
-                    .filter_map(|r| r.usage)
-                    .collect();
-                match (
-                    median(us.iter().map(|u| u.hwm_mib).collect()),
-                    median(us.iter().map(|u| u.cpu_secs).collect()),
-                ) {
-                    (Some(h), Some(c)) => format!("{h:.1} MiB, {c:.2} s"),
-                    _ => "-".to_string(),
-                }
-            })
-            .collect();
-        let _ = writeln!(out, "| {w} | {} |", cells.join(" | "));
-    }
-}
-
-/// Counters of `layerfs stats` output: lines `name value` or `name: value` with an integer value.
-fn counters(text: &str) -> BTreeMap<String, i64> {
-    text.lines()
-        .filter_map(|l| {
-            let l = l.replace([':', '='], " ");
-            let mut it = l.split_whitespace();
-            let k = it.next()?.to_string();
-            let v = it.next()?.parse().ok()?;
-            Some((k, v))
-        })
-        .collect()
-}
-
-fn request_table(out: &mut String, systems: &[System], records: &[Record]) {
-    if !systems.contains(&System::Layerfs) || records.iter().all(|r| r.stats.is_none()) {
-        return;
-    }
-    let _ = writeln!(
-        out,
-        "\nlayerfs request counters (`layerfs stats`, after minus before the workload, first measured round):\n"
-    );
-    let _ = writeln!(out, "| workload | counters |\n|---|---|");
-    for r in records
-        .iter()
-        .filter(|r| r.sys == System::Layerfs && r.round == 1)
-    {
-        let Some((before, after)) = &r.stats else {
+        let (Some(t), Some(ratio)) = (
+            target_value(r.target),
+            ratio(records, med, r.metric, r.reference, "layerfs"),
+        ) else {
             continue;
         };
-        let (b, a) = (counters(before), counters(after));
-        let deltas: Vec<String> = a
-            .iter()
-            .map(|(k, v)| (k, v - b.get(k).copied().unwrap_or(0)))
-            .filter(|(_, d)| *d != 0)
-            .map(|(k, d)| format!("{k} {d}"))
-            .collect();
-        let _ = writeln!(out, "| {} | {} |", r.workload, deltas.join(", "));
+        if flagged.contains(&(r.metric, "layerfs")) {
+            missed.push(format!("{} (wrong counts)", r.metric));
+        } else if ratio <= t {
+            met.push(r.metric.to_string());
+        } else {
+            missed.push(format!("{} {ratio:.2}× > {t}×", r.metric));
+        }
     }
+    let find_rss: Vec<f64> = records
+        .iter()
+        .filter(|r| r.sys == System::Layerfs && r.workload == "find" && r.error.is_none())
+        .filter_map(|r| r.usage.map(|u| u.hwm_mib))
+        .collect();
+    if let Some(rss) = median(find_rss) {
+        if rss <= 16.0 {
+            met.push("daemon RSS after find".into());
+        } else {
+            missed.push(format!("daemon RSS after find {rss:.1} MiB > 16 MiB"));
+        }
+    }
+    if met.is_empty() && missed.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nlayerfs meets {} of {} targets in this run{}{}.",
+        met.len(),
+        met.len() + missed.len(),
+        if missed.is_empty() { "" } else { "; misses: " },
+        missed.join(", ")
+    );
 }
 
-/// All records as JSON (raw results, for later comparison).
-pub fn json(header: &[String], records: &[Record]) -> serde_json::Value {
-    json!({
-        "header": header,
-        "runs": records.iter().map(|r| json!({
-            "workload": r.workload,
-            "round": r.round,
-            "system": r.sys.name(),
-            "metrics": r.metrics.iter().map(|(m, v)| (m.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            "mount_secs": r.mount_secs,
-            "daemon_hwm_mib": r.usage.map(|u| u.hwm_mib),
-            "daemon_cpu_secs": r.usage.map(|u| u.cpu_secs),
-            "stats_before": r.stats.as_ref().map(|s| &s.0),
-            "stats_after": r.stats.as_ref().map(|s| &s.1),
-            "error": r.error,
-            "checks": r.checks,
-            "disturbed": r.disturbed,
-        })).collect::<Vec<_>>(),
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(target_value("≤ 1.05×"), Some(1.05));
+        assert_eq!(target_value("≤ 0.15×"), Some(0.15));
+        assert_eq!(target_value(""), None);
+    }
+
+    fn rec(sys: System, round: usize, metric: &'static str, v: f64) -> Record {
+        Record {
+            metrics: vec![(metric, v)],
+            mount_secs: 0.01,
+            ..Record::new(metric, round, sys)
+        }
+    }
+
+    #[test]
+    fn ratios_use_kernel_medians_and_the_volatile_reference() {
+        let records = vec![
+            rec(System::Kernel, 1, "find", 1.0),
+            rec(System::Kernel, 2, "find", 3.0),
+            rec(System::Layerfs, 1, "find", 2.0),
+            rec(System::Layerfs, 2, "find", 4.0),
+            rec(System::Kernel, 1, "copy-up", 2.0),
+            rec(System::Kernel, 1, "copy-up-volatile", 0.5),
+            rec(System::Layerfs, 1, "copy-up-volatile", 0.2),
+        ];
+        let md = markdown(&[], &[System::Layerfs, System::Kernel], 2, &records);
+        // Same-round ratios 2/1 and 4/3: median 1.67 (the ratio of the medians would be 1.50).
+        assert!(
+            md.contains("| find | ≤ 2× | 3.00 s (1.67×) | 2.00 s |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| copy-up-volatile | ≤ 0.15× | 200 ms (0.10×) [n=1] | 500 ms (0.25×) [n=1] |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("layerfs meets 2 of 2 targets in this run."),
+            "{md}"
+        );
+        let slow = [
+            rec(System::Kernel, 1, "ls-f", 1.0),
+            rec(System::Layerfs, 1, "ls-f", 2.5),
+        ];
+        let md = markdown(&[], &[System::Layerfs, System::Kernel], 1, &slow);
+        assert!(
+            md.contains("layerfs meets 0 of 1 targets in this run; misses: ls-f 2.50× > 2×."),
+            "{md}"
+        );
+    }
 }
