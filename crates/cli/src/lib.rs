@@ -17,7 +17,11 @@ use clap::{Parser, Subcommand};
 
 /// Docker-style image layers as a live directory, over FUSE.
 #[derive(Debug, Parser)]
-#[command(name = "layerfs", version, about = "Docker-style image layers as a live directory, over FUSE")]
+#[command(
+    name = "layerfs",
+    version,
+    about = "Docker-style image layers as a live directory, over FUSE"
+)]
 struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
