@@ -156,7 +156,7 @@ pub fn helper_main(args: &[String]) -> anyhow::Result<ExitCode> {
 
 /// Applies one `-o a,b=c,…` string. Unknown generic options are tolerated.
 fn apply_options(plan: &mut Plan, opts: &str) -> anyhow::Result<()> {
-    let opts = split_options(opts);
+    let opts = split_escaped(opts, ',');
     apply_split(plan, &opts)
 }
 
@@ -173,7 +173,7 @@ fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
         };
         match key {
             "lowerdir" => {
-                plan.cfg.lowers = split_lowerdirs(need(value)?)
+                plan.cfg.lowers = split_escaped(need(value)?, ':')
                     .into_iter()
                     .map(PathBuf::from)
                     .collect()
@@ -203,40 +203,19 @@ fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Splits on commas not escaped with a backslash.
-fn split_options(s: &str) -> Vec<String> {
+/// Splits `s` on `sep`; `\` followed by `sep` stands for `sep` itself, any other backslash is kept
+/// (so `-o lowerdir=a\:b,upperdir=u` splits on the comma and keeps `a\:b` for the next split).
+fn split_escaped(s: &str, sep: char) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
-    let mut chars = s.chars();
+    let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
+            '\\' if chars.peek() == Some(&sep) => {
+                cur.push(sep);
+                chars.next();
             }
-            ',' => out.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out.retain(|o| !o.is_empty());
-    out
-}
-
-/// `lowerdir=A:B` (a `\:` keeps a colon in a name).
-fn split_lowerdirs(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-            }
-            ':' => out.push(std::mem::take(&mut cur)),
+            c if c == sep => out.push(std::mem::take(&mut cur)),
             c => cur.push(c),
         }
     }
@@ -403,5 +382,18 @@ fn serve_mount(
             }
             bail!("{}: {msg}", mnt.display())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_escaped;
+
+    #[test]
+    fn options_and_lowerdirs_split_with_escapes() {
+        let opts = split_escaped(r"lowerdir=a\:b:c,upperdir=u\,v,rw", ',');
+        assert_eq!(opts, [r"lowerdir=a\:b:c", "upperdir=u,v", "rw"]);
+        assert_eq!(split_escaped(r"a\:b:c", ':'), ["a:b", "c"]);
+        assert_eq!(split_escaped("a::b", ':'), ["a", "b"]);
     }
 }

@@ -135,22 +135,15 @@ impl Walk<'_> {
         crate::layers::resolve_redirect(&starts, target).unwrap_or_default()
     }
 
-    /// Lists the whole merged tree of `upper` over `lowers` as added.
+    /// Lists the whole merged tree of `upper` (if any) over `lowers` as added.
     fn all_added_merged(
         &self,
-        upper: BorrowedFd<'_>,
+        upper: Option<BorrowedFd<'_>>,
         lowers: &[(LayerIdx, OwnedFd)],
         path: &[u8],
         out: &mut BTreeMap<Vec<u8>, ChangeKind>,
     ) -> Result<(), Errno> {
-        let layer_dirs: Vec<LayerDir<'_>> = lowers
-            .iter()
-            .map(|(l, fd)| LayerDir {
-                layer: *l,
-                fd: fd.as_fd(),
-            })
-            .collect();
-        let index = DirIndex::build(Some(upper), &layer_dirs)?;
+        let index = DirIndex::build(upper, &layer_dirs(lowers))?;
         for (name, vis) in index.visible_sorted() {
             let child = join(path, &name);
             out.insert(child.clone(), ChangeKind::Added);
@@ -158,80 +151,18 @@ impl Walk<'_> {
                 continue;
             }
             let comp = Component::new(OsStr::from_bytes(&name))?;
-            let entry = index.get(&name).cloned().unwrap_or_default();
-            let mut sub_lowers = Vec::new();
-            if let Some(l) = entry
-                .lower
-                .as_ref()
-                .filter(|l| l.kind == FileType::Directory)
-            {
-                for layer in std::iter::once(l.layer).chain(l.more.iter().copied()) {
-                    let Some((_, parent)) = lowers.iter().find(|(x, _)| *x == layer) else {
-                        continue;
-                    };
-                    let Ok(fd) = sys::open_path_dir(parent.as_fd(), &comp) else {
-                        continue;
-                    };
-                    let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-                    sub_lowers.push((layer, fd));
-                    if opaque {
-                        break;
+            let slot = index.get(&name).and_then(|e| e.lower.clone());
+            let mut sub_lowers = child_lower_dirs(lowers, slot.as_ref(), &comp);
+            match upper.filter(|_| vis.layer.is_upper()) {
+                Some(upper) => {
+                    let sub = sys::open_path_dir(upper, &comp)?;
+                    if format::dir_mark(sub.as_fd()) == DirMark::Opaque {
+                        sub_lowers.clear();
                     }
+                    self.all_added_merged(Some(sub.as_fd()), &sub_lowers, &child, out)?;
                 }
+                None => self.all_added_merged(None, &sub_lowers, &child, out)?,
             }
-            if vis.layer.is_upper() {
-                let sub = sys::open_path_dir(upper, &comp)?;
-                if format::dir_mark(sub.as_fd()) == DirMark::Opaque {
-                    sub_lowers.clear();
-                }
-                self.all_added_merged(sub.as_fd(), &sub_lowers, &child, out)?;
-            } else {
-                self.all_added_lower(&sub_lowers, &child, out)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Lists a lower-only merged directory as added.
-    fn all_added_lower(
-        &self,
-        lowers: &[(LayerIdx, OwnedFd)],
-        path: &[u8],
-        out: &mut BTreeMap<Vec<u8>, ChangeKind>,
-    ) -> Result<(), Errno> {
-        let layer_dirs: Vec<LayerDir<'_>> = lowers
-            .iter()
-            .map(|(l, fd)| LayerDir {
-                layer: *l,
-                fd: fd.as_fd(),
-            })
-            .collect();
-        let index = DirIndex::build(None, &layer_dirs)?;
-        for (name, vis) in index.visible_sorted() {
-            let child = join(path, &name);
-            out.insert(child.clone(), ChangeKind::Added);
-            if vis.kind != FileType::Directory {
-                continue;
-            }
-            let comp = Component::new(OsStr::from_bytes(&name))?;
-            let entry = index.get(&name).cloned().unwrap_or_default();
-            let mut sub = Vec::new();
-            if let Some(l) = entry.lower.as_ref() {
-                for layer in std::iter::once(l.layer).chain(l.more.iter().copied()) {
-                    let Some((_, parent)) = lowers.iter().find(|(x, _)| *x == layer) else {
-                        continue;
-                    };
-                    let Ok(fd) = sys::open_path_dir(parent.as_fd(), &comp) else {
-                        continue;
-                    };
-                    let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-                    sub.push((layer, fd));
-                    if opaque {
-                        break;
-                    }
-                }
-            }
-            self.all_added_lower(&sub, &child, out)?;
         }
         Ok(())
     }
@@ -244,14 +175,7 @@ impl Walk<'_> {
         path: &[u8],
         out: &mut BTreeMap<Vec<u8>, ChangeKind>,
     ) -> Result<(), Errno> {
-        let layer_dirs: Vec<LayerDir<'_>> = lowers
-            .iter()
-            .map(|(l, fd)| LayerDir {
-                layer: *l,
-                fd: fd.as_fd(),
-            })
-            .collect();
-        let lower_index = DirIndex::build(None, &layer_dirs)?;
+        let lower_index = DirIndex::build(None, &layer_dirs(lowers))?;
         for entry in sys::dir::read_all(upper)? {
             let name = entry.name.as_bytes();
             let child_path = join(path, name);
@@ -280,7 +204,7 @@ impl Walk<'_> {
                     // Moved by the kernel overlay: added, with everything it shows.
                     out.insert(child_path.clone(), ChangeKind::Added);
                     let dirs = self.redirect_dirs(&target, lowers);
-                    self.all_added_merged(sub.as_fd(), &dirs, &child_path, out)?;
+                    self.all_added_merged(Some(sub.as_fd()), &dirs, &child_path, out)?;
                     continue;
                 }
             }
@@ -303,19 +227,11 @@ impl Walk<'_> {
             }
             // A directory in both: recurse with its lower counterparts.
             let sub = sys::open_path_dir(upper, &comp)?;
-            let mut sub_lowers = Vec::new();
-            for layer in std::iter::once(lower.layer).chain(lower.more.iter().copied()) {
-                let Some((_, parent)) = lowers.iter().find(|(l, _)| *l == layer) else {
-                    continue;
-                };
-                let fd = sys::open_path_dir(parent.as_fd(), &comp)?;
-                let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-                sub_lowers.push((layer, fd));
-                if opaque {
-                    break;
-                }
-            }
-            let top_lower = sys::stat_fd(sub_lowers[0].1.as_fd())?;
+            let sub_lowers = child_lower_dirs(lowers, Some(&lower), &comp);
+            let Some((_, top)) = sub_lowers.first() else {
+                return Err(Errno::IO);
+            };
+            let top_lower = sys::stat_fd(top.as_fd())?;
             let own_change = st.st_mode != top_lower.st_mode
                 || st.st_uid != top_lower.st_uid
                 || st.st_gid != top_lower.st_gid;
@@ -328,14 +244,7 @@ impl Walk<'_> {
                     .any(|e| e.name.as_bytes() == format::OPAQUE_MARKER);
             if opaque {
                 // The lower children it hides are deleted, its own are added.
-                let layer_dirs: Vec<LayerDir<'_>> = sub_lowers
-                    .iter()
-                    .map(|(l, fd)| LayerDir {
-                        layer: *l,
-                        fd: fd.as_fd(),
-                    })
-                    .collect();
-                let hidden = DirIndex::build(None, &layer_dirs)?;
+                let hidden = DirIndex::build(None, &layer_dirs(&sub_lowers))?;
                 let upper_names: std::collections::HashSet<Vec<u8>> =
                     sys::dir::read_all(sub.as_fd())?
                         .into_iter()
@@ -367,6 +276,44 @@ impl Walk<'_> {
         }
         Ok(())
     }
+}
+
+/// The layer dirs of `lowers`, for building an index.
+fn layer_dirs(lowers: &[(LayerIdx, OwnedFd)]) -> Vec<LayerDir<'_>> {
+    lowers
+        .iter()
+        .map(|(l, fd)| LayerDir {
+            layer: *l,
+            fd: fd.as_fd(),
+        })
+        .collect()
+}
+
+/// The lower dirs of child directory `name`, from its lower slot in the parent's index: each layer
+/// of the slot in turn, stopping after an opaque one.
+fn child_lower_dirs(
+    lowers: &[(LayerIdx, OwnedFd)],
+    slot: Option<&crate::index::LowerSlot>,
+    name: &Component,
+) -> Vec<(LayerIdx, OwnedFd)> {
+    let mut out = Vec::new();
+    let Some(l) = slot.filter(|l| l.kind == FileType::Directory) else {
+        return out;
+    };
+    for layer in std::iter::once(l.layer).chain(l.more.iter().copied()) {
+        let Some((_, parent)) = lowers.iter().find(|(x, _)| *x == layer) else {
+            continue;
+        };
+        let Ok(fd) = sys::open_path_dir(parent.as_fd(), name) else {
+            continue;
+        };
+        let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+        out.push((layer, fd));
+        if opaque {
+            break;
+        }
+    }
+    out
 }
 
 /// Lists everything below the upper directory `dir` as added.
