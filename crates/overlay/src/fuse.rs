@@ -517,8 +517,13 @@ impl Filesystem for Fuse {
         match self.ovl.open(ino.0, flags.0) {
             Ok((fh, layer)) => {
                 match self.open_mode(ino.0, fh, layer.is_upper(), |fd| reply.open_backing(&**fd)) {
-                    Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
-                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    Some(b) => {
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
+                    }
+                    None => reply.opened(
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+                    ),
                 }
             }
             Err(e) => reply.error(errno(e)),
@@ -560,6 +565,8 @@ impl Filesystem for Fuse {
         }
     }
 
+    /// Nothing to do: writes go straight to the backing file and locks are the kernel's. Opens
+    /// carry FOPEN_NOFLUSH, so the kernel does not even send this on close.
     fn flush(
         &self,
         _req: &Request,
@@ -792,7 +799,7 @@ impl Filesystem for Fuse {
                             &fa,
                             Generation(0),
                             FileHandle(fh),
-                            FopenFlags::empty(),
+                            FopenFlags::FOPEN_NOFLUSH,
                             &b,
                         ),
                         None => reply.created(
@@ -800,7 +807,7 @@ impl Filesystem for Fuse {
                             &fa,
                             Generation(0),
                             FileHandle(fh),
-                            FopenFlags::FOPEN_KEEP_CACHE,
+                            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
                         ),
                     }
                 }
