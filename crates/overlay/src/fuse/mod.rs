@@ -22,6 +22,9 @@ use crate::attrs::{SetAttr, SetTime};
 use crate::namespace::{Caller, NewObject};
 use crate::overlay::{Attr, Overlay};
 
+mod passthrough;
+use passthrough::Passthrough;
+
 /// How long the kernel may cache entries, attributes and negative lookups.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -59,114 +62,6 @@ impl Fuse {
         }
     }
 }
-
-/// Kernel passthrough of file data (FUSE_PASSTHROUGH, kernel ≥ 6.9, CAP_SYS_ADMIN).
-///
-/// Only upper files are passed through: a lower file may be copied up while open, and an fd
-/// opened before the copy-up must then read the upper copy (reference/overlay-semantics.md 11),
-/// which a passthrough fd on the lower file could not. All passthrough opens of one node share one
-/// backing file, kept alive by the handles that use it. The kernel refuses to mix passthrough and
-/// cached opens of one inode, so a node with cached opens (from before its copy-up) gets cached
-/// opens until those close.
-#[derive(Default)]
-struct Passthrough {
-    /// Off until INIT granted it; off for good after the first refusal.
-    enabled: std::sync::atomic::AtomicBool,
-    /// Lock order: `state` is a leaf lock, never held across a reply or I/O.
-    state: std::sync::Mutex<PtState>,
-}
-
-#[derive(Default)]
-struct PtState {
-    /// Per node id: (real inode of the upper file, its shared backing) and the cached opens.
-    by_ino: std::collections::HashMap<u64, InoIo>,
-    /// Per handle: its node and the backing it holds (None: a cached open).
-    by_fh: std::collections::HashMap<u64, (u64, Option<Arc<fuser::BackingId>>)>,
-}
-
-#[derive(Default)]
-struct InoIo {
-    backing: Option<(u64, std::sync::Weak<fuser::BackingId>)>,
-    cached: u32,
-}
-
-impl Fuse {
-    /// Replies to an OPEN/CREATE of handle `fh` on node `ino`: passthrough for an upper file
-    /// when possible, else a cached open.
-    fn open_mode(
-        &self,
-        ino: u64,
-        fh: u64,
-        upper: bool,
-        open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<fuser::BackingId>,
-    ) -> Option<Arc<fuser::BackingId>> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
-        if upper && self.pt.enabled.load(Relaxed) {
-            let key = self.ovl.handle_fd(fh).ok().and_then(|fd| {
-                sys::stat_fd(std::os::fd::AsFd::as_fd(&*fd))
-                    .ok()
-                    .map(|s| (fd, s.st_ino))
-            });
-            let io = st.by_ino.entry(ino).or_default();
-            if let (0, Some((fd, real))) = (io.cached, key) {
-                let existing = io
-                    .backing
-                    .as_ref()
-                    .filter(|(r, _)| *r == real)
-                    .and_then(|(_, w)| w.upgrade());
-                let backing = match existing {
-                    Some(b) => Some(b),
-                    None => match open_backing(&fd) {
-                        Ok(b) => {
-                            let b = Arc::new(b);
-                            io.backing = Some((real, Arc::downgrade(&b)));
-                            Some(b)
-                        }
-                        Err(e) => {
-                            self.pt.enabled.store(false, Relaxed);
-                            tracing::warn!(
-                                "kernel passthrough unavailable ({e}); serving data through the daemon"
-                            );
-                            None
-                        }
-                    },
-                };
-                if let Some(b) = backing {
-                    st.by_fh.insert(fh, (ino, Some(b.clone())));
-                    return Some(b);
-                }
-            }
-        }
-        st.by_ino.entry(ino).or_default().cached += 1;
-        st.by_fh.insert(fh, (ino, None));
-        None
-    }
-
-    /// RELEASE: drops what handle `fh` held.
-    fn release_mode(&self, fh: u64) {
-        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((ino, backing)) = st.by_fh.remove(&fh) else {
-            return;
-        };
-        if let Some(io) = st.by_ino.get_mut(&ino) {
-            if backing.is_none() {
-                io.cached = io.cached.saturating_sub(1);
-            }
-            drop(backing);
-            let live = io
-                .backing
-                .as_ref()
-                .is_some_and(|(_, w)| w.strong_count() > 0);
-            if io.cached == 0 && !live {
-                st.by_ino.remove(&ino);
-            }
-        }
-    }
-}
-
-/// The fd type handed to `open_backing`.
-type OwnedFdRef = Arc<std::os::fd::OwnedFd>;
 
 /// Runs a FUSE session for `ovl` on `mountpoint` until it is unmounted. `ready` is called once the
 /// mount is live.
