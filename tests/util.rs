@@ -297,13 +297,32 @@ fn umount(p: &Path) -> Result<(), String> {
     let _g = SPAWN_LOCK.write().unwrap_or_else(|e| e.into_inner());
     // Plain umount(8) for every implementation (the spec allows it for layerfs; `layerfs umount`, which
     // also waits for the daemon to exit, is tested in `cli.rs`).
-    let out = Command::new("umount")
-        .arg(p)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|c| c.wait_with_output())
-        .map_err(|e| e.to_string())?;
+    let run = || {
+        Command::new("umount")
+            .arg(p)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|c| c.wait_with_output())
+            .map_err(|e| e.to_string())
+    };
+    let mut out = run()?;
+    // Known transient: about once in a thousand fuzz sequences run by two workers, umount of a
+    // FUSE mount says "target is busy" while no process holds anything in it (tests/DIVERGENCES.md,
+    // "umount EBUSY"); it clears within milliseconds. Retry a bounded number of times, loudly,
+    // as unmount helpers (systemd, containerd) do; any holder or a lasting EBUSY still fails.
+    for attempt in 1..=20 {
+        let busy = String::from_utf8_lossy(&out.stderr).contains("target is busy");
+        if out.status.success() || !busy || !holders(p).is_empty() {
+            break;
+        }
+        eprintln!(
+            "*** umount {}: EBUSY with no holder, retry {attempt}",
+            p.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        out = run()?;
+    }
     if out.status.success() && !is_mounted(p) {
         return Ok(());
     }
