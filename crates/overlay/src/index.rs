@@ -209,14 +209,6 @@ impl DirIndex {
         }
     }
 
-    /// Forgets every lower entry (the directory became opaque).
-    pub fn drop_lowers(&mut self) {
-        self.entries.retain(|_, e| {
-            e.lower = None;
-            e.upper.is_some()
-        });
-    }
-
     /// Whether the merged directory shows no entry.
     pub fn is_empty_merged(&self) -> bool {
         self.entries.values().all(|e| e.visible().is_none())
@@ -251,15 +243,6 @@ impl DirIndex {
             .collect();
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
-    }
-
-    /// Names whose upper slot is a whiteout.
-    pub fn upper_whiteouts(&self) -> Vec<Box<[u8]>> {
-        self.entries
-            .iter()
-            .filter(|(_, e)| e.upper == Some(UpperSlot::Whiteout))
-            .map(|(n, _)| n.clone())
-            .collect()
     }
 }
 
@@ -330,9 +313,6 @@ fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
     }
     Ok(Listing { items, opaque })
 }
-
-/// An index shared between a directory node and the readers that took a snapshot of it.
-pub type SharedIndex = Arc<DirIndex>;
 
 /// Keeps an fd alive next to a layer index.
 pub type LayerFd = (LayerIdx, Arc<OwnedFd>);

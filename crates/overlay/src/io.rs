@@ -76,19 +76,9 @@ impl Overlay {
         ))))
     }
 
-    /// The fd a file handle does I/O on (for registering a passthrough backing file).
-    pub fn handle_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
-        self.file_fd(fh)
-    }
-
-    /// The fd of an open file handle (no directory handles), as it is now.
-    pub(crate) fn open_file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
-        self.file_fd(fh)
-    }
-
     /// The fd of file handle `fh`, reopened on the upper copy if the node was copied up since
     /// the handle was opened (so it reads what the writers wrote).
-    fn file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
+    pub(crate) fn file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
         let h = self.handles.file(fh)?;
         let Handle::File(f) = &*h else {
             return Err(Errno::ISDIR);

@@ -11,7 +11,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use layerfs_sys::{Component, FileType};
+use layerfs_sys::Component;
 
 use crate::index::{DirIndex, LayerFd};
 use crate::layers::LayerIdx;
@@ -192,11 +192,6 @@ impl Node {
         let s = self.read();
         (s.parent, s.name.clone())
     }
-}
-
-/// What a file type is, for a node.
-pub fn is_dir(kind: FileType) -> bool {
-    kind == FileType::Directory
 }
 
 /// All nodes the kernel may still name. Lock: `nodes` (innermost of all locks).

@@ -576,7 +576,7 @@ impl Overlay {
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> OvlResult<Attr> {
         self.stats.getattrs.fetch_add(1, Ordering::Relaxed);
         let node = self.node(ino)?;
-        if let Some(fd) = fh.and_then(|fh| self.open_file_fd(fh).ok()) {
+        if let Some(fd) = fh.and_then(|fh| self.file_fd(fh).ok()) {
             let st = sys::stat_fd(fd.as_fd())?;
             return Ok(self.attr_from(&node, st, Some(fd.as_fd())));
         }

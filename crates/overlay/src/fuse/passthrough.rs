@@ -49,7 +49,7 @@ impl Fuse {
         use std::sync::atomic::Ordering::Relaxed;
         let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
         if upper && self.pt.enabled.load(Relaxed) {
-            let key = self.ovl.handle_fd(fh).ok().and_then(|fd| {
+            let key = self.ovl.file_fd(fh).ok().and_then(|fd| {
                 sys::stat_fd(std::os::fd::AsFd::as_fd(&*fd))
                     .ok()
                     .map(|s| (fd, s.st_ino))
