@@ -132,6 +132,7 @@ fn written_by(fix: &Fixture, lowers: &[PathBuf], imp: Impl, side: &str) -> (Laye
         lowers: lowers.to_vec(),
         upper,
         work,
+        options: Vec::new(),
     };
     let m = Mount::new(imp, &layers, &fix.mountpoint(side));
     sh_ok(&m.path, SCRIPT);

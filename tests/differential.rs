@@ -73,6 +73,7 @@ fn snap_opts() -> SnapOpts {
 
 /// Lowers built on disk for one seed, shared read-only by both mounts.
 struct Built {
+    seed: u64,
     fix: Fixture,
     lowers: Vec<PathBuf>,
     before: Snapshot,
@@ -88,6 +89,7 @@ fn build(seed: u64, spec: &Lowers) -> Built {
     }
     let before = lower_snapshot(&lowers);
     Built {
+        seed,
         fix,
         lowers,
         before,
@@ -123,6 +125,13 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
             lowers: built.lowers.clone(),
             upper,
             work,
+            // Every other sequence runs with a tiny directory fd cache, so that directories keep
+            // giving up their fds and reopening them by name mid-sequence.
+            options: if built.seed % 2 == 1 {
+                vec!["dir_fds=2".to_string()]
+            } else {
+                Vec::new()
+            },
         }
     };
     let ref_side = format!("r{run}");

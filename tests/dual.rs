@@ -62,6 +62,7 @@ pub fn layers_for(fix: &Fixture, lowers: &[PathBuf], side: &str) -> Layers {
         lowers: lowers.to_vec(),
         upper,
         work,
+        options: Vec::new(),
     }
 }
 

@@ -5,7 +5,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::{Fixture, can_mount, is_mounted, layerfs_bin, output, sh_ok};
+use crate::dual::layers_for;
+use crate::util::{
+    Fixture, Impl, Mount, SnapOpts, assert_same_tree, can_mount, is_mounted, layerfs_bin, output,
+    sh_ok, snapshot,
+};
 
 /// Runs `layerfs ARGS…`; returns (success, stderr).
 fn layerfs(args: &[&str]) -> (bool, String) {
@@ -346,4 +350,71 @@ print(os.pread(reader, 5, 100).decode())
     let data = std::fs::read(upper.join("data")).expect("upper copy");
     assert_eq!(&data[100..105], b"HELLO");
     assert_eq!(std::fs::read(lower.join("data")).expect("lower")[100], b'a');
+}
+
+/// With a directory fd budget far below the number of directories, a walk and changes all over a
+/// three-layer tree keep the daemon's open fds near the budget (directories give theirs up and
+/// reopen them by name), and the result is the kernel overlay's, renamed merged dirs included.
+#[test]
+fn directory_fds_stay_bounded() {
+    if !can_mount("directory_fds_stay_bounded") {
+        return;
+    }
+    let fix = Fixture::new("dirfds");
+    let (dirs, budget) = (120, 24);
+    let lowers: Vec<_> = (0..3)
+        .map(|l| {
+            let root = fix.dir(&format!("lower{l}"));
+            for d in 0..dirs {
+                let dp = root.join(format!("d{d:03}/sub"));
+                std::fs::create_dir_all(&dp).expect("mkdir");
+                std::fs::write(dp.join(format!("f{l}")), format!("{l}/{d}")).expect("write");
+            }
+            root
+        })
+        .collect();
+    let script = "set -e
+        find . -type f | sort | xargs cat > /dev/null
+        for d in d0*; do echo more >> $d/sub/f1; done
+        mv d010 moved && mv moved/sub moved/sub2 && rm -r d020 && mkdir d020
+        ls -lR > /dev/null
+        cat moved/sub2/f0 moved/sub2/f2 d011/sub/f2 > /dev/null
+        find . -type f | sort | xargs cat > /dev/null";
+    let mut sut_layers = layers_for(&fix, &lowers, "s");
+    sut_layers.options = vec![format!("dir_fds={budget}")];
+    let sut = Mount::new(Impl::Layerfs, &sut_layers, &fix.mountpoint("s"));
+    let reference = Mount::new(
+        Impl::Kernel,
+        &layers_for(&fix, &lowers, "r"),
+        &fix.mountpoint("r"),
+    );
+    sh_ok(&sut.path, script);
+    sh_ok(&reference.path, script);
+    let pid = sh_ok(
+        fix.path(),
+        &format!("pgrep -f -- ' {}$' | head -1", sut.path.display()),
+    );
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", pid.trim()))
+        .expect("daemon fds")
+        .count();
+    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&sut.path)).expect("stats");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    eprintln!(
+        "{fds} fds open with dir_fds={budget} over {} dirs: {stats}",
+        dirs * 2 * 3
+    );
+    assert!(
+        stats["dir_fd_evictions"].as_u64() > Some(0) && stats["dir_fd_restores"].as_u64() > Some(0),
+        "the cache never gave fds up and reopened them: {stats}"
+    );
+    // Budget + the session's and layers' own fds + pinned (moved) dirs.
+    assert!(fds < budget + 40, "{fds} fds open, budget {budget}");
+    let opts = SnapOpts::default();
+    assert_same_tree(
+        "bounded directory fds",
+        "kernel",
+        &snapshot(&reference.path, &opts),
+        "layerfs",
+        &snapshot(&sut.path, &opts),
+    );
 }

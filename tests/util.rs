@@ -195,6 +195,8 @@ pub struct Layers {
     pub lowers: Vec<PathBuf>,
     pub upper: PathBuf,
     pub work: PathBuf,
+    /// Extra `-o` options for a layerfs mount (ignored by the kernel one).
+    pub options: Vec<String>,
 }
 
 /// A live overlay mount; unmounted on drop.
@@ -246,6 +248,9 @@ impl Mount {
                 }
                 c.arg("--upper").arg(&layers.upper);
                 c.arg("--work").arg(&layers.work);
+                if !layers.options.is_empty() {
+                    c.arg("-o").arg(layers.options.join(","));
+                }
                 c.arg(mnt);
                 // The daemon may keep inherited stdio open: never give it our pipes.
                 let log = mnt.with_file_name("layerfs-mount.log");

@@ -67,6 +67,7 @@ pub fn run(args: MountArgs, root: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             upper: args.upper,
             work: args.work,
             volatile: false,
+            dir_fds: 0,
         },
         mountpoint,
         foreground: args.foreground,
@@ -181,6 +182,13 @@ fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
             "upperdir" => plan.cfg.upper = Some(PathBuf::from(need(value)?)),
             "workdir" => plan.cfg.work = Some(PathBuf::from(need(value)?)),
             "volatile" => plan.cfg.volatile = true,
+            "dir_fds" => {
+                plan.cfg.dir_fds = need(value)?
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .context("dir_fds=N needs a positive number")?
+            }
             "ro" => plan.read_only = true,
             "rw" => plan.read_only = false,
             "dev" => plan.extra.push(M::Dev),
@@ -280,6 +288,13 @@ fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    let nofile = process::raise_nofile();
+    if plan.cfg.dir_fds == 0 {
+        // Half the fd limit for cached directories; the rest for open files and the session.
+        plan.cfg.dir_fds = usize::try_from(nofile.saturating_sub(1024) / 2)
+            .unwrap_or(usize::MAX)
+            .clamp(64, 16384);
+    }
     let ovl = Overlay::new(&plan.cfg).map_err(anyhow::Error::msg)?;
     let opts = MountOptions {
         fsname: plan.source.clone(),
@@ -347,7 +362,6 @@ fn serve_mount(
         Some((_, root)) => Some(layerfs_store::Store::open(root.clone())?),
         None => None,
     };
-    process::raise_nofile();
     process::set_umask(0);
     record.pid = std::process::id() as i32;
     let ovl = Arc::new(ovl);

@@ -101,10 +101,15 @@ impl Overlay {
             self.stats.copy_ups.fetch_add(1, Ordering::Relaxed);
             fd
         };
-        let mut s = node.write();
-        s.place = LayerIdx::UPPER;
+        {
+            let mut s = node.write();
+            s.place = LayerIdx::UPPER;
+            if node.is_dir {
+                s.upper = Some(fd.clone());
+            }
+        }
         if node.is_dir {
-            s.upper = Some(fd.clone());
+            self.note_dir_fds(node, 1);
         }
         Ok(fd)
     }

@@ -34,6 +34,8 @@ pub struct OverlayConfig {
     pub work: Option<PathBuf>,
     /// Skip the fsync of copied-up files (like the kernel's `volatile`): faster, not crash-safe.
     pub volatile: bool,
+    /// About how many directory fds to keep open ([`crate::dirfds`]); 0 = the default.
+    pub dir_fds: usize,
 }
 
 /// The open layers of a mount. Immutable after mount.

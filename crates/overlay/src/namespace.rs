@@ -202,6 +202,7 @@ impl Overlay {
             st,
             lower_dirs: Vec::new(),
             group: false,
+            pinned: false,
         };
         let (node, attr) = self.node_from_probe(&dir, &name, probe);
         self.nodes.add_lookup(&node);

@@ -64,6 +64,11 @@ pub struct NodeState {
     pub aliases: Option<Box<Vec<(u64, Component)>>>,
     /// Once `unlinked`: the object, still reachable by the files open on it.
     pub orphan: Option<Arc<OwnedFd>>,
+    /// For a directory whose fds were closed by the fd cache ([`crate::dirfds`]): the lower layers
+    /// it had parts in (`upper` and `lower_dirs` are empty until they are reopened).
+    pub evicted: Option<Box<[LayerIdx]>>,
+    /// For a directory: its fds cannot be reopened by name (root, or reached through a redirect).
+    pub pinned: bool,
 }
 
 impl NodeState {
@@ -134,13 +139,13 @@ impl NodeState {
         }
     }
 
-    /// The fd of the topmost object and its layer.
-    pub fn top(&self) -> Option<(LayerIdx, Arc<OwnedFd>)> {
-        match (&self.upper, self.lower_dirs.first()) {
-            (Some(u), _) => Some((LayerIdx::UPPER, u.clone())),
-            (None, Some((l, fd))) => Some((*l, fd.clone())),
-            (None, None) => None,
-        }
+    /// For a directory: whether it merges more than one layer (its `st_nlink` is then 1).
+    pub fn is_merged(&self) -> bool {
+        let lowers = match &self.evicted {
+            Some(layers) => layers.len(),
+            None => self.lower_dirs.len(),
+        };
+        lowers + usize::from(self.place.is_upper()) > 1
     }
 }
 
@@ -182,9 +187,9 @@ impl Node {
         self.copyup_lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Top object fd and layer.
-    pub fn top(&self) -> Option<(LayerIdx, Arc<OwnedFd>)> {
-        self.read().top()
+    /// Takes the copy-up lock if it is free.
+    pub fn try_copyup_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        self.copyup_lock.try_lock().ok()
     }
 
     /// Parent node id and name.

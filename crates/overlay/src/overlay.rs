@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use layerfs_store::format::{self, DirMark};
 use layerfs_sys::{self as sys, Component, Errno, FileType, Stat, xattr};
 
+use crate::dirfds::DirFdCache;
 use crate::handles::HandleTable;
 use crate::index::{DirIndex, IndexEntry, LayerDir, Visible};
 use crate::layers::{LayerIdx, Layers, OverlayConfig};
@@ -44,6 +45,8 @@ pub struct Overlay {
     tmp_counter: AtomicU64,
     /// Directories with a built index, least recently built first. Own lock, a leaf.
     index_lru: std::sync::Mutex<std::collections::VecDeque<u64>>,
+    /// Directories holding fds, to keep their number bounded. Own lock, a leaf.
+    pub(crate) dir_fd_cache: DirFdCache,
     /// Request and event counters.
     pub stats: Stats,
 }
@@ -58,6 +61,8 @@ pub(crate) struct Probe {
     pub lower_dirs: Vec<(LayerIdx, Arc<OwnedFd>)>,
     /// Served from a hard-link group's index entry.
     pub group: bool,
+    /// A directory whose lower parts were found through a redirect: its fds stay open.
+    pub pinned: bool,
 }
 
 impl Overlay {
@@ -70,6 +75,7 @@ impl Overlay {
             handles: HandleTable::default(),
             tmp_counter: AtomicU64::new(0),
             index_lru: Default::default(),
+            dir_fd_cache: DirFdCache::new(cfg.dir_fds),
             stats: Stats::default(),
         };
         ovl.make_root()
@@ -117,6 +123,8 @@ impl Overlay {
             group: false,
             aliases: None,
             orphan: None,
+            evicted: None,
+            pinned: true,
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -148,13 +156,10 @@ impl Overlay {
         if !dir.is_dir {
             return Err(Errno::NOTDIR);
         }
-        let (upper, lowers) = {
-            let s = dir.read();
-            if s.index.is_some() {
-                return Ok(());
-            }
-            (s.upper.clone(), s.lower_dirs.clone())
-        };
+        if dir.read().index.is_some() {
+            return Ok(());
+        }
+        let (upper, lowers) = self.dir_fds(dir)?;
         let layer_dirs: Vec<LayerDir<'_>> = lowers
             .iter()
             .map(|(l, fd)| LayerDir {
@@ -242,11 +247,11 @@ impl Overlay {
 
     /// The fd of `dir` in `layer`.
     pub(crate) fn dir_fd_in(&self, dir: &Node, layer: LayerIdx) -> OvlResult<Arc<OwnedFd>> {
-        let s = dir.read();
+        let (upper, lower_dirs) = self.dir_fds(dir)?;
         if layer.is_upper() {
-            return s.upper.clone().ok_or(Errno::NOENT);
+            return upper.ok_or(Errno::NOENT);
         }
-        s.lower_dirs
+        lower_dirs
             .iter()
             .find(|(l, _)| *l == layer)
             .map(|(_, fd)| fd.clone())
@@ -296,6 +301,7 @@ impl Overlay {
             kind,
         };
         let mut lower_dirs = Vec::new();
+        let mut pinned = false;
         if kind == FileType::Directory {
             let fd = fd.as_ref().ok_or(Errno::IO)?;
             let upper_opaque =
@@ -308,6 +314,7 @@ impl Overlay {
             if let Some(target) = redirect {
                 // A directory the kernel overlay moved: its lowers live at the redirect path.
                 self.redirect_lower_dirs(dir, &target, &mut lower_dirs)?;
+                pinned = true;
             } else if vis.layer.is_upper() && !upper_opaque {
                 if let Some(lower) = entry
                     .lower
@@ -344,6 +351,7 @@ impl Overlay {
             ino,
             lower_dirs,
             group,
+            pinned,
         }))
     }
 
@@ -374,7 +382,7 @@ impl Overlay {
 
     /// The lower dirs of a directory moved by the kernel overlay (`redirect` xattr): an absolute
     /// path is looked up from every lower root, a bare name in the parent's lower dirs.
-    fn redirect_lower_dirs(
+    pub(crate) fn redirect_lower_dirs(
         &self,
         dir: &Node,
         target: &[u8],
@@ -393,7 +401,7 @@ impl Overlay {
             }
             v
         } else {
-            dir.read().lower_dirs.clone()
+            self.dir_fds(dir)?.1
         };
         let starts: Vec<(LayerIdx, BorrowedFd<'_>)> =
             owned.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
@@ -454,6 +462,7 @@ impl Overlay {
         } else {
             None
         };
+        let fds = probe.lower_dirs.len() + usize::from(upper.is_some());
         let state = NodeState {
             parent: dir.ino,
             name: Some(name.clone()),
@@ -465,11 +474,16 @@ impl Overlay {
             group: probe.group,
             aliases: None,
             orphan: None,
+            evicted: None,
+            pinned: probe.pinned,
         };
         let node = Node::new(probe.ino, is_dir, state);
-        let (node, _) = self
+        let (node, inserted) = self
             .nodes
             .insert_or_get(node, |old| old.is_dir == is_dir && !old.read().unlinked);
+        if inserted && is_dir {
+            self.note_dir_fds(&node, fds);
+        }
         if !is_dir {
             let mut s = node.write();
             s.add_alias(dir.ino, name);
@@ -484,7 +498,10 @@ impl Overlay {
     /// name from its parent (a lower hard-link group member served from its index entry).
     pub(crate) fn object(&self, node: &Node) -> OvlResult<(LayerIdx, Arc<OwnedFd>)> {
         if node.is_dir {
-            return node.top().ok_or(Errno::STALE);
+            return match self.dir_fds(node)? {
+                (Some(u), _) => Ok((LayerIdx::UPPER, u)),
+                (None, lowers) => lowers.into_iter().next().ok_or(Errno::STALE),
+            };
         }
         let (place, parent, name, group, unlinked, orphan) = {
             let s = node.read();
@@ -540,15 +557,8 @@ impl Overlay {
                 st.st_nlink = n as _;
             }
         }
-        if node.is_dir {
-            let merged = if s.upper.is_some() {
-                !s.lower_dirs.is_empty()
-            } else {
-                s.lower_dirs.len() > 1
-            };
-            if merged {
-                st.st_nlink = 1;
-            }
+        if node.is_dir && s.is_merged() {
+            st.st_nlink = 1;
         }
         Attr { ino: node.ino, st }
     }

@@ -105,11 +105,15 @@ impl Overlay {
             let dst_is_dir = dst_vis.kind == FileType::Directory;
             if let Some(path) = &src_redirect {
                 self.set_redirect(newdir_up.as_fd(), &newname, path)?;
+                src.write().pinned = true;
             } else if src_is_dir && dst_entry.lower.is_some() {
                 self.make_opaque(newdir_up.as_fd(), &newname)?;
             }
             if let Some(path) = &dst_redirect {
                 self.set_redirect(dir_up.as_fd(), &name, path)?;
+                if let Some(dst) = &dst {
+                    dst.write().pinned = true;
+                }
             } else if dst_is_dir && src_entry.lower.is_some() {
                 self.make_opaque(dir_up.as_fd(), &name)?;
             }
@@ -179,10 +183,14 @@ impl Overlay {
         }
         if let Some(path) = &src_redirect {
             self.set_redirect(newdir_up.as_fd(), &newname, path)?;
+            src.write().pinned = true;
         } else if src_is_dir && dst_entry.lower.is_some() {
             self.make_opaque(newdir_up.as_fd(), &newname)?;
             let mut s = src.write();
             s.lower_dirs.clear();
+            if let Some(layers) = s.evicted.as_mut() {
+                *layers = Box::new([]);
+            }
             s.index = None;
         }
         self.set_slot(&dir, &name, whiteout_needed.then_some(UpperSlot::Whiteout));
@@ -246,7 +254,7 @@ impl Overlay {
         name: &Component,
     ) -> OvlResult<Option<Vec<u8>>> {
         self.ensure_upper_name(node, dir, name)?;
-        if !node.is_dir || node.read().lower_dirs.is_empty() {
+        if !node.is_dir || self.dir_fds(node)?.1.is_empty() {
             return Ok(None);
         }
         self.lower_path(node).map(Some)
@@ -255,10 +263,8 @@ impl Overlay {
     /// Where the lower parts of directory `node` live: its own redirect if it has one, else its
     /// parent's lower path plus its name. Absolute, `/`-separated.
     fn lower_path(&self, node: &Arc<Node>) -> OvlResult<Vec<u8>> {
-        let (parent, name, upper) = {
-            let s = node.read();
-            (s.parent, s.name.clone(), s.upper.clone())
-        };
+        let (parent, name) = node.location();
+        let upper = self.dir_fds(node)?.0;
         let Some(name) = name else {
             return Ok(Vec::new());
         };

@@ -23,10 +23,15 @@ pub struct Stats {
     pub fsyncs: AtomicU64,
     /// OPEN requests.
     pub opens: AtomicU64,
+    /// Directories that gave up their fds ([`crate::dirfds`]).
+    pub dir_fd_evictions: AtomicU64,
+    /// Directories that reopened them.
+    pub dir_fd_restores: AtomicU64,
 }
 
 /// A snapshot of [`Stats`].
 #[derive(Debug, Clone, Serialize, serde::Deserialize, Default, PartialEq, Eq)]
+#[serde(default)]
 pub struct StatsSnapshot {
     pub lookups: u64,
     pub getattrs: u64,
@@ -36,6 +41,8 @@ pub struct StatsSnapshot {
     pub copy_ups: u64,
     pub fsyncs: u64,
     pub opens: u64,
+    pub dir_fd_evictions: u64,
+    pub dir_fd_restores: u64,
     pub nodes: u64,
 }
 
@@ -52,6 +59,8 @@ impl Stats {
             copy_ups: r(&self.copy_ups),
             fsyncs: r(&self.fsyncs),
             opens: r(&self.opens),
+            dir_fd_evictions: r(&self.dir_fd_evictions),
+            dir_fd_restores: r(&self.dir_fd_restores),
             nodes: nodes as u64,
         }
     }

@@ -76,9 +76,9 @@ pub fn detach_stdio() {
     let _ = rustix::stdio::dup2_stderr(&null);
 }
 
-/// Raises the open-file limit as far as allowed: nodes hold `O_PATH` fds, one per object the
-/// kernel caches. Root lifts the hard limit to `fs.nr_open`; others get soft = hard.
-pub fn raise_nofile() {
+/// Raises the open-file limit as far as allowed and returns it: directory nodes and open files
+/// hold fds. Root lifts the hard limit to `fs.nr_open`; others get soft = hard.
+pub fn raise_nofile() -> u64 {
     let res = rustix::process::Resource::Nofile;
     let lim = rustix::process::getrlimit(res);
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
@@ -94,6 +94,7 @@ pub fn raise_nofile() {
         want.current = lim.maximum;
         let _ = rustix::process::setrlimit(res, want);
     }
+    rustix::process::getrlimit(res).current.unwrap_or(u64::MAX)
 }
 
 /// Sets the process umask (the daemon uses 0: the kernel already applied the caller's).
