@@ -363,6 +363,7 @@ fn serve_mount(
         None => None,
     };
     process::set_umask(0);
+    process::single_malloc_arena();
     record.pid = std::process::id() as i32;
     let ovl = Arc::new(ovl);
     let mut ready = ready;

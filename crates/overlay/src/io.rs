@@ -268,13 +268,13 @@ impl Overlay {
         &self,
         dir: &Arc<crate::node::Node>,
         name: &std::ffi::OsStr,
-    ) -> OvlResult<Option<(Arc<crate::node::Node>, Attr)>> {
+    ) -> OvlResult<Option<(crate::node::Found, Attr)>> {
         let comp = Component::new(name)?;
-        self.lookup_node(dir, &comp)
+        self.lookup_found(dir, &comp)
     }
 
     /// Takes the kernel reference for an entry that went out in a READDIRPLUS reply.
-    pub fn entry_sent(&self, node: &crate::node::Node) {
-        self.nodes.add_lookup(node);
+    pub fn entry_sent(&self, found: &crate::node::Found) {
+        self.nodes.add_found(found);
     }
 }

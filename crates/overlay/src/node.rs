@@ -6,8 +6,11 @@
 //! Copy-up of parents happens before any `op_lock` is taken. `state` and table guards are never held
 //! across blocking I/O: readers clone the `Arc`ed fds they need and drop the guard.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -72,6 +75,24 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// The state of an object at `parent/name` in layer `place`, with nothing else known yet.
+    pub fn new(parent: u64, name: Option<Component>, place: LayerIdx) -> Self {
+        NodeState {
+            parent,
+            name,
+            place,
+            upper: None,
+            lower_dirs: Vec::new(),
+            index: None,
+            unlinked: false,
+            group: false,
+            aliases: None,
+            orphan: None,
+            evicted: None,
+            pinned: false,
+        }
+    }
+
     /// Whether the object has an upper copy.
     pub fn in_upper(&self) -> bool {
         self.place.is_upper()
@@ -199,34 +220,204 @@ impl Node {
     }
 }
 
+/// A lower non-directory with a single link that the kernel was told about but has not used
+/// since: the few bytes needed to make its [`Node`] on first use. A walk hands the kernel one
+/// entry per file; most are never touched again, so they stay this small.
+#[derive(Debug, Clone)]
+pub struct Light {
+    /// FUSE node id and `st_ino`.
+    pub ino: u64,
+    /// Directory the name is in.
+    pub parent: u64,
+    /// The name.
+    pub name: Component,
+    /// The lower layer holding the file.
+    pub place: LayerIdx,
+}
+
+/// What a lookup found: a node, or a file that needs none yet.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// A node of the table.
+    Node(Arc<Node>),
+    /// A lower file with a single link; it becomes a node on first use.
+    Light(Light),
+}
+
+/// The longest name a light entry holds (longer ones get a node): 48 bytes an entry, no heap.
+pub const LIGHT_NAME_MAX: usize = 25;
+
+/// Light entries are spread over this many sets, so that growing one (a hash table doubles,
+/// holding old and new at once) costs a sixteenth of the memory peak.
+const LIGHT_SHARDS: usize = 16;
+
+/// The tables behind [`NodeTable`]'s lock.
+#[derive(Debug, Default)]
+struct Tables {
+    full: HashMap<u64, Arc<Node>>,
+    light: [HashSet<LightEntry>; LIGHT_SHARDS],
+}
+
+impl Tables {
+    fn light(&mut self, ino: u64) -> &mut HashSet<LightEntry> {
+        // Node ids of one layer are inode numbers: the low bits spread well.
+        &mut self.light[(ino as usize) % LIGHT_SHARDS]
+    }
+
+    fn has_light(&self, ino: u64) -> bool {
+        self.light[(ino as usize) % LIGHT_SHARDS].contains(&ino)
+    }
+}
+
+/// A [`Light`] as stored, with its kernel lookup count; hashed and compared by node id alone.
+#[derive(Debug)]
+struct LightEntry {
+    ino: u64,
+    parent: u64,
+    lookups: u32,
+    place: LayerIdx,
+    len: u8,
+    name: [u8; LIGHT_NAME_MAX],
+}
+
+impl LightEntry {
+    fn new(l: &Light) -> Option<Self> {
+        let bytes = l.name.as_bytes();
+        let mut name = [0; LIGHT_NAME_MAX];
+        name.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(LightEntry {
+            ino: l.ino,
+            parent: l.parent,
+            lookups: 0,
+            place: l.place,
+            len: bytes.len() as u8,
+            name,
+        })
+    }
+
+    fn name(&self) -> Option<Component> {
+        let bytes = self.name.get(..usize::from(self.len))?;
+        Component::new(std::ffi::OsStr::from_bytes(bytes)).ok()
+    }
+}
+
+impl PartialEq for LightEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.ino == other.ino
+    }
+}
+
+impl Eq for LightEntry {}
+
+impl Hash for LightEntry {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.ino.hash(state)
+    }
+}
+
+impl Borrow<u64> for LightEntry {
+    fn borrow(&self) -> &u64 {
+        &self.ino
+    }
+}
+
 /// All nodes the kernel may still name. Lock: `nodes` (innermost of all locks).
 #[derive(Debug, Default)]
 pub struct NodeTable {
-    nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    nodes: RwLock<Tables>,
 }
 
 impl NodeTable {
-    /// The node with id `ino`.
+    fn read(&self) -> RwLockReadGuard<'_, Tables> {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Tables> {
+        self.nodes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node with id `ino` (made now from its light entry if it has one).
     pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
-        self.nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ino)
-            .cloned()
+        {
+            let t = self.read();
+            if let Some(n) = t.full.get(&ino) {
+                return Some(n.clone());
+            }
+            if !t.has_light(ino) {
+                return None;
+            }
+        }
+        let mut t = self.write();
+        if let Some(n) = t.full.get(&ino) {
+            return Some(n.clone());
+        }
+        let e = t.light(ino).take(&ino)?;
+        let state = NodeState::new(e.parent, Some(e.name()?), e.place);
+        let node = Arc::new(Node::new(ino, false, state));
+        node.lookups.store(u64::from(e.lookups), Ordering::Relaxed);
+        t.full.insert(ino, node.clone());
+        Some(node)
+    }
+
+    /// Whether `ino` has a full node.
+    pub fn has_node(&self, ino: u64) -> bool {
+        self.read().full.contains_key(&ino)
     }
 
     /// Inserts `node` unless a node with its id exists; returns the node now in the table.
     /// `same` decides whether an existing node is the same object (else it is replaced).
     pub fn insert_or_get(&self, node: Node, same: impl FnOnce(&Node) -> bool) -> (Arc<Node>, bool) {
-        let mut map = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = map.get(&node.ino)
+        let mut t = self.write();
+        if let Some(existing) = t.full.get(&node.ino)
             && same(existing)
         {
             return (existing.clone(), false);
         }
+        // A light entry of the same id is the same lower file: its references carry over.
+        if let Some(e) = t.light(node.ino).take(&node.ino) {
+            node.lookups
+                .fetch_add(u64::from(e.lookups), Ordering::Relaxed);
+        }
         let node = Arc::new(node);
-        map.insert(node.ino, node.clone());
+        t.full.insert(node.ino, node.clone());
         (node, true)
+    }
+
+    /// Adds one kernel lookup reference to what a lookup found (an entry reply is about to be
+    /// sent). A light find whose id has a full node by now counts on that node.
+    pub fn add_found(&self, found: &Found) {
+        let l = match found {
+            Found::Node(n) => return self.add_lookup(n),
+            Found::Light(l) => l,
+        };
+        let mut t = self.write();
+        if let Some(n) = t.full.get(&l.ino) {
+            n.lookups.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut entry = match t.light(l.ino).take(&l.ino) {
+            Some(e) => e,
+            None => match LightEntry::new(l) {
+                Some(e) => e,
+                None => {
+                    // Name too long to be light (callers check): make the node.
+                    drop(t);
+                    let n = self.insert_light_as_node(l);
+                    return self.add_lookup(&n);
+                }
+            },
+        };
+        entry.lookups = entry.lookups.saturating_add(1);
+        t.light(entry.ino).insert(entry);
+    }
+
+    /// Makes a full node for a light find.
+    fn insert_light_as_node(&self, l: &Light) -> Arc<Node> {
+        let state = NodeState::new(l.parent, Some(l.name.clone()), l.place);
+        self.insert_or_get(Node::new(l.ino, false, state), |old| {
+            !old.is_dir && !old.read().unlinked
+        })
+        .0
     }
 
     /// Adds one kernel lookup reference (an entry reply is about to be sent).
@@ -239,24 +430,81 @@ impl NodeTable {
         if ino == ROOT {
             return;
         }
-        let mut map = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(node) = map.get(&ino) {
+        let mut t = self.write();
+        if let Some(node) = t.full.get(&ino) {
             let prev = node.lookups.load(Ordering::Relaxed);
             let left = prev.saturating_sub(n);
             node.lookups.store(left, Ordering::Relaxed);
             if left == 0 {
-                map.remove(&ino);
+                t.full.remove(&ino);
+            }
+        } else if let Some(mut entry) = t.light(ino).take(&ino) {
+            let left = u64::from(entry.lookups).saturating_sub(n);
+            if left > 0 {
+                entry.lookups = left as u32;
+                t.light(entry.ino).insert(entry);
             }
         }
     }
 
-    /// Number of nodes (for stats).
+    /// Number of nodes, light ones included (for stats).
     pub fn len(&self) -> usize {
-        self.nodes.read().unwrap_or_else(|e| e.into_inner()).len()
+        let t = self.read();
+        t.full.len() + t.light.iter().map(HashSet::len).sum::<usize>()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn light(ino: u64, name: &str) -> Found {
+        Found::Light(Light {
+            ino,
+            parent: ROOT,
+            name: Component::new(name).expect("name"),
+            place: LayerIdx(1),
+        })
+    }
+
+    #[test]
+    fn a_light_entry_is_48_bytes() {
+        assert_eq!(std::mem::size_of::<LightEntry>(), 48);
+    }
+
+    #[test]
+    fn light_entries_count_references_and_become_nodes_on_use() {
+        let t = NodeTable::default();
+        t.add_found(&light(7, "a"));
+        t.add_found(&light(7, "a"));
+        assert_eq!(t.len(), 1);
+        assert!(!t.has_node(7));
+        let n = t.get(7).expect("promoted");
+        assert!(t.has_node(7));
+        assert_eq!(
+            n.location(),
+            (ROOT, Some(Component::new("a").expect("name")))
+        );
+        assert_eq!(n.read().place, LayerIdx(1));
+        // A light find of an id with a node counts on the node.
+        t.add_found(&light(7, "a"));
+        t.forget(7, 2);
+        assert!(t.get(7).is_some());
+        t.forget(7, 1);
+        assert!(t.get(7).is_none());
+        assert!(t.is_empty());
+        // Forgetting a light entry: gone at zero, never made a node.
+        t.add_found(&light(9, "b"));
+        t.forget(9, 1);
+        assert!(t.get(9).is_none());
+        // A name too long to be light makes a node at once.
+        let long = "x".repeat(LIGHT_NAME_MAX + 1);
+        t.add_found(&light(11, &long));
+        assert!(t.has_node(11));
     }
 }

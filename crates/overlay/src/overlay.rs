@@ -14,7 +14,7 @@ use crate::dirfds::DirFdCache;
 use crate::handles::HandleTable;
 use crate::index::{DirIndex, IndexEntry, LayerDir, Visible};
 use crate::layers::{LayerIdx, Layers, OverlayConfig};
-use crate::node::{Node, NodeState, NodeTable, ROOT};
+use crate::node::{Found, Light, Node, NodeState, NodeTable, ROOT};
 use crate::stats::Stats;
 
 /// How many directory indexes are kept in memory (each is rebuilt from disk on demand).
@@ -113,18 +113,10 @@ impl Overlay {
             lower_dirs.first().map(|(l, _)| *l).unwrap_or(LayerIdx(1))
         };
         let state = NodeState {
-            parent: 0,
-            name: None,
-            place,
             upper,
             lower_dirs,
-            index: None,
-            unlinked: false,
-            group: false,
-            aliases: None,
-            orphan: None,
-            evicted: None,
             pinned: true,
+            ..NodeState::new(0, None, place)
         };
         let root = Node::new(ROOT, true, state);
         let (node, _) = self.nodes.insert_or_get(root, |_| true);
@@ -449,6 +441,40 @@ impl Overlay {
         Ok(Some(self.node_from_probe(dir, name, probe)))
     }
 
+    /// Finds `name` in `dir` for the kernel: like [`Overlay::lookup_node`], but a lower file with a
+    /// single link and no node yet gets none ([`Found::Light`]): a walk makes no nodes for files.
+    pub(crate) fn lookup_found(
+        &self,
+        dir: &Arc<Node>,
+        name: &Component,
+    ) -> OvlResult<Option<(Found, Attr)>> {
+        let Some(entry) = self.entry(dir, name)? else {
+            return Ok(None);
+        };
+        let Some(probe) = self.probe(dir, name, &entry)? else {
+            return Ok(None);
+        };
+        let light = !probe.vis.layer.is_upper()
+            && probe.vis.kind != FileType::Directory
+            && probe.fd.is_none()
+            && !probe.group
+            && name.as_bytes().len() <= crate::node::LIGHT_NAME_MAX
+            && !self.nodes.has_node(probe.ino);
+        if !light {
+            let (node, attr) = self.node_from_probe(dir, name, probe);
+            return Ok(Some((Found::Node(node), attr)));
+        }
+        let mut st = probe.st;
+        st.st_ino = probe.ino;
+        let found = Found::Light(Light {
+            ino: probe.ino,
+            parent: dir.ino,
+            name: name.clone(),
+            place: probe.vis.layer,
+        });
+        Ok(Some((found, Attr { ino: probe.ino, st })))
+    }
+
     /// Turns a probe into a node in the table (or finds the existing node of the same object).
     pub(crate) fn node_from_probe(
         &self,
@@ -464,18 +490,11 @@ impl Overlay {
         };
         let fds = probe.lower_dirs.len() + usize::from(upper.is_some());
         let state = NodeState {
-            parent: dir.ino,
-            name: Some(name.clone()),
-            place: probe.vis.layer,
             upper,
             lower_dirs: probe.lower_dirs,
-            index: None,
-            unlinked: false,
             group: probe.group,
-            aliases: None,
-            orphan: None,
-            evicted: None,
             pinned: probe.pinned,
+            ..NodeState::new(dir.ino, Some(name.clone()), probe.vis.layer)
         };
         let node = Node::new(probe.ino, is_dir, state);
         let (node, inserted) = self
@@ -568,9 +587,9 @@ impl Overlay {
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let name = Component::new(name)?;
         let dir = self.node(parent)?;
-        match self.lookup_node(&dir, &name)? {
-            Some((node, attr)) => {
-                self.nodes.add_lookup(&node);
+        match self.lookup_found(&dir, &name)? {
+            Some((found, attr)) => {
+                self.nodes.add_found(&found);
                 Ok(Some(attr))
             }
             None => Ok(None),

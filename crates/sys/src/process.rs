@@ -27,6 +27,17 @@ impl Ready {
     }
 }
 
+/// Makes every thread allocate from one malloc arena. A daemon whose memory is many small
+/// long-lived objects made by several request threads otherwise spreads them over one arena per
+/// thread, each with its own free space (here: 15 MiB instead of 18 MiB after a 100k-file walk).
+/// Call before threads start.
+pub fn single_malloc_arena() {
+    // SAFETY: mallopt only changes allocator tunables; M_ARENA_MAX with a positive value is valid.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Forks. The child starts a new session and gets a [`Ready`]; the parent waits until the child
 /// reports (or dies) and learns the outcome. Call before any thread is started.
 pub fn daemonize() -> SysResult<Side> {
