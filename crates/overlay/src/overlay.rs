@@ -603,7 +603,6 @@ impl Overlay {
 
     /// GETATTR; `fh` (an open file of the node, from fstat) answers even after the last unlink.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> OvlResult<Attr> {
-        self.stats.getattrs.fetch_add(1, Ordering::Relaxed);
         let node = self.node(ino)?;
         if let Some(fd) = fh.and_then(|fh| self.file_fd(fh).ok()) {
             let st = sys::stat_fd(fd.as_fd())?;
