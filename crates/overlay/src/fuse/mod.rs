@@ -160,8 +160,10 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
-/// Attributes for the "." and ".." entries of a READDIRPLUS reply, which the kernel skips.
-fn dot_attr(ino: u64) -> FileAttr {
+/// Attributes that carry nothing but a node id and a type: for the "." and ".." entries of a
+/// READDIRPLUS reply, which the kernel skips, and (with id 0) for a negative entry, which tells
+/// the kernel "no such name, for TTL".
+fn bare_attr(ino: u64, kind: FileType) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
         size: 0,
@@ -170,13 +172,13 @@ fn dot_attr(ino: u64) -> FileAttr {
         mtime: UNIX_EPOCH,
         ctime: UNIX_EPOCH,
         crtime: UNIX_EPOCH,
-        kind: FileType::Directory,
-        perm: 0o755,
-        nlink: 2,
+        kind,
+        perm: 0,
+        nlink: 0,
         uid: 0,
         gid: 0,
         rdev: 0,
-        blksize: 4096,
+        blksize: 0,
         flags: 0,
     }
 }
@@ -275,7 +277,7 @@ impl Filesystem for Fuse {
         match self.ovl.lookup(parent.0, name) {
             Ok(Some(a)) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Ok(None) => {
-                reply.entry(&TTL, &negative_attr(), Generation(0));
+                reply.entry(&TTL, &bare_attr(0, FileType::RegularFile), Generation(0));
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -593,7 +595,7 @@ impl Filesystem for Fuse {
                     off,
                     &e.name,
                     &TTL,
-                    &dot_attr(target),
+                    &bare_attr(target, FileType::Directory),
                     Generation(0),
                 ) {
                     break;
@@ -786,26 +788,5 @@ impl Filesystem for Fuse {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
-    }
-}
-
-/// The attributes of a negative entry: node id 0 tells the kernel "no such name, for TTL".
-fn negative_attr() -> FileAttr {
-    FileAttr {
-        ino: INodeNo(0),
-        size: 0,
-        blocks: 0,
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind: FileType::RegularFile,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 0,
-        flags: 0,
     }
 }
