@@ -10,9 +10,9 @@
 //! Request-count hook: if `layerfs stats MNT` exits 0, its output is recorded before and after each layerfs
 //! run and the counter deltas are tabled (see docs/bench-request-guard.md).
 
-mod cmd;
+pub mod cmd;
 mod data;
-mod host;
+pub mod host;
 mod opts;
 mod profile;
 mod report;
@@ -90,7 +90,7 @@ pub fn main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -101,7 +101,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
     xtask.parent().unwrap_or(xtask).to_path_buf()
 }

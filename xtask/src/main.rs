@@ -1,12 +1,13 @@
-//! Project automation: `cargo xtask ci | demo | fuzz | bench | setup`.
+//! Project automation: `cargo xtask ci | demo | fuzz | bench | latency | setup`.
 
 mod bench;
 mod ci;
 mod demo;
 mod fuzz;
+mod latency;
 mod setup;
 
-const USAGE: &str = "usage: cargo xtask <ci | demo | fuzz | bench | setup> [--help]";
+const USAGE: &str = "usage: cargo xtask <ci | demo | fuzz | bench | latency | setup> [--help]";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -16,6 +17,8 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => demo::run(rest),
         Some("fuzz") => fuzz::run(rest),
         Some("bench") => bench::main(rest),
+        Some("latency") => latency::run(rest),
+        Some("latency-probe") => latency::probe(rest),
         Some("setup") => setup::ensure_test_packages(),
         Some("-h" | "--help") | None => {
             println!("{USAGE}");

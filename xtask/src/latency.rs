@@ -1,0 +1,191 @@
+//! `cargo xtask latency`: what one FUSE round trip costs on this machine, and how much of it is
+//! the wake-up of a daemon thread on another CPU.
+//!
+//! One process stats `N` distinct names that exist (each a LOOKUP) and then `N` that do not (each a
+//! negative LOOKUP) in a fresh mount; the figure is the mean time per `stat`. Mounts: kernel
+//! overlayfs (no round trip: the floor), layerfs with the scheduler placing daemon and caller
+//! freely, both pinned to CPU 0, and daemon on CPU 0 with the caller on CPU 1. Several rounds,
+//! interleaved; medians printed. Needs root and at least two CPUs; uses `taskset`.
+//!
+//! `cargo xtask latency [--n N] [--rounds R] [--base DIR] [--layerfs-bin PATH]`
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::bench::cmd::{self, q};
+
+const USAGE: &str =
+    "usage: cargo xtask latency [--n N] [--rounds R] [--base DIR] [--layerfs-bin PATH]";
+
+/// Where the daemon and the caller run.
+#[derive(Clone, Copy)]
+enum Setup {
+    Kernel,
+    Free,
+    SameCpu,
+    OtherCpu,
+}
+
+impl Setup {
+    const ALL: [Setup; 4] = [Setup::Kernel, Setup::Free, Setup::SameCpu, Setup::OtherCpu];
+
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Kernel => "kernel overlayfs",
+            Setup::Free => "layerfs, placed by the scheduler",
+            Setup::SameCpu => "layerfs, daemon and caller on CPU 0",
+            Setup::OtherCpu => "layerfs, daemon on CPU 0, caller on CPU 1",
+        }
+    }
+
+    /// (daemon CPU, caller CPU)
+    fn cpus(self) -> (Option<u32>, Option<u32>) {
+        match self {
+            Setup::Kernel | Setup::Free => (None, None),
+            Setup::SameCpu => (Some(0), Some(0)),
+            Setup::OtherCpu => (Some(0), Some(1)),
+        }
+    }
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut n = 2000usize;
+    let mut rounds = 5usize;
+    let mut base = PathBuf::from("/var/tmp/layerfs-latency");
+    let mut bin = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .with_context(|| format!("{a} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--n" => n = value()?.parse().context("--n")?,
+            "--rounds" => rounds = value()?.parse().context("--rounds")?,
+            "--base" => base = PathBuf::from(value()?),
+            "--layerfs-bin" => bin = Some(std::path::absolute(value()?)?),
+            _ => bail!("unknown argument {a:?}\n{USAGE}"),
+        }
+    }
+    if !crate::bench::is_root() {
+        bail!("latency: needs root (it mounts)");
+    }
+    if std::thread::available_parallelism().map_or(1, |p| p.get()) < 2 {
+        bail!("latency: needs at least two CPUs");
+    }
+    let bin = match bin {
+        Some(b) => b,
+        None => crate::bench::host::build_layerfs(&crate::bench::workspace_root())?,
+    };
+    let lower = base.join("lower");
+    if !lower.join("d").join(format!("f{}", n - 1)).exists() {
+        std::fs::create_dir_all(lower.join("d"))?;
+        for i in 0..n {
+            std::fs::write(lower.join("d").join(format!("f{i}")), b"x")?;
+        }
+    }
+    let me = std::env::current_exe()?;
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); Setup::ALL.len()];
+    for _ in 0..rounds {
+        for (i, setup) in Setup::ALL.into_iter().enumerate() {
+            results[i].push(one(setup, &bin, &me, &base, n)?);
+        }
+    }
+    println!(
+        "stat of {n} existing and {n} missing names, one process, fresh mount; median of {rounds} rounds (µs per stat)"
+    );
+    println!("| setup | existing | missing |\n|---|---|---|");
+    for (setup, r) in Setup::ALL.into_iter().zip(&results) {
+        let med = |f: fn(&(f64, f64)) -> f64| {
+            let mut v: Vec<f64> = r.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "| {} | {:.1} | {:.1} |",
+            setup.name(),
+            med(|x| x.0),
+            med(|x| x.1)
+        );
+    }
+    Ok(())
+}
+
+/// One measurement: mounts, runs the probe with the setup's CPUs, unmounts.
+fn one(setup: Setup, bin: &Path, me: &Path, base: &Path, n: usize) -> Result<(f64, f64)> {
+    let t = Duration::from_secs(60);
+    let (upper, work, mnt) = (base.join("upper"), base.join("work"), base.join("mnt"));
+    for d in [&upper, &work] {
+        let _ = std::fs::remove_dir_all(d);
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::create_dir_all(&mnt)?;
+    let lower = base.join("lower");
+    let mount = match setup {
+        Setup::Kernel => format!(
+            "mount -t overlay overlay -o lowerdir={},upperdir={},workdir={} {}",
+            q(&lower),
+            q(&upper),
+            q(&work),
+            q(&mnt)
+        ),
+        _ => format!(
+            "{} mount --lower {} --upper {} --work {} {}",
+            q(bin),
+            q(&lower),
+            q(&upper),
+            q(&work),
+            q(&mnt)
+        ),
+    };
+    cmd::sh(&mount, t)?;
+    let (daemon_cpu, caller_cpu) = setup.cpus();
+    let result = (|| {
+        if let Some(cpu) = daemon_cpu {
+            let pid = cmd::sh(&format!("pgrep -f -- ' {}$' | head -1", q(&mnt)), t)?.stdout;
+            let pid = pid.trim().to_string();
+            cmd::sh(&format!("taskset -a -p -c {cpu} {pid} > /dev/null"), t)?;
+        }
+        let mut c = match caller_cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpu.to_string()).arg(me);
+                c
+            }
+            None => Command::new(me),
+        };
+        c.arg("latency-probe").arg(&mnt).arg(n.to_string());
+        let out = cmd::run(&mut c, "latency probe", t)?;
+        let text = out.stdout;
+        let mut nums = text.split_whitespace().map(str::parse::<f64>);
+        match (nums.next(), nums.next()) {
+            (Some(Ok(a)), Some(Ok(b))) => Ok((a, b)),
+            _ => bail!("latency probe printed {text:?}"),
+        }
+    })();
+    cmd::sh(&format!("umount {}", q(&mnt)), t)?;
+    result
+}
+
+/// `xtask latency-probe MNT N`: stats `MNT/d/f0..N` then `MNT/d/g0..N`; prints µs per stat of each.
+pub fn probe(args: &[String]) -> Result<()> {
+    let (Some(mnt), Some(n)) = (args.first(), args.get(1)) else {
+        bail!("usage: xtask latency-probe MNT N");
+    };
+    let n: usize = n.parse()?;
+    let dir = Path::new(mnt).join("d");
+    let per = |prefix: &str| {
+        let start = Instant::now();
+        for i in 0..n {
+            let _ = std::fs::symlink_metadata(dir.join(format!("{prefix}{i}")));
+        }
+        start.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    let existing = per("f");
+    let missing = per("g");
+    println!("{existing:.2} {missing:.2}");
+    Ok(())
+}
