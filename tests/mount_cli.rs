@@ -148,6 +148,17 @@ fn helper_form_and_mount_t_fuse_layerfs() {
     assert!(ok, "read-only mount failed: {err}");
     let w = std::fs::write(mnt.join("x"), "x");
     assert_eq!(w.err().and_then(|e| e.raw_os_error()), Some(libc::EROFS));
+    // Nothing can be copied up there, so lower files are read through kernel passthrough.
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("top")).expect("read"),
+        "top\n"
+    );
+    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    assert!(
+        stats["passthrough_opens"].as_u64() >= Some(1),
+        "a lower file of a read-only mount was not passed through: {stats}"
+    );
     let (ok, err) = layerfs(&["umount", s(&mnt)]);
     assert!(ok, "layerfs umount: {err}");
 

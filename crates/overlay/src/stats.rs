@@ -23,6 +23,8 @@ pub struct Stats {
     pub fsyncs: AtomicU64,
     /// OPEN requests.
     pub opens: AtomicU64,
+    /// Opens served by kernel passthrough.
+    pub passthrough_opens: AtomicU64,
     /// Directories that gave up their fds ([`crate::dirfds`]).
     pub dir_fd_evictions: AtomicU64,
     /// Directories that reopened them.
@@ -41,6 +43,7 @@ pub struct StatsSnapshot {
     pub copy_ups: u64,
     pub fsyncs: u64,
     pub opens: u64,
+    pub passthrough_opens: u64,
     pub dir_fd_evictions: u64,
     pub dir_fd_restores: u64,
     pub nodes: u64,
@@ -59,6 +62,7 @@ impl Stats {
             copy_ups: r(&self.copy_ups),
             fsyncs: r(&self.fsyncs),
             opens: r(&self.opens),
+            passthrough_opens: r(&self.passthrough_opens),
             dir_fd_evictions: r(&self.dir_fd_evictions),
             dir_fd_restores: r(&self.dir_fd_restores),
             nodes: nodes as u64,

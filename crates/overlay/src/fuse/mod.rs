@@ -438,7 +438,9 @@ impl Filesystem for Fuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.ovl.open(ino.0, flags.0) {
             Ok((fh, layer)) => {
-                match self.open_mode(ino.0, fh, layer.is_upper(), |fd| reply.open_backing(&**fd)) {
+                // Lower files too on a read-only mount: nothing there is ever copied up.
+                let pass = layer.is_upper() || self.ovl.read_only();
+                match self.open_mode(ino.0, fh, pass, |fd| reply.open_backing(&**fd)) {
                     Some(b) => {
                         reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
                     }

@@ -8,9 +8,9 @@ use super::Fuse;
 
 /// Kernel passthrough of file data (FUSE_PASSTHROUGH, kernel ≥ 6.9, CAP_SYS_ADMIN).
 ///
-/// Only upper files are passed through: a lower file may be copied up while open, and an fd
-/// opened before the copy-up must then read the upper copy (reference/overlay-semantics.md 11),
-/// which a passthrough fd on the lower file could not. All passthrough opens of one node share one
+/// Only upper files are passed through, and lower files of a read-only mount: a lower file may
+/// be copied up while open, and an fd opened before the copy-up must then read the upper copy
+/// (reference/overlay-semantics.md 11), which a passthrough fd on the lower file could not. All passthrough opens of one node share one
 /// backing file, kept alive by the handles that use it. The kernel refuses to mix passthrough and
 /// cached opens of one inode, so a node with cached opens (from before its copy-up) gets cached
 /// opens until those close.
@@ -37,18 +37,18 @@ struct InoIo {
 }
 
 impl Fuse {
-    /// Replies to an OPEN/CREATE of handle `fh` on node `ino`: passthrough for an upper file
-    /// when possible, else a cached open.
+    /// Replies to an OPEN/CREATE of handle `fh` on node `ino`: passthrough when `pass` (an upper
+    /// file, or any file of a read-only mount) and possible, else a cached open.
     pub(super) fn open_mode(
         &self,
         ino: u64,
         fh: u64,
-        upper: bool,
+        pass: bool,
         open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<fuser::BackingId>,
     ) -> Option<Arc<fuser::BackingId>> {
         use std::sync::atomic::Ordering::Relaxed;
         let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
-        if upper && self.pt.enabled.load(Relaxed) {
+        if pass && self.pt.enabled.load(Relaxed) {
             let key = self.ovl.file_fd(fh).ok().and_then(|fd| {
                 sys::stat_fd(std::os::fd::AsFd::as_fd(&*fd))
                     .ok()
@@ -79,6 +79,7 @@ impl Fuse {
                     },
                 };
                 if let Some(b) = backing {
+                    self.ovl.stats.passthrough_opens.fetch_add(1, Relaxed);
                     st.by_fh.insert(fh, (ino, Some(b.clone())));
                     return Some(b);
                 }
