@@ -6,8 +6,9 @@
 //! Invariant: `lower` describes the lower dirs alone (ignoring the upper), so "would a whiteout be
 //! needed if the upper entry went away" is `lower.is_some()`.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
+
+use foldhash::{HashMap, HashMapExt};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -106,11 +107,13 @@ impl DirIndex {
     pub fn build(upper: Option<BorrowedFd<'_>>, lowers: &[LayerDir<'_>]) -> SysResult<DirIndex> {
         let mut entries: HashMap<Box<[u8]>, IndexEntry> = HashMap::new();
         let mut lowers_visible = true;
+        let mut upper_empty = true;
         if let Some(fd) = upper {
             let listing = read_layer(fd)?;
             if listing.opaque {
                 lowers_visible = false;
             }
+            upper_empty = listing.items.is_empty();
             for (name, item) in listing.items {
                 let slot = match item {
                     Item::Whiteout => UpperSlot::Whiteout,
@@ -122,6 +125,30 @@ impl DirIndex {
                     e.upper = Some(slot);
                 }
             }
+        }
+        // One lower layer under an empty upper (most directories of an image): its entries are the
+        // index, and its whiteouts hide nothing.
+        if let ([dir], true, true) = (lowers, upper_empty, lowers_visible) {
+            let listing = read_layer(dir.fd)?;
+            entries.reserve(listing.items.len());
+            for (name, item) in listing.items {
+                if let Item::Entry(kind, ino) = item {
+                    let lower = LowerSlot {
+                        layer: dir.layer,
+                        kind,
+                        ino,
+                        more: Box::new([]),
+                    };
+                    entries.insert(
+                        name,
+                        IndexEntry {
+                            upper: None,
+                            lower: Some(lower),
+                        },
+                    );
+                }
+            }
+            return Ok(DirIndex { entries });
         }
         let mut lower: HashMap<Box<[u8]>, LowerBuild> = HashMap::new();
         if lowers_visible {
@@ -262,7 +289,8 @@ enum Item {
 }
 
 struct Listing {
-    items: HashMap<Box<[u8]>, Item>,
+    /// Each name once (a real entry beats a `.wh.` file naming it).
+    items: Vec<(Box<[u8]>, Item)>,
     opaque: bool,
 }
 
@@ -270,7 +298,9 @@ struct Listing {
 /// `d_type`s filled in where the filesystem left them unknown.
 fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
     let mark = format::dir_mark(fd);
-    let mut items = HashMap::new();
+    let mut items: Vec<(Box<[u8]>, Item)> = Vec::new();
+    // `.wh.NAME` files: they may name an entry of this same dir, resolved at the end.
+    let mut wh_files = Vec::new();
     let mut opaque = mark == DirMark::Opaque;
     for entry in sys::dir::read_all(fd)? {
         let name = entry.name.as_bytes();
@@ -280,7 +310,7 @@ fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
                 continue;
             }
             NameKind::WhiteoutFor(target) => {
-                items.entry(target.into()).or_insert(Item::Whiteout);
+                wh_files.push(Box::<[u8]>::from(target));
                 continue;
             }
             NameKind::Meta | NameKind::Invalid => continue,
@@ -298,18 +328,28 @@ fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
             };
             kind = sys::file_type(&st);
             if format::is_chardev_whiteout(&st) {
-                items.insert(name.into(), Item::Whiteout);
+                items.push((name.into(), Item::Whiteout));
                 continue;
             }
             if mark == DirMark::HasXWhiteouts && kind == FileType::RegularFile && st.st_size == 0 {
                 let f = sys::open_path(fd, &comp)?;
                 if format::is_xwhiteout(f.as_fd(), &st) {
-                    items.insert(name.into(), Item::Whiteout);
+                    items.push((name.into(), Item::Whiteout));
                     continue;
                 }
             }
         }
-        items.insert(name.into(), Item::Entry(kind, entry.ino));
+        items.push((name.into(), Item::Entry(kind, entry.ino)));
+    }
+    if !wh_files.is_empty() {
+        let named: std::collections::HashSet<&[u8]> = items.iter().map(|(n, _)| &**n).collect();
+        let mut extra: Vec<Box<[u8]>> = wh_files
+            .into_iter()
+            .filter(|t| !named.contains(&**t))
+            .collect();
+        extra.sort_unstable();
+        extra.dedup();
+        items.extend(extra.into_iter().map(|t| (t, Item::Whiteout)));
     }
     Ok(Listing { items, opaque })
 }

@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -225,7 +225,7 @@ impl Overlay {
             kind: FileType::Directory,
         });
         for (name, vis, lower) in names {
-            let name = OsString::from(std::ffi::OsStr::from_bytes(&name));
+            let name = OsString::from_vec(name.into_vec());
             // A lower object's d_ino is known from the listing; an upper one (which may carry an
             // origin) is worked out when the entry is sent.
             let ino = lower.map_or(0, |(layer, ino)| self.layers.xino(layer, ino));
