@@ -160,6 +160,16 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Open flags of a passthrough open: no FLUSH on close (there is nothing to flush).
+const PASSTHROUGH_OPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+/// Open flags of an open served through the daemon: keep the page cache across opens (the data
+/// changes only through the mount) and no FLUSH on close.
+const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
+/// Open flags of a directory: the kernel may keep its listing (every change to it goes through
+/// the mount, and the kernel drops the cached listing of a directory changed through it).
+const CACHED_DIR: FopenFlags = FopenFlags::FOPEN_CACHE_DIR.union(FopenFlags::FOPEN_KEEP_CACHE);
+
 /// Attributes that carry nothing but a node id and a type: for the "." and ".." entries of a
 /// READDIRPLUS reply, which the kernel skips, and (with id 0) for a negative entry, which tells
 /// the kernel "no such name, for TTL".
@@ -441,13 +451,8 @@ impl Filesystem for Fuse {
                 // Lower files too on a read-only mount: nothing there is ever copied up.
                 let pass = layer.is_upper() || self.ovl.read_only();
                 match self.open_mode(ino.0, fh, pass, |fd| reply.open_backing(&**fd)) {
-                    Some(b) => {
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
-                    }
-                    None => reply.opened(
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-                    ),
+                    Some(b) => reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_OPEN, &b),
+                    None => reply.opened(FileHandle(fh), CACHED_OPEN),
                 }
             }
             Err(e) => reply.error(errno(e)),
@@ -532,7 +537,7 @@ impl Filesystem for Fuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.ovl.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), CACHED_DIR),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -723,16 +728,12 @@ impl Filesystem for Fuse {
                             &fa,
                             Generation(0),
                             FileHandle(fh),
-                            FopenFlags::FOPEN_NOFLUSH,
+                            PASSTHROUGH_OPEN,
                             &b,
                         ),
-                        None => reply.created(
-                            &TTL,
-                            &fa,
-                            Generation(0),
-                            FileHandle(fh),
-                            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-                        ),
+                        None => {
+                            reply.created(&TTL, &fa, Generation(0), FileHandle(fh), CACHED_OPEN)
+                        }
                     }
                 }
                 Err(e) => reply.error(errno(e)),
