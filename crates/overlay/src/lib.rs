@@ -7,6 +7,7 @@
 pub mod attrs;
 pub mod changes;
 pub mod copyup;
+pub mod durability;
 pub mod fuse;
 pub mod group;
 pub mod handles;
