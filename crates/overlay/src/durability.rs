@@ -48,6 +48,17 @@ pub enum Ext4Data {
     NoJournal,
 }
 
+impl fmt::Display for Ext4Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ext4Data::Ordered => "data=ordered",
+            Ext4Data::Journal => "data=journal",
+            Ext4Data::Writeback => "data=writeback",
+            Ext4Data::NoJournal => "no journal",
+        })
+    }
+}
+
 impl SyncPolicy {
     /// The policy for an upper dir `upper` (any fd on it); `volatile` wins over everything. Also
     /// says, for the mount's log line, what it found.
@@ -106,8 +117,11 @@ impl fmt::Display for SyncPolicy {
 /// What [`SyncPolicy::sync_copy`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synced {
+    /// No sync was needed.
     Nothing,
+    /// The data was written back and waited for.
     WriteBack,
+    /// The copy was fsynced.
     Fsync,
 }
 
@@ -138,7 +152,7 @@ fn probe(upper: BorrowedFd<'_>) -> SysResult<(SyncPolicy, String)> {
     Ok(match data {
         Some(data) => (
             SyncPolicy::for_ext4(data),
-            format!("ext4 on {major}:{minor}, {data:?}"),
+            format!("ext4 on {major}:{minor}, {data}"),
         ),
         None => (
             SyncPolicy::Fsync,
