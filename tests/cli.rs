@@ -2,52 +2,10 @@
 //! (Both CLI spellings, `layerfs umount` and bad arguments are tested in `mount_cli.rs`.)
 
 use crate::dual::standard_lowers;
-use crate::util::{Fixture, Impl, can_mount, is_mounted, skip, sut};
+use crate::util::{Fixture, Impl, can_mount_layerfs, is_mounted, pids_mentioning, skip, wait_exit};
 
 fn layerfs_only(test: &str) -> bool {
-    if !can_mount(test) {
-        return false;
-    }
-    if sut() != Impl::Layerfs {
-        skip(
-            test,
-            "LAYERFS_SUT is not layerfs: this tests the layerfs command line",
-        );
-        return false;
-    }
-    true
-}
-
-/// Pids of live processes whose command line mentions `needle` (the daemon keeps its mount point in argv).
-fn pids_mentioning(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if pid == std::process::id() as i32 {
-            continue;
-        }
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) && cmd.contains("layerfs") {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// Blocks until process `pid` has exited (returns at once if it is already gone).
-fn wait_exit(pid: i32) {
-    use rustix::event::{PollFd, PollFlags, poll};
-    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
-        return;
-    };
-    let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
-        return; // already reaped
-    };
-    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-    while poll(&mut fds, None).is_err() {}
+    can_mount_layerfs(test, "this tests the layerfs command line")
 }
 
 /// `umount MNT` then at once `layerfs mount … MNT` again: once the old daemon has exited, the new mount

@@ -9,13 +9,15 @@
 //! Modules: `util` (fixture, mounts, snapshots), `opgen` (seeded lowers and op sequences), `fsops` (runs
 //! one op, renders its outcome), `differential` (the fuzzer and shrinker), `dual` (two mounts over the
 //! standard lowers), `scenarios` (real programs), `interop` (uppers across implementations),
-//! `diff_expect` (`layerfs diff` line by line), `cli` (the mount command line).
+//! `diff_expect` (`layerfs diff` line by line), `cli` (the mount command line), `durability` (power cut
+//! and killed daemon during copy-up).
 //! Divergences found so far: `tests/DIVERGENCES.md`.
 
 mod cli;
 mod diff_expect;
 mod differential;
 mod dual;
+mod durability;
 mod fsops;
 mod image_mount;
 mod interop;

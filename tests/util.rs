@@ -73,9 +73,50 @@ pub fn output(cmd: &mut Command) -> std::io::Result<Output> {
     child.wait_with_output()
 }
 
+/// `cmd.spawn()` under the spawn lock, stdio to /dev/null: a child the caller waits for (or kills).
+pub fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let _g = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+}
+
 /// Path of the `layerfs` binary built by cargo for this test.
 pub fn layerfs_bin() -> &'static str {
     env!("CARGO_BIN_EXE_layerfs")
+}
+
+/// Pids of live processes whose command line mentions `needle` (the daemon keeps its mount point in argv).
+pub fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) && cmd.contains("layerfs") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Blocks until process `pid` has exited (returns at once if it is already gone).
+pub fn wait_exit(pid: i32) {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return;
+    };
+    let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
+        return; // already reaped
+    };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    while poll(&mut fds, None).is_err() {}
 }
 
 /// Prints a loud skip line; callers `return` right after.
@@ -102,6 +143,19 @@ pub fn can_mount(test: &str) -> bool {
     }
     if !Path::new("/dev/fuse").exists() && sut() == Impl::Layerfs {
         skip(test, "/dev/fuse is absent");
+        return false;
+    }
+    true
+}
+
+/// Whether a test of the layerfs daemon itself (`why` says what it needs) can run: root, /dev/fuse,
+/// and `LAYERFS_SUT` naming layerfs.
+pub fn can_mount_layerfs(test: &str, why: &str) -> bool {
+    if !can_mount(test) {
+        return false;
+    }
+    if sut() != Impl::Layerfs {
+        skip(test, &format!("LAYERFS_SUT is not layerfs: {why}"));
         return false;
     }
     true
@@ -216,6 +270,16 @@ impl Mount {
     }
 
     pub fn try_new(imp: Impl, layers: &Layers, mnt: &Path) -> Result<Mount, String> {
+        Mount::try_new_with(imp, layers, mnt, &[])
+    }
+
+    /// Like [`Mount::try_new`], with extra mount options (`volatile`, …).
+    pub fn try_new_with(
+        imp: Impl,
+        layers: &Layers,
+        mnt: &Path,
+        options: &[&str],
+    ) -> Result<Mount, String> {
         let out = match imp {
             Impl::Kernel | Impl::KernelPlain => {
                 let extra = if imp == Impl::Kernel {
@@ -229,11 +293,15 @@ impl Mount {
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
                     .join(":");
-                let opts = format!(
+                let mut opts = format!(
                     "lowerdir={lower},upperdir={},workdir={},{extra}",
                     layers.upper.display(),
                     layers.work.display()
                 );
+                for o in options {
+                    opts.push(',');
+                    opts.push_str(o);
+                }
                 output(
                     Command::new("mount")
                         .args(["-t", "overlay", "overlay", "-o", &opts])
@@ -248,8 +316,13 @@ impl Mount {
                 }
                 c.arg("--upper").arg(&layers.upper);
                 c.arg("--work").arg(&layers.work);
-                if !layers.options.is_empty() {
-                    c.arg("-o").arg(layers.options.join(","));
+                for o in layers
+                    .options
+                    .iter()
+                    .map(String::as_str)
+                    .chain(options.iter().copied())
+                {
+                    c.arg("-o").arg(o);
                 }
                 c.arg(mnt);
                 // The daemon may keep inherited stdio open: never give it our pipes.

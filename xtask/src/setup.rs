@@ -15,6 +15,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("attr", "/usr/bin/getfattr"),
     ("git", "/usr/bin/git"),
     ("tar", "/bin/tar"),
+    // The power-cut tests (tests/durability.rs): an ext4 on a loop device.
+    ("e2fsprogs", "/sbin/mkfs.ext4"),
+    ("mount", "/sbin/losetup"),
 ];
 
 /// Installs what the tests need and is missing.

@@ -90,7 +90,9 @@ impl Overlay {
     /// GETXATTR. Private names answer `ENODATA`.
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> OvlResult<Vec<u8>> {
         if ino == crate::node::ROOT && name.as_bytes() == STATS_XATTR {
-            let snap = self.stats.snapshot(self.nodes.len());
+            let snap = self
+                .stats
+                .snapshot(self.nodes.len(), self.layers.sync.name());
             return serde_json::to_vec(&snap).map_err(|_| Errno::IO);
         }
         let stored = self.layers.encoding.escape(name.as_bytes());

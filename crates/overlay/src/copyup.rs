@@ -2,9 +2,10 @@
 //!
 //! Order (as the kernel's `ovl_copy_up_workdir`): parents first, top-down; the copy is built in
 //! `work/work` under a temporary name, created writable by the daemon whatever its final mode; then
-//! data (reflink, else `copy_file_range`), xattrs, mode, owner, times, fsync (unless `volatile`),
-//! and a rename into place. The parent's times are put back afterwards. Open handles notice the
-//! new upper object on their next read ([`crate::handles`]).
+//! data (reflink, else `copy_file_range`), xattrs, mode, owner, times; then the data is made
+//! durable as the mount's [`SyncPolicy`](crate::durability::SyncPolicy) says (an fsync, a
+//! write-back, or nothing), and the copy is renamed into place. The parent's times are put back
+//! afterwards. Open handles notice the new upper object on their next read ([`crate::handles`]).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -16,6 +17,7 @@ use layerfs_sys::{
     self as sys, Component, Errno, FileType, Mode, OFlags, RenameFlags, Stat, Timestamps, xattr,
 };
 
+use crate::durability::Synced;
 use crate::index::UpperSlot;
 use crate::layers::LayerIdx;
 use crate::node::Node;
@@ -156,6 +158,8 @@ impl Overlay {
     ) -> OvlResult<OwnedFd> {
         let kind = sys::file_type(st);
         let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
+        // The copy's data, still open for writing, when there is any to make durable.
+        let mut copied = None;
         let fd = match kind {
             FileType::Directory => {
                 sys::mkdir_at(work, tmp, Mode::from_raw_mode(0o700))?;
@@ -168,15 +172,13 @@ impl Overlay {
                     OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
                     Mode::from_raw_mode(0o600),
                 )?;
+                let fd = sys::open_path(work, tmp)?;
                 if data == CopyData::All && st.st_size > 0 {
                     let input = sys::reopen(src, OFlags::RDONLY)?;
                     sys::copy::copy_data(input.as_fd(), out.as_fd(), st.st_size as u64)?;
+                    copied = Some(out);
                 }
-                if !self.layers.volatile {
-                    self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-                    sys::sync_fd(&out, false)?;
-                }
-                sys::open_path(work, tmp)?
+                fd
             }
             FileType::Symlink => {
                 let target = sys::readlink_fd(src)?;
@@ -206,7 +208,21 @@ impl Overlay {
             last_modification: sys::mtime_of(st),
         };
         sys::utimes_fd(fd.as_fd(), &times)?;
+        if let Some(out) = copied {
+            self.sync_copy(out)?;
+        }
         Ok(fd)
+    }
+
+    /// Makes a copy's data durable before its rename, as the mount's sync policy says.
+    fn sync_copy(&self, out: OwnedFd) -> OvlResult<()> {
+        let counter = match self.layers.sync.sync_copy(&out)? {
+            Synced::Nothing => return Ok(()),
+            Synced::WriteBack => &self.stats.writebacks,
+            Synced::Fsync => &self.stats.fsyncs,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Renames `work/tmp` to `dir/name`, replacing a whiteout there if any, and puts `dir`'s times

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use layerfs_store::format::Encoding;
 use layerfs_sys::{self as sys, Component, Errno, Mode, SysResult};
 
+use crate::durability::SyncPolicy;
+
 /// Index of a layer in a mount: 0 is the upper dir, `i + 1` is lower dir `i` (top first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LayerIdx(pub u16);
@@ -32,7 +34,8 @@ pub struct OverlayConfig {
     pub upper: Option<PathBuf>,
     /// Work dir, on the same filesystem as `upper`.
     pub work: Option<PathBuf>,
-    /// Skip the fsync of copied-up files (like the kernel's `volatile`): faster, not crash-safe.
+    /// Make no copied-up file durable before its rename (like the kernel's `volatile`): faster,
+    /// not crash-safe.
     pub volatile: bool,
     /// About how many directory fds to keep open ([`crate::dirfds`]); 0 = the default.
     pub dir_fds: usize,
@@ -52,8 +55,8 @@ pub struct Layers {
     xino_tag: Vec<u64>,
     /// How whiteouts and opaque marks are written.
     pub encoding: Encoding,
-    /// No fsync on copy-up.
-    pub volatile: bool,
+    /// How a copy-up makes its data durable before the rename (chosen from the upper's filesystem).
+    pub sync: SyncPolicy,
 }
 
 /// Bits of `st_ino` left for the backing filesystem's inode number when layers span filesystems.
@@ -76,6 +79,7 @@ impl Layers {
         let mut devs = Vec::new();
         let mut work = None;
         let mut index = None;
+        let mut sync = SyncPolicy::Fsync;
         if let (Some(upper), Some(workdir)) = (&cfg.upper, &cfg.work) {
             let u = open(upper, "upper directory")?;
             let w = open(workdir, "work directory")?;
@@ -112,6 +116,9 @@ impl Layers {
                     workdir.display()
                 )
             })?);
+            let (policy, found) = SyncPolicy::for_upper(u.as_fd(), cfg.volatile);
+            tracing::info!("copy-up sync: {policy} ({found})");
+            sync = policy;
             devs.push(ust.st_dev);
             roots.push(Some(u));
         } else {
@@ -145,7 +152,7 @@ impl Layers {
             index,
             xino_tag,
             encoding: Encoding::for_this_process(),
-            volatile: cfg.volatile,
+            sync,
         })
     }
 

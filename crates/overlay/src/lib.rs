@@ -8,6 +8,7 @@ pub mod attrs;
 pub mod changes;
 pub mod copyup;
 mod dirfds;
+pub mod durability;
 pub mod fuse;
 pub mod group;
 pub mod handles;

@@ -19,8 +19,11 @@ pub struct Stats {
     pub index_builds: AtomicU64,
     /// Objects copied up.
     pub copy_ups: AtomicU64,
-    /// fsyncs issued by copy-up.
+    /// fsyncs issued by copy-up ([`crate::durability::SyncPolicy::Fsync`]).
     pub fsyncs: AtomicU64,
+    /// Copies written back and waited for by copy-up instead of an fsync
+    /// ([`crate::durability::SyncPolicy::WriteBack`]).
+    pub writebacks: AtomicU64,
     /// OPEN requests.
     pub opens: AtomicU64,
     /// Opens served by kernel passthrough.
@@ -42,16 +45,21 @@ pub struct StatsSnapshot {
     pub index_builds: u64,
     pub copy_ups: u64,
     pub fsyncs: u64,
+    #[serde(default)]
+    pub writebacks: u64,
     pub opens: u64,
     pub passthrough_opens: u64,
     pub dir_fd_evictions: u64,
     pub dir_fd_restores: u64,
     pub nodes: u64,
+    /// The mount's copy-up sync policy ([`crate::durability::SyncPolicy::name`]).
+    #[serde(default)]
+    pub copyup_sync: String,
 }
 
 impl Stats {
     /// Reads every counter.
-    pub fn snapshot(&self, nodes: usize) -> StatsSnapshot {
+    pub fn snapshot(&self, nodes: usize, copyup_sync: &str) -> StatsSnapshot {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {
             lookups: r(&self.lookups),
@@ -61,11 +69,13 @@ impl Stats {
             index_builds: r(&self.index_builds),
             copy_ups: r(&self.copy_ups),
             fsyncs: r(&self.fsyncs),
+            writebacks: r(&self.writebacks),
             opens: r(&self.opens),
             passthrough_opens: r(&self.passthrough_opens),
             dir_fd_evictions: r(&self.dir_fd_evictions),
             dir_fd_restores: r(&self.dir_fd_restores),
             nodes: nodes as u64,
+            copyup_sync: copyup_sync.to_string(),
         }
     }
 }

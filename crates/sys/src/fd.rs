@@ -240,6 +240,24 @@ pub fn sync_fd(fd: impl AsFd, data_only: bool) -> SysResult<()> {
     }
 }
 
+/// Writes back the dirty pages of the whole file behind `fd` (opened for I/O) and waits until that
+/// writeback has completed: `sync_file_range(fd, 0, 0, WAIT_BEFORE | WRITE | WAIT_AFTER)`. Unlike
+/// [`sync_fd`] it commits no journal and flushes no device cache, so it makes nothing durable by
+/// itself: a caller relies on what its filesystem orders after it (docs/durability.md).
+pub fn write_back_and_wait(fd: impl AsFd) -> SysResult<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: sync_file_range only reads its integer arguments; the fd is borrowed and stays open
+    // for the duration of the call.
+    let rc = unsafe { libc::sync_file_range(fd.as_fd().as_raw_fd(), 0, 0, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO))
+    }
+}
+
 /// `syncfs` of the filesystem that holds `fd`.
 pub fn syncfs(fd: impl AsFd) -> SysResult<()> {
     rfs::syncfs(fd)
