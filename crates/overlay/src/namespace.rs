@@ -399,6 +399,12 @@ impl Overlay {
             let s = n.read();
             s.parent == dir.ino && s.name.as_ref() == Some(&name)
         });
+        if let Some(child) = &child {
+            // Files still open on the directory keep using its fds once it has no name to reopen
+            // them by: get them back now if the fd cache closed them (it cannot close them again
+            // while this directory's op_lock is held, nor once the child is unlinked).
+            self.dir_fds(child)?;
+        }
         self.remove_entry(&dir, &p, &name, true)?;
         if let Some(child) = child {
             let mut s = child.write();
