@@ -381,6 +381,7 @@ fn directory_fds_stay_bounded() {
                 std::fs::create_dir_all(&dp).expect("mkdir");
                 std::fs::write(dp.join(format!("f{l}")), format!("{l}/{d}")).expect("write");
             }
+            std::fs::create_dir_all(root.join("empty")).expect("mkdir");
             root
         })
         .collect();
@@ -399,8 +400,16 @@ fn directory_fds_stay_bounded() {
         &layers_for(&fix, &lowers, "r"),
         &fix.mountpoint("r"),
     );
+    // A directory open across the walk (its fds get closed by the cache meanwhile), then removed:
+    // the open fd still stats it.
+    let held = std::fs::File::open(sut.path.join("empty")).expect("open dir");
     sh_ok(&sut.path, script);
     sh_ok(&reference.path, script);
+    std::fs::remove_dir(sut.path.join("empty")).expect("rmdir");
+    std::fs::remove_dir(reference.path.join("empty")).expect("rmdir");
+    let meta = held.metadata().expect("fstat of a removed directory");
+    assert!(meta.is_dir());
+    drop(held);
     let pid = sh_ok(
         fix.path(),
         &format!("pgrep -f -- ' {}$' | head -1", sut.path.display()),
