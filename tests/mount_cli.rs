@@ -20,6 +20,21 @@ fn layerfs(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `layerfs mount --lower L --upper U --work W MNT`, which must succeed.
+fn mount_one(lower: &Path, upper: &Path, work: &Path, mnt: &Path) {
+    let (ok, err) = layerfs(&[
+        "mount",
+        "--lower",
+        s(lower),
+        "--upper",
+        s(upper),
+        "--work",
+        s(work),
+        s(mnt),
+    ]);
+    assert!(ok, "mount: {err}");
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")
 }
@@ -224,17 +239,7 @@ fn walk_costs_one_readdirplus_per_directory() {
     }
     let (upper, work) = fix.upper_work("a");
     let mnt = fix.mountpoint("a");
-    let (ok, err) = layerfs(&[
-        "mount",
-        "--lower",
-        s(&lower),
-        "--upper",
-        s(&upper),
-        "--work",
-        s(&work),
-        s(&mnt),
-    ]);
-    assert!(ok, "mount: {err}");
+    mount_one(&lower, &upper, &work, &mnt);
     let listing = sh_ok(fix.path(), &format!("ls -lR {} | grep -c '^-'", s(&mnt)));
     assert_eq!(listing.trim(), (dirs * files).to_string());
     let out = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
@@ -266,17 +271,7 @@ fn deep_paths_and_long_names() {
     let lower = fix.dir("lower");
     let (upper, work) = fix.upper_work("a");
     let mnt = fix.mountpoint("a");
-    let (ok, err) = layerfs(&[
-        "mount",
-        "--lower",
-        s(&lower),
-        "--upper",
-        s(&upper),
-        "--work",
-        s(&work),
-        s(&mnt),
-    ]);
-    assert!(ok, "mount: {err}");
+    mount_one(&lower, &upper, &work, &mnt);
     // 20 components of 200 bytes: a relative path of ~4 KiB, built and read back with *at calls.
     let script = r#"
 import os, sys, errno
@@ -326,17 +321,7 @@ fn shared_writable_mmap_of_a_copied_up_file() {
     std::fs::write(lower.join("data"), vec![b'a'; 8192]).expect("write");
     let (upper, work) = fix.upper_work("a");
     let mnt = fix.mountpoint("a");
-    let (ok, err) = layerfs(&[
-        "mount",
-        "--lower",
-        s(&lower),
-        "--upper",
-        s(&upper),
-        "--work",
-        s(&work),
-        s(&mnt),
-    ]);
-    assert!(ok, "mount: {err}");
+    mount_one(&lower, &upper, &work, &mnt);
     let script = r#"
 import mmap, os, sys
 p = os.path.join(sys.argv[1], "data")
