@@ -23,6 +23,8 @@ use layerfs_sys::{self as sys, SysResult};
 /// How a copy-up makes its data durable before the rename. Chosen once per mount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncPolicy {
+    /// No upper dir (a read-only mount): nothing is ever copied up.
+    ReadOnly,
     /// Mount option `volatile`: no sync at all.
     Volatile,
     /// The upper is in memory (tmpfs, ramfs): no sync; nothing survives a crash.
@@ -87,6 +89,7 @@ impl SyncPolicy {
     /// The name shown by `layerfs stats` and the mount's log line.
     pub fn name(self) -> &'static str {
         match self {
+            SyncPolicy::ReadOnly => "none (read-only mount)",
             SyncPolicy::Volatile => "none (volatile)",
             SyncPolicy::Memory => "none (tmpfs)",
             SyncPolicy::Journaled => "none (ext4 data=journal)",
@@ -99,9 +102,10 @@ impl SyncPolicy {
     /// done. Returns whether it synced anything, for the counters.
     pub fn sync_copy(self, copy: impl AsFd) -> SysResult<Synced> {
         match self {
-            SyncPolicy::Volatile | SyncPolicy::Memory | SyncPolicy::Journaled => {
-                Ok(Synced::Nothing)
-            }
+            SyncPolicy::ReadOnly
+            | SyncPolicy::Volatile
+            | SyncPolicy::Memory
+            | SyncPolicy::Journaled => Ok(Synced::Nothing),
             SyncPolicy::WriteBack => sys::write_back_and_wait(copy).map(|()| Synced::WriteBack),
             SyncPolicy::Fsync => sys::sync_fd(copy, false).map(|()| Synced::Fsync),
         }

@@ -79,7 +79,7 @@ impl Layers {
         let mut devs = Vec::new();
         let mut work = None;
         let mut index = None;
-        let mut sync = SyncPolicy::Fsync;
+        let mut sync = SyncPolicy::ReadOnly;
         if let (Some(upper), Some(workdir)) = (&cfg.upper, &cfg.work) {
             let u = open(upper, "upper directory")?;
             let w = open(workdir, "work directory")?;
