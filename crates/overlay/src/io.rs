@@ -93,6 +93,37 @@ impl Overlay {
         Ok(fresh)
     }
 
+    /// The whole content of the lower file behind handle `fh` if it is at most `max` bytes (and not
+    /// empty), read under the node's copy-up lock with `f` run on it before the lock is let go: no
+    /// copy-up (and so no write) of the node can come between the read and `f`. `None` once the
+    /// node has an upper copy.
+    pub fn with_small_lower_data(
+        &self,
+        fh: u64,
+        max: u64,
+        f: impl FnOnce(u64, &[u8]),
+    ) -> OvlResult<()> {
+        let h = self.handles.file(fh)?;
+        let Handle::File(file) = &*h else {
+            return Err(Errno::ISDIR);
+        };
+        let node = file.node.clone();
+        let _g = node.copyup_lock();
+        if node.read().in_upper() {
+            return Ok(());
+        }
+        let (_, fd) = file.current();
+        let size = sys::stat_fd(fd.as_fd())?.st_size as u64;
+        if size == 0 || size > max {
+            return Ok(());
+        }
+        let data = self.read(fh, 0, size as u32)?;
+        if data.len() as u64 == size {
+            f(node.ino, &data);
+        }
+        Ok(())
+    }
+
     /// READ.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
         let fd = self.file_fd(fh)?;
