@@ -423,3 +423,36 @@ fn directory_fds_stay_bounded() {
         &snapshot(&sut.path, &opts),
     );
 }
+
+/// A copy-up triggered by an open for writing changes the parent directory (a new upper entry:
+/// its ctime moves) without the kernel knowing from the request: the daemon tells it, so a stat
+/// right after shows what the upper shows, and `tar` of the tree does not report "file changed as
+/// we read it" for the parent.
+#[test]
+fn parent_attributes_are_fresh_after_a_copy_up() {
+    if !can_mount("parent_attributes_are_fresh_after_a_copy_up") {
+        return;
+    }
+    let fix = Fixture::new("freshattr");
+    let lower = fix.dir("lower");
+    std::fs::create_dir_all(lower.join("d")).expect("mkdir");
+    std::fs::write(lower.join("d/f"), "lower\n").expect("write");
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    mount_one(&lower, &upper, &work, &mnt);
+    let ctime = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).expect("stat");
+        (m.ctime(), m.ctime_nsec())
+    };
+    // The kernel caches d's attributes now.
+    let _ = ctime(&mnt.join("d"));
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("d/f"))
+        .expect("open for append (copy-up)");
+    assert_eq!(ctime(&mnt.join("d")), ctime(&upper.join("d")));
+    sh_ok(fix.path(), &format!("tar cf - -C {} . > /dev/null", s(&mnt)));
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "umount: {err}");
+}

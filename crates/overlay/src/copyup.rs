@@ -23,6 +23,23 @@ use crate::layers::LayerIdx;
 use crate::node::Node;
 use crate::overlay::{Overlay, OvlResult};
 
+std::thread_local! {
+    /// Nodes whose attributes a copy-up on this thread changed behind the kernel's back (a parent
+    /// that gained an upper entry, a directory now served from its upper copy).
+    static CHANGED: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Records that copy-up changed the attributes of node `ino`.
+fn attrs_changed(ino: u64) {
+    CHANGED.with(|c| c.borrow_mut().push(ino));
+}
+
+/// The nodes whose attributes copy-ups on this thread changed since the last call (a request is
+/// served on one thread: its front end tells the kernel before it replies).
+pub fn take_changed_attrs() -> Vec<u64> {
+    CHANGED.with(|c| std::mem::take(&mut *c.borrow_mut()))
+}
+
 /// How much of a regular file's data a copy-up takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyData {
@@ -100,6 +117,10 @@ impl Overlay {
             self.update_index(&parent, |idx| {
                 idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)))
             })?;
+            attrs_changed(parent.ino);
+            if node.is_dir {
+                attrs_changed(node.ino);
+            }
             self.stats.copy_ups.fetch_add(1, Ordering::Relaxed);
             fd
         };
@@ -142,6 +163,7 @@ impl Overlay {
             return Err(e);
         }
         let kind = sys::file_type(&sys::stat_fd(upper.as_fd())?);
+        attrs_changed(dir.ino);
         self.update_index(dir, |idx| {
             idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)))
         })

@@ -165,6 +165,22 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+impl Fuse {
+    /// Passes `result` on after telling the kernel to drop its cached attributes of the nodes a
+    /// copy-up on this thread changed (a parent dir that gained an upper entry: its ctime moved),
+    /// which the kernel cannot know from the request itself. Attribute-only invalidations take no
+    /// inode lock in the kernel, so they are safe while serving a request.
+    fn changed<T>(&self, result: T) -> T {
+        let changed = crate::copyup::take_changed_attrs();
+        if let Some(n) = self.notifier.get() {
+            for ino in changed {
+                let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            }
+        }
+        result
+    }
+}
+
 /// Lower files up to this size have their data put in the kernel's page cache when opened.
 const PREFILL_MAX: u64 = 64 * 1024;
 
@@ -361,7 +377,7 @@ impl Filesystem for Fuse {
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
         };
-        match self.ovl.setattr(ino.0, a) {
+        match self.changed(self.ovl.setattr(ino.0, a)) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
@@ -392,9 +408,11 @@ impl Filesystem for Fuse {
         };
         reply_entry(
             reply,
-            self.ovl
-                .create_object(parent.0, name, obj, caller(req))
-                .map(|r| r.0),
+            self.changed(
+                self.ovl
+                    .create_object(parent.0, name, obj, caller(req))
+                    .map(|r| r.0),
+            ),
         );
     }
 
@@ -410,18 +428,20 @@ impl Filesystem for Fuse {
         let obj = NewObject::Dir { mode };
         reply_entry(
             reply,
-            self.ovl
-                .create_object(parent.0, name, obj, caller(req))
-                .map(|r| r.0),
+            self.changed(
+                self.ovl
+                    .create_object(parent.0, name, obj, caller(req))
+                    .map(|r| r.0),
+            ),
         );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.ovl.unlink(parent.0, name));
+        reply_empty(reply, self.changed(self.ovl.unlink(parent.0, name)));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.ovl.rmdir(parent.0, name));
+        reply_empty(reply, self.changed(self.ovl.rmdir(parent.0, name)));
     }
 
     fn symlink(
@@ -437,9 +457,11 @@ impl Filesystem for Fuse {
         };
         reply_entry(
             reply,
-            self.ovl
-                .create_object(parent.0, link_name, obj, caller(req))
-                .map(|r| r.0),
+            self.changed(
+                self.ovl
+                    .create_object(parent.0, link_name, obj, caller(req))
+                    .map(|r| r.0),
+            ),
         );
     }
 
@@ -456,7 +478,7 @@ impl Filesystem for Fuse {
         let flags = sys::RenameFlags::from_bits_retain(flags.bits() as _);
         reply_empty(
             reply,
-            self.ovl.rename(parent.0, name, newparent.0, newname, flags),
+            self.changed(self.ovl.rename(parent.0, name, newparent.0, newname, flags)),
         );
     }
 
@@ -468,11 +490,14 @@ impl Filesystem for Fuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.ovl.link(ino.0, newparent.0, newname));
+        reply_entry(
+            reply,
+            self.changed(self.ovl.link(ino.0, newparent.0, newname)),
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.ovl.open(ino.0, flags.0) {
+        match self.changed(self.ovl.open(ino.0, flags.0)) {
             Ok((fh, layer)) => {
                 // Lower files too on a read-only mount: nothing there is ever copied up.
                 let pass = layer.is_upper() || self.ovl.read_only();
@@ -710,7 +735,10 @@ impl Filesystem for Fuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.ovl.setxattr(ino.0, name, value, flags));
+        reply_empty(
+            reply,
+            self.changed(self.ovl.setxattr(ino.0, name, value, flags)),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -723,7 +751,7 @@ impl Filesystem for Fuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.ovl.removexattr(ino.0, name));
+        reply_empty(reply, self.changed(self.ovl.removexattr(ino.0, name)));
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -748,7 +776,7 @@ impl Filesystem for Fuse {
             mode,
             flags: oflags,
         };
-        let created = self.ovl.create_object(parent.0, name, obj, caller(req));
+        let created = self.changed(self.ovl.create_object(parent.0, name, obj, caller(req)));
         match created {
             Ok((attr, Some(fd))) => match self.ovl.adopt_created(attr.ino, flags, fd) {
                 Ok(fh) => {
