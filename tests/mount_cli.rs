@@ -452,7 +452,10 @@ fn parent_attributes_are_fresh_after_a_copy_up() {
         .open(mnt.join("d/f"))
         .expect("open for append (copy-up)");
     assert_eq!(ctime(&mnt.join("d")), ctime(&upper.join("d")));
-    sh_ok(fix.path(), &format!("tar cf - -C {} . > /dev/null", s(&mnt)));
+    sh_ok(
+        fix.path(),
+        &format!("tar cf - -C {} . > /dev/null", s(&mnt)),
+    );
     let (ok, err) = layerfs(&["umount", s(&mnt)]);
     assert!(ok, "umount: {err}");
 }
