@@ -93,10 +93,10 @@ impl Overlay {
         Ok(fresh)
     }
 
-    /// The whole content of the lower file behind handle `fh` if it is at most `max` bytes (and not
-    /// empty), read under the node's copy-up lock with `f` run on it before the lock is let go: no
-    /// copy-up (and so no write) of the node can come between the read and `f`. `None` once the
-    /// node has an upper copy.
+    /// Runs `f` on the whole content of the lower file behind handle `fh` if it is at most `max`
+    /// bytes (and not empty), holding the node's copy-up lock from the read to the end of `f`: no
+    /// copy-up (and so no write) of the node can come between. Does nothing if the lock is taken
+    /// or the node has an upper copy.
     pub fn with_small_lower_data(
         &self,
         fh: u64,
@@ -108,7 +108,9 @@ impl Overlay {
             return Err(Errno::ISDIR);
         };
         let node = file.node.clone();
-        let _g = node.copyup_lock();
+        let Some(_g) = node.try_copyup_lock() else {
+            return Ok(());
+        };
         if node.read().in_upper() {
             return Ok(());
         }

@@ -188,6 +188,10 @@ impl Fuse {
     /// Puts the data of a small lower file, just opened as handle `fh`, into the kernel's page
     /// cache (FUSE_NOTIFY_STORE) before the open is answered: reading it then costs no READ round
     /// trip, and no GETATTR either (a READ makes the kernel drop its cached atime). Best effort.
+    ///
+    /// Only for the node's sole open (no READ of it can be in flight, whose page locks the store
+    /// would wait for), and skipped if the node's copy-up lock is taken: the store holds that lock
+    /// so that no copy-up and write can slip in between reading the data and storing it.
     fn prefill(&self, fh: u64) {
         let Some(notifier) = self.notifier.get() else {
             return;
@@ -504,7 +508,7 @@ impl Filesystem for Fuse {
                 match self.open_mode(ino.0, fh, pass, |fd| reply.open_backing(&**fd)) {
                     Some(b) => reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_OPEN, &b),
                     None => {
-                        if !layer.is_upper() {
+                        if !layer.is_upper() && self.sole_cached_open(ino.0) {
                             self.prefill(fh);
                         }
                         reply.opened(FileHandle(fh), CACHED_OPEN)

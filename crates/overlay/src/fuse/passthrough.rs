@@ -90,6 +90,14 @@ impl Fuse {
         None
     }
 
+    /// Whether node `ino` has exactly one open, a cached one.
+    pub(super) fn sole_cached_open(&self, ino: u64) -> bool {
+        let st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.by_ino
+            .get(&ino)
+            .is_some_and(|io| io.cached == 1 && io.backing.is_none())
+    }
+
     /// RELEASE: drops what handle `fh` held.
     pub(super) fn release_mode(&self, fh: u64) {
         let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
