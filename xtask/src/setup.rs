@@ -13,6 +13,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "/usr/bin/skopeo"),
     ("busybox-static", "/bin/busybox"),
     ("attr", "/usr/bin/getfattr"),
+    ("acl", "/usr/bin/setfacl"),
     ("git", "/usr/bin/git"),
     ("tar", "/bin/tar"),
     // The power-cut tests (tests/durability.rs): an ext4 on a loop device.

@@ -305,6 +305,9 @@ impl Filesystem for Fuse {
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_MAX_PAGES,
+            // The kernel reads ACLs (GETXATTR system.posix_acl_*) and enforces them in its
+            // permission checks, as on kernel overlayfs; it also caches them.
+            InitFlags::FUSE_POSIX_ACL,
         ] {
             let _ = config.add_capabilities(cap);
         }
