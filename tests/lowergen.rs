@@ -271,13 +271,7 @@ pub fn build_layer(layer: &LowerLayer, dir: &Path) {
                     rfs::lsetxattr(&full, k.as_str(), v.as_bytes(), rfs::XattrFlags::empty())
                         .expect("lower xattr");
                 }
-                rfs::chown(
-                    &full,
-                    Some(rfs::Uid::from_raw(*uid)),
-                    Some(rfs::Gid::from_raw(*gid)),
-                )
-                .expect("chown");
-                rfs::chmod(&full, Mode::from_raw_mode(*mode)).expect("chmod");
+                set_owner_mode(&full, *uid, *gid, *mode);
             }
             LowerKind::Dir { xattrs, opaque, .. } => {
                 std::fs::create_dir(&full).expect("mkdir lower");
@@ -327,13 +321,7 @@ pub fn build_layer(layer: &LowerLayer, dir: &Path) {
     for (p, kind, _) in &layer.entries {
         if let LowerKind::Dir { mode, uid, gid, .. } = kind {
             let full = dir.join(p);
-            rfs::chown(
-                &full,
-                Some(rfs::Uid::from_raw(*uid)),
-                Some(rfs::Gid::from_raw(*gid)),
-            )
-            .expect("chown dir");
-            rfs::chmod(&full, Mode::from_raw_mode(*mode)).expect("chmod dir");
+            set_owner_mode(&full, *uid, *gid, *mode);
         }
     }
     for (p, _, mtime) in layer.entries.iter().rev() {
@@ -404,4 +392,16 @@ impl fmt::Display for Lowers {
         }
         Ok(())
     }
+}
+
+/// chown, then chmod (chown drops set-id bits).
+fn set_owner_mode(p: &std::path::Path, uid: u32, gid: u32, mode: u32) {
+    use rustix::fs::{self as rfs, Mode};
+    rfs::chown(
+        p,
+        Some(rfs::Uid::from_raw(uid)),
+        Some(rfs::Gid::from_raw(gid)),
+    )
+    .expect("chown");
+    rfs::chmod(p, Mode::from_raw_mode(mode)).expect("chmod");
 }

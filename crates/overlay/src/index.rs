@@ -133,12 +133,7 @@ impl DirIndex {
             entries.reserve(listing.items.len());
             for (name, item) in listing.items {
                 if let Item::Entry(kind, ino) = item {
-                    let lower = LowerSlot {
-                        layer: dir.layer,
-                        kind,
-                        ino,
-                        more: Box::new([]),
-                    };
+                    let lower = LowerSlot::new(dir.layer, kind, ino);
                     entries.insert(
                         name,
                         IndexEntry {
@@ -159,20 +154,12 @@ impl DirIndex {
                         MapEntry::Vacant(v) => {
                             v.insert(match item {
                                 Item::Whiteout => LowerBuild::Whiteout,
-                                Item::Entry(FileType::Directory, ino) => {
-                                    LowerBuild::Dir(LowerSlot {
-                                        layer: dir.layer,
-                                        kind: FileType::Directory,
-                                        ino,
-                                        more: Box::new([]),
-                                    })
+                                Item::Entry(FileType::Directory, ino) => LowerBuild::Dir(
+                                    LowerSlot::new(dir.layer, FileType::Directory, ino),
+                                ),
+                                Item::Entry(kind, ino) => {
+                                    LowerBuild::Closed(LowerSlot::new(dir.layer, kind, ino))
                                 }
-                                Item::Entry(kind, ino) => LowerBuild::Closed(LowerSlot {
-                                    layer: dir.layer,
-                                    kind,
-                                    ino,
-                                    more: Box::new([]),
-                                }),
                             });
                         }
                         MapEntry::Occupied(mut o) => {
@@ -274,11 +261,18 @@ impl DirIndex {
 }
 
 fn empty_slot() -> LowerSlot {
-    LowerSlot {
-        layer: LayerIdx::UPPER,
-        kind: FileType::Unknown,
-        ino: 0,
-        more: Box::new([]),
+    LowerSlot::new(LayerIdx::UPPER, FileType::Unknown, 0)
+}
+
+impl LowerSlot {
+    /// A name found in `layer` alone (no further layer merged yet).
+    fn new(layer: LayerIdx, kind: FileType, ino: u64) -> Self {
+        LowerSlot {
+            layer,
+            kind,
+            ino,
+            more: Box::new([]),
+        }
     }
 }
 
@@ -363,6 +357,20 @@ mod tests {
     use std::fs;
     use std::path::Path;
 
+    /// Layers 1 and 2 of an index build.
+    fn two_lowers<'a>(f1: &'a OwnedFd, f2: &'a OwnedFd) -> [LayerDir<'a>; 2] {
+        [
+            LayerDir {
+                layer: LayerIdx(1),
+                fd: f1.as_fd(),
+            },
+            LayerDir {
+                layer: LayerIdx(2),
+                fd: f2.as_fd(),
+            },
+        ]
+    }
+
     fn layer(root: &Path, files: &[&str]) {
         for f in files {
             let p = root.join(f.trim_end_matches('/'));
@@ -402,16 +410,7 @@ mod tests {
         );
         let open = |p: &Path| sys::open_root(p).expect("open");
         let (uf, f1, f2) = (open(&u), open(&l1), open(&l2));
-        let lowers = [
-            LayerDir {
-                layer: LayerIdx(1),
-                fd: f1.as_fd(),
-            },
-            LayerDir {
-                layer: LayerIdx(2),
-                fd: f2.as_fd(),
-            },
-        ];
+        let lowers = two_lowers(&f1, &f2);
         let idx = DirIndex::build(Some(uf.as_fd()), &lowers).expect("build");
         let vis = |n: &str| idx.visible(n.as_bytes()).map(|v| v.layer.0);
         let cases: &[(&str, Option<u16>)] = &[
@@ -456,16 +455,7 @@ mod tests {
             sys::open_root(&l1).expect("open"),
             sys::open_root(&l2).expect("open"),
         );
-        let lowers = [
-            LayerDir {
-                layer: LayerIdx(1),
-                fd: f1.as_fd(),
-            },
-            LayerDir {
-                layer: LayerIdx(2),
-                fd: f2.as_fd(),
-            },
-        ];
+        let lowers = two_lowers(&f1, &f2);
         let idx = DirIndex::build(None, &lowers).expect("build");
         assert!(idx.visible(b"a").is_some());
         assert!(idx.visible(b"b").is_none());

@@ -432,13 +432,17 @@ impl Overlay {
         dir: &Arc<Node>,
         name: &Component,
     ) -> OvlResult<Option<(Arc<Node>, Attr)>> {
-        let Some(entry) = self.entry(dir, name)? else {
-            return Ok(None);
-        };
-        let Some(probe) = self.probe(dir, name, &entry)? else {
-            return Ok(None);
-        };
-        Ok(Some(self.node_from_probe(dir, name, probe)))
+        Ok(self
+            .probe_name(dir, name)?
+            .map(|probe| self.node_from_probe(dir, name, probe)))
+    }
+
+    /// The index entry of `name` in `dir`, probed.
+    fn probe_name(&self, dir: &Node, name: &Component) -> OvlResult<Option<Probe>> {
+        match self.entry(dir, name)? {
+            Some(entry) => self.probe(dir, name, &entry),
+            None => Ok(None),
+        }
     }
 
     /// Finds `name` in `dir` for the kernel: like [`Overlay::lookup_node`], but a lower file with a
@@ -448,10 +452,7 @@ impl Overlay {
         dir: &Arc<Node>,
         name: &Component,
     ) -> OvlResult<Option<(Found, Attr)>> {
-        let Some(entry) = self.entry(dir, name)? else {
-            return Ok(None);
-        };
-        let Some(probe) = self.probe(dir, name, &entry)? else {
+        let Some(probe) = self.probe_name(dir, name)? else {
             return Ok(None);
         };
         let light = !probe.vis.layer.is_upper()

@@ -8,20 +8,23 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Config, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    AccessFlags, Config, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
-use layerfs_sys::{self as sys, Errno, Stat};
+use layerfs_sys::{self as sys, Errno};
 
-use crate::attrs::{SetAttr, SetTime};
+use crate::attrs::SetAttr;
 use crate::namespace::{Caller, NewObject};
 use crate::overlay::{Attr, Overlay};
 
+mod convert;
+use convert::{bare_attr, errno, file_attr, kind_of_sys, set_time};
+mod notify;
 mod passthrough;
 use passthrough::Passthrough;
 
@@ -108,104 +111,6 @@ pub fn serve(
     Ok(())
 }
 
-fn errno(e: Errno) -> fuser::Errno {
-    fuser::Errno::from_i32(e.raw_os_error())
-}
-
-fn time(sec: i64, nsec: i64) -> SystemTime {
-    if sec >= 0 {
-        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
-    }
-}
-
-fn kind_of(mode: u32) -> FileType {
-    match sys::FileType::from_raw_mode(mode) {
-        sys::FileType::Directory => FileType::Directory,
-        sys::FileType::Symlink => FileType::Symlink,
-        sys::FileType::Fifo => FileType::NamedPipe,
-        sys::FileType::Socket => FileType::Socket,
-        sys::FileType::CharacterDevice => FileType::CharDevice,
-        sys::FileType::BlockDevice => FileType::BlockDevice,
-        _ => FileType::RegularFile,
-    }
-}
-
-fn kind_of_sys(k: sys::FileType) -> FileType {
-    match k {
-        sys::FileType::Directory => FileType::Directory,
-        sys::FileType::Symlink => FileType::Symlink,
-        sys::FileType::Fifo => FileType::NamedPipe,
-        sys::FileType::Socket => FileType::Socket,
-        sys::FileType::CharacterDevice => FileType::CharDevice,
-        sys::FileType::BlockDevice => FileType::BlockDevice,
-        _ => FileType::RegularFile,
-    }
-}
-
-fn file_attr(a: &Attr) -> FileAttr {
-    let st: &Stat = &a.st;
-    FileAttr {
-        ino: INodeNo(a.ino),
-        size: st.st_size as u64,
-        blocks: st.st_blocks as u64,
-        atime: time(st.st_atime, st.st_atime_nsec as i64),
-        mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
-        ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
-        crtime: time(st.st_ctime, st.st_ctime_nsec as i64),
-        kind: kind_of(st.st_mode),
-        perm: (st.st_mode & 0o7777) as u16,
-        nlink: st.st_nlink as u32,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        rdev: st.st_rdev as u32,
-        blksize: st.st_blksize as u32,
-        flags: 0,
-    }
-}
-
-impl Fuse {
-    /// Passes `result` on after telling the kernel to drop its cached attributes of the nodes a
-    /// copy-up on this thread changed (a parent dir that gained an upper entry: its ctime moved),
-    /// which the kernel cannot know from the request itself. Attribute-only invalidations take no
-    /// inode lock in the kernel, so they are safe while serving a request.
-    fn changed<T>(&self, result: T) -> T {
-        let changed = crate::copyup::take_changed_attrs();
-        if let Some(n) = self.notifier.get() {
-            for ino in changed {
-                let _ = n.inval_inode(INodeNo(ino), -1, 0);
-            }
-        }
-        result
-    }
-}
-
-/// Lower files up to this size have their data put in the kernel's page cache when opened.
-const PREFILL_MAX: u64 = 64 * 1024;
-
-impl Fuse {
-    /// Puts the data of a small lower file, just opened as handle `fh`, into the kernel's page
-    /// cache (FUSE_NOTIFY_STORE) before the open is answered: reading it then costs no READ round
-    /// trip, and no GETATTR either (a READ makes the kernel drop its cached atime). Best effort.
-    ///
-    /// Only for the node's sole open (no READ of it can be in flight, whose page locks the store
-    /// would wait for), and skipped if the node's copy-up lock is taken: the store holds that lock
-    /// so that no copy-up and write can slip in between reading the data and storing it.
-    fn prefill(&self, fh: u64) {
-        let Some(notifier) = self.notifier.get() else {
-            return;
-        };
-        let _ = self
-            .ovl
-            .with_small_lower_data(fh, PREFILL_MAX, |ino, data| {
-                if let Err(e) = notifier.store(INodeNo(ino), 0, data) {
-                    tracing::debug!("page cache prefill of node {ino}: {e}");
-                }
-            });
-    }
-}
-
 /// Open flags of a passthrough open: no FLUSH on close (there is nothing to flush).
 const PASSTHROUGH_OPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 /// Open flags of an open served through the daemon: keep the page cache across opens (the data
@@ -215,55 +120,6 @@ const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::F
 /// Open flags of a directory: the kernel may keep its listing (every change to it goes through
 /// the mount, and the kernel drops the cached listing of a directory changed through it).
 const CACHED_DIR: FopenFlags = FopenFlags::FOPEN_CACHE_DIR.union(FopenFlags::FOPEN_KEEP_CACHE);
-
-/// Attributes that carry nothing but a node id and a type: for the "." and ".." entries of a
-/// READDIRPLUS reply, which the kernel skips, and (with id 0) for a negative entry, which tells
-/// the kernel "no such name, for TTL".
-fn bare_attr(ino: u64, kind: FileType) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(ino),
-        size: 0,
-        blocks: 0,
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 0,
-        flags: 0,
-    }
-}
-
-fn set_time(t: Option<TimeOrNow>) -> SetTime {
-    match t {
-        None => SetTime::Omit,
-        Some(TimeOrNow::Now) => SetTime::Now,
-        Some(TimeOrNow::SpecificTime(t)) => {
-            let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
-                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
-                Err(e) => {
-                    let d = e.duration();
-                    let mut sec = -(d.as_secs() as i64);
-                    let mut nsec = -(d.subsec_nanos() as i64);
-                    if nsec < 0 {
-                        sec -= 1;
-                        nsec += 1_000_000_000;
-                    }
-                    (sec, nsec)
-                }
-            };
-            SetTime::At(sys::Timespec {
-                tv_sec: sec,
-                tv_nsec: nsec as _,
-            })
-        }
-    }
-}
 
 fn caller(req: &Request) -> Caller {
     Caller {
