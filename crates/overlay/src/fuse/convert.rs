@@ -20,18 +20,6 @@ fn time(sec: i64, nsec: i64) -> SystemTime {
     }
 }
 
-fn kind_of(mode: u32) -> FileType {
-    match sys::FileType::from_raw_mode(mode) {
-        sys::FileType::Directory => FileType::Directory,
-        sys::FileType::Symlink => FileType::Symlink,
-        sys::FileType::Fifo => FileType::NamedPipe,
-        sys::FileType::Socket => FileType::Socket,
-        sys::FileType::CharacterDevice => FileType::CharDevice,
-        sys::FileType::BlockDevice => FileType::BlockDevice,
-        _ => FileType::RegularFile,
-    }
-}
-
 pub(super) fn kind_of_sys(k: sys::FileType) -> FileType {
     match k {
         sys::FileType::Directory => FileType::Directory,
@@ -54,7 +42,7 @@ pub(super) fn file_attr(a: &Attr) -> FileAttr {
         mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
         ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
         crtime: time(st.st_ctime, st.st_ctime_nsec as i64),
-        kind: kind_of(st.st_mode),
+        kind: kind_of_sys(sys::FileType::from_raw_mode(st.st_mode)),
         perm: (st.st_mode & 0o7777) as u16,
         nlink: st.st_nlink as u32,
         uid: st.st_uid,
