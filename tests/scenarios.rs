@@ -328,3 +328,46 @@ fn scenario_posix_acls() {
     );
     d.assert_same("after ACL scenario", &scen_opts());
 }
+
+/// New objects under a default ACL take it and ignore the umask; elsewhere the umask applies.
+/// Covers objects made in place and over whiteouts (built in work/), set-id bits, setgid dirs.
+#[test]
+fn scenario_default_acls_and_umask() {
+    if !can_mount("scenario_default_acls_and_umask") {
+        return;
+    }
+    if !have_program("setfacl") || !have_program("python3") {
+        skip(
+            "scenario_default_acls_and_umask",
+            "setfacl or python3 not installed",
+        );
+        return;
+    }
+    let d = Dual::new("dacl");
+    let out = d.run(
+        "umask 027 && mkdir n && touch n/plain && mkdir n/pd && mkfifo n/fifo && \
+         setfacl -d -m u:1000:rwx etc && umask 022 && \
+         touch etc/new && mkdir etc/newdir && mkfifo etc/newfifo && \
+         rm etc/app.conf && touch etc/app.conf && rm -r etc/conf.d && mkdir etc/conf.d && \
+         umask 002 && python3 -c 'import os\nfor p, m in ((\"etc/suid\", 0o6775), (\"n/suid\", 0o6777)): os.close(os.open(p, os.O_CREAT | os.O_WRONLY, m))' && \
+         chmod g+s etc && mkdir etc/sg n/sg && \
+         stat -c '%a %n' n/* etc/new etc/newdir etc/newfifo etc/app.conf etc/conf.d etc/suid etc/sg && \
+         getfacl -cn etc/new etc/newdir etc/app.conf etc/conf.d etc/suid etc/sg",
+    );
+    for line in [
+        "640 n/plain",
+        "750 n/pd",
+        "6775 n/suid",
+        "664 etc/new",
+        "775 etc/conf.d",
+        "2775 etc/sg",
+        "mask::rw-",
+        "default:user:1000:rwx",
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "no line {line:?} in:\n{out}"
+        );
+    }
+    d.assert_same("after default-ACL scenario", &scen_opts());
+}

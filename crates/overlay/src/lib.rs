@@ -4,6 +4,7 @@
 //! Request path: kernel → [`fuse`] (the only module that sees fuser) → an [`Overlay`] operation
 //! (`Result<_, Errno>`) → [`layerfs_sys`] fd-relative syscalls on the layer directories.
 
+pub mod acl;
 pub mod attrs;
 pub mod changes;
 pub mod copyup;

@@ -5,6 +5,7 @@
 //! layer has the name; creating over a whiteout replaces it atomically (built in the work dir, then
 //! exchanged); a directory created over a whiteout is opaque; new objects belong to the caller.
 
+use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::MutexGuard;
@@ -12,6 +13,7 @@ use std::sync::MutexGuard;
 use layerfs_store::format;
 use layerfs_sys::{self as sys, Component, Errno, FileType, Mode, OFlags};
 
+use crate::acl;
 use crate::copyup::CopyData;
 use crate::index::{DirIndex, IndexEntry, LayerDir, UpperSlot};
 use crate::layers::LayerIdx;
@@ -25,6 +27,8 @@ pub struct Caller {
     pub uid: u32,
     /// fsgid of the calling process.
     pub gid: u32,
+    /// The caller's umask, unapplied (FUSE_DONT_MASK); 0 where the request carries none.
+    pub umask: u32,
 }
 
 /// What to create.
@@ -42,6 +46,38 @@ pub enum NewObject<'a> {
     },
     /// A symlink.
     Symlink { target: &'a [u8] },
+}
+
+impl NewObject<'_> {
+    /// The same object with its mode passed through `f` (a symlink has none).
+    fn with_mode(self, f: impl FnOnce(u32) -> u32) -> Self {
+        match self {
+            NewObject::File { mode, flags } => NewObject::File {
+                mode: f(mode),
+                flags,
+            },
+            NewObject::Dir { mode } => NewObject::Dir { mode: f(mode) },
+            NewObject::Node { kind, mode, rdev } => NewObject::Node {
+                kind,
+                mode: f(mode),
+                rdev,
+            },
+            NewObject::Symlink { target } => NewObject::Symlink { target },
+        }
+    }
+}
+
+/// Sets the ACLs a new object built in `work/` inherits (`fd`: its `O_PATH` fd).
+fn set_inherited_acls(fd: BorrowedFd<'_>, inh: &acl::Inherited) -> OvlResult<()> {
+    for (name, value) in [
+        (acl::ACCESS_ACL, &inh.access),
+        (acl::DEFAULT_ACL, &inh.default),
+    ] {
+        if let Some(value) = value {
+            sys::xattr::set(fd, OsStr::new(name), value, 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// A directory ready for a change: its upper fd, its op lock, and the entry of the name.
@@ -107,6 +143,20 @@ impl Overlay {
             caller.gid
         };
         let over_whiteout = p.entry.upper == Some(UpperSlot::Whiteout);
+        let parent_acl = sys::xattr::get(p.upper.as_fd(), OsStr::new(acl::DEFAULT_ACL)).ok();
+        let obj = obj.with_mode(|m| acl::create_mode(m, caller.umask, parent_acl.as_deref()));
+        // Built in work/, the object is out of reach of the parent's default ACL: set it by hand.
+        let inherited = match (&parent_acl, &obj) {
+            (Some(dacl), NewObject::File { mode, .. } | NewObject::Node { mode, .. })
+                if over_whiteout =>
+            {
+                acl::inherit(dacl, *mode, false)
+            }
+            (Some(dacl), NewObject::Dir { mode }) if over_whiteout => {
+                acl::inherit(dacl, *mode, true)
+            }
+            _ => None,
+        };
         // Over a whiteout: build in work/ and exchange. Otherwise straight in the upper dir.
         let (target_dir, target_name) = if over_whiteout {
             (self.layers.work()?, self.tmp_name())
@@ -133,11 +183,11 @@ impl Overlay {
                 FileType::RegularFile
             }
             NewObject::Dir { mode } => {
-                let mut m = *mode & 0o7777;
-                if dir_st.st_mode & 0o2000 != 0 {
-                    m |= 0o2000;
-                }
-                sys::mkdir_at(target_dir, &target_name, Mode::from_raw_mode(m))?;
+                sys::mkdir_at(
+                    target_dir,
+                    &target_name,
+                    Mode::from_raw_mode(*mode & 0o7777),
+                )?;
                 FileType::Directory
             }
             NewObject::Node { kind, mode, rdev } => {
@@ -155,21 +205,25 @@ impl Overlay {
                 FileType::Symlink
             }
         };
-        let sgid_dir = dir_st.st_mode & 0o2000 != 0;
+        let setid = match &obj {
+            NewObject::File { mode, .. } | NewObject::Node { mode, .. } => mode & 0o6000,
+            // mkdir(2) ignores S_ISGID in its mode; a setgid parent passes it on.
+            NewObject::Dir { .. } => dir_st.st_mode & 0o2000,
+            NewObject::Symlink { .. } => 0,
+        };
         let fd = match self
             .finish_new(
                 target_dir,
                 &target_name,
                 kind,
-                &obj,
                 caller.uid,
                 gid,
+                setid,
                 over_whiteout,
             )
             .and_then(|fd| {
-                // mkdir(2) ignores S_ISGID in its mode; a setgid parent passes it on.
-                if let (NewObject::Dir { mode }, true) = (&obj, sgid_dir) {
-                    sys::chmod_fd(fd.as_fd(), Mode::from_raw_mode((*mode & 0o7777) | 0o2000))?;
+                if let Some(inh) = &inherited {
+                    set_inherited_acls(fd.as_fd(), inh)?;
                 }
                 Ok(fd)
             }) {
@@ -209,26 +263,25 @@ impl Overlay {
         Ok((attr, io_fd))
     }
 
-    /// Owner, set-id bits and the opaque mark of a new object; returns its `O_PATH` fd.
+    /// Owner, set-id bits (`setid`, which the chown clears) and the opaque mark of a new object;
+    /// returns its `O_PATH` fd.
     #[allow(clippy::too_many_arguments)]
     fn finish_new(
         &self,
         dir: BorrowedFd<'_>,
         name: &Component,
         kind: FileType,
-        obj: &NewObject<'_>,
         uid: u32,
         gid: u32,
+        setid: u32,
         opaque: bool,
     ) -> OvlResult<OwnedFd> {
         let fd = sys::open_path(dir, name)?;
         sys::chown_fd(fd.as_fd(), Some(uid), Some(gid))?;
-        let mode = match obj {
-            NewObject::File { mode, .. } | NewObject::Node { mode, .. } => Some(*mode),
-            NewObject::Dir { .. } | NewObject::Symlink { .. } => None,
-        };
-        if let Some(mode) = mode.filter(|m| m & 0o6000 != 0) {
-            sys::chmod_fd(fd.as_fd(), Mode::from_raw_mode(mode & 0o7777))?;
+        if setid != 0 {
+            // The permission bits stay as made: under a default ACL they hold its mask.
+            let perms = sys::stat_fd(fd.as_fd())?.st_mode & 0o1777;
+            sys::chmod_fd(fd.as_fd(), Mode::from_raw_mode(perms | setid))?;
         }
         if kind == FileType::Directory && opaque {
             format::set_opaque(fd.as_fd(), self.layers.encoding)?;

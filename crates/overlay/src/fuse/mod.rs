@@ -125,6 +125,15 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        umask: 0,
+    }
+}
+
+/// The caller of a CREATE, MKDIR or MKNOD, with the umask the kernel left unapplied.
+fn creator(req: &Request, umask: u32) -> Caller {
+    Caller {
+        umask,
+        ..caller(req)
     }
 }
 
@@ -164,6 +173,8 @@ impl Filesystem for Fuse {
             // The kernel reads ACLs (GETXATTR system.posix_acl_*) and enforces them in its
             // permission checks, as on kernel overlayfs; it also caches them.
             InitFlags::FUSE_POSIX_ACL,
+            // The umask is ours to apply: not under a default ACL (namespace::create_object).
+            InitFlags::FUSE_DONT_MASK,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -259,7 +270,7 @@ impl Filesystem for Fuse {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -273,7 +284,7 @@ impl Filesystem for Fuse {
             reply,
             self.changed(
                 self.ovl
-                    .create_object(parent.0, name, obj, caller(req))
+                    .create_object(parent.0, name, obj, creator(req, umask))
                     .map(|r| r.0),
             ),
         );
@@ -285,7 +296,7 @@ impl Filesystem for Fuse {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let obj = NewObject::Dir { mode };
@@ -293,7 +304,7 @@ impl Filesystem for Fuse {
             reply,
             self.changed(
                 self.ovl
-                    .create_object(parent.0, name, obj, caller(req))
+                    .create_object(parent.0, name, obj, creator(req, umask))
                     .map(|r| r.0),
             ),
         );
@@ -630,7 +641,7 @@ impl Filesystem for Fuse {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -639,7 +650,11 @@ impl Filesystem for Fuse {
             mode,
             flags: oflags,
         };
-        let created = self.changed(self.ovl.create_object(parent.0, name, obj, caller(req)));
+        let created =
+            self.changed(
+                self.ovl
+                    .create_object(parent.0, name, obj, creator(req, umask)),
+            );
         match created {
             Ok((attr, Some(fd))) => match self.ovl.adopt_created(attr.ino, flags, fd) {
                 Ok(fh) => {
