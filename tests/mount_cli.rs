@@ -260,6 +260,34 @@ fn walk_costs_one_readdirplus_per_directory() {
     assert!(ok, "umount: {err}");
 }
 
+/// A sequential read of a lower file served through the daemon costs one READ per MiB: the mount
+/// raises the kernel's 128 KiB FUSE readahead to the 1 MiB READs it allows.
+#[test]
+fn sequential_read_costs_one_read_per_mib() {
+    if !can_mount("sequential_read_costs_one_read_per_mib") {
+        return;
+    }
+    let fix = Fixture::new("readahead");
+    let lower = fix.dir("lower");
+    let mib = 16;
+    let data: Vec<u8> = (0..mib << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(lower.join("big"), &data).expect("write");
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    mount_one(&lower, &upper, &work, &mnt);
+    assert!(std::fs::read(mnt.join("big")).expect("read") == data);
+    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats prints JSON");
+    let reads = stats["reads"].as_u64().expect("reads");
+    eprintln!("{reads} READs for a {mib} MiB file");
+    assert!(
+        (mib as u64..=mib as u64 + 4).contains(&reads),
+        "{reads} READs for {mib} MiB: readahead is not 1 MiB"
+    );
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "umount: {err}");
+}
+
 /// Deep paths near PATH_MAX work (every component resolved from a directory fd), and a name over
 /// 255 bytes is ENAMETOOLONG.
 #[test]

@@ -119,27 +119,50 @@ impl Overlay {
         if size == 0 || size > max {
             return Ok(());
         }
-        let data = self.read(fh, 0, size as u32)?;
-        if data.len() as u64 == size {
-            f(node.ino, &data);
-        }
-        Ok(())
+        self.read_with(fh, 0, size as u32, |data| {
+            if data.len() as u64 == size {
+                f(node.ino, data);
+            }
+        })
     }
 
-    /// READ.
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> OvlResult<Vec<u8>> {
-        let fd = self.file_fd(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = rustix::io::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
+    /// READ: `f` gets the data read (short at end of file).
+    ///
+    /// The data goes through a buffer kept per request thread, so a 1 MiB READ neither
+    /// allocates nor faults in fresh pages (at most one READ's size per thread stays allocated).
+    pub fn read_with<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> OvlResult<R> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        buf.truncate(done);
-        Ok(buf)
+        let fd = self.file_fd(fh)?;
+        BUF.with(|cell| {
+            // Re-entry cannot happen (`f` only replies), but take a fresh buffer if it does.
+            let mut own = Vec::new();
+            let mut guard = cell.try_borrow_mut();
+            let buf = match guard.as_deref_mut() {
+                Ok(b) => b,
+                Err(_) => &mut own,
+            };
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            let buf = &mut buf[..size as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                let n = rustix::io::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            Ok(f(&buf[..done]))
+        })
     }
 
     /// WRITE.

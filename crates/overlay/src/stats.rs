@@ -28,6 +28,8 @@ pub struct Stats {
     pub opens: AtomicU64,
     /// Opens served by kernel passthrough.
     pub passthrough_opens: AtomicU64,
+    /// READ requests.
+    pub reads: AtomicU64,
     /// Directories that gave up their fds ([`crate::dirfds`]).
     pub dir_fd_evictions: AtomicU64,
     /// Directories that reopened them.
@@ -49,6 +51,8 @@ pub struct StatsSnapshot {
     pub writebacks: u64,
     pub opens: u64,
     pub passthrough_opens: u64,
+    #[serde(default)]
+    pub reads: u64,
     pub dir_fd_evictions: u64,
     pub dir_fd_restores: u64,
     pub nodes: u64,
@@ -72,6 +76,7 @@ impl Stats {
             writebacks: r(&self.writebacks),
             opens: r(&self.opens),
             passthrough_opens: r(&self.passthrough_opens),
+            reads: r(&self.reads),
             dir_fd_evictions: r(&self.dir_fd_evictions),
             dir_fd_restores: r(&self.dir_fd_restores),
             nodes: nodes as u64,
