@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use layerfs_sys::mountinfo;
 use serde::{Deserialize, Serialize};
 
 /// What a running daemon records about its mount.
@@ -102,46 +103,10 @@ impl MountRecord {
     }
 }
 
-/// Decodes the octal escapes of a mountinfo path field.
-fn unescape(field: &str) -> PathBuf {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from(
-        String::from_utf8_lossy(&out).into_owned(),
-    ))
-}
-
 /// The fstype of the topmost mount at exactly `path`, if something is mounted there.
 pub fn mount_fstype(path: &Path) -> anyhow::Result<Option<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("cannot read /proc/self/mountinfo")?;
-    let mut found = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        if fields.len() < 5 || sep + 1 >= fields.len() {
-            continue;
-        }
-        if unescape(fields[4]) == path {
-            found = Some(fields[sep + 1].to_string());
-        }
-    }
-    Ok(found)
+    let mounts = mountinfo::read().context("cannot read /proc/self/mountinfo")?;
+    Ok(mountinfo::at(&mounts, path).map(|m| m.fstype))
 }
 
 /// `layerfs umount MNT`: unmounts and waits for the daemon to end.

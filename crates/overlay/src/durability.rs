@@ -148,9 +148,9 @@ fn probe(upper: BorrowedFd<'_>) -> SysResult<(SyncPolicy, String)> {
         .and_then(|dev| std::fs::read_to_string(format!("/proc/fs/ext4/{dev}/options")).ok());
     let data = match &options {
         Some(o) => ext4_data_from_options(o),
-        None => std::fs::read_to_string("/proc/self/mountinfo")
+        None => sys::mountinfo::read()
             .ok()
-            .and_then(|info| super_options(&info, major, minor))
+            .and_then(|mounts| super_options(&mounts, major, minor))
             .and_then(|opts| ext4_data_from_super_options(&opts)),
     };
     Ok(match data {
@@ -205,19 +205,12 @@ fn parse_data_mode(mode: &str) -> Option<Ext4Data> {
     }
 }
 
-/// The super options (last field) of the first line of `/proc/self/mountinfo` text whose device
-/// is `major:minor`.
-pub fn super_options(mountinfo: &str, major: u32, minor: u32) -> Option<String> {
-    let dev = format!("{major}:{minor}");
-    mountinfo.lines().find_map(|line| {
-        let mut fields = line.split(' ');
-        if fields.nth(2)? != dev {
-            return None;
-        }
-        // After the optional fields: "- fstype source super-options".
-        let (_, tail) = line.split_once(" - ")?;
-        tail.split(' ').nth(2).map(str::to_string)
-    })
+/// The super options of the first mount of device `major:minor`.
+pub fn super_options(mounts: &[sys::mountinfo::Mount], major: u32, minor: u32) -> Option<String> {
+    mounts
+        .iter()
+        .find(|m| (m.major, m.minor) == (major, minor))
+        .map(|m| m.super_options.clone())
 }
 
 #[cfg(test)]
@@ -252,15 +245,16 @@ mod tests {
 42 27 7:0 / /tmp/m rw,relatime shared:5 - ext4 /dev/loop0 rw,nodelalloc,data=journal
 43 27 0:40 / /tmp/t rw - tmpfs tmpfs rw,size=4k
 ";
-        assert_eq!(super_options(info, 254, 0).as_deref(), Some("rw,discard"));
-        let loop0 = super_options(info, 7, 0).unwrap();
+        let info = sys::mountinfo::parse(info);
+        assert_eq!(super_options(&info, 254, 0).as_deref(), Some("rw,discard"));
+        let loop0 = super_options(&info, 7, 0).unwrap();
         assert_eq!(loop0, "rw,nodelalloc,data=journal");
         assert_eq!(
             ext4_data_from_super_options(&loop0),
             Some(Ext4Data::Journal)
         );
         assert_eq!(ext4_data_from_super_options("rw,discard"), None);
-        assert_eq!(super_options(info, 7, 1), None);
+        assert_eq!(super_options(&info, 7, 1), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! killed on timeout), and is timed from spawn to exit.
 
 use anyhow::{Context, Result, bail};
+use layerfs_sys::mountinfo;
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -129,18 +130,13 @@ pub struct MountEntry {
 
 /// The mount table of this mount namespace (the last mount on a path wins in [`mounted`]).
 pub fn mounts() -> Vec<MountEntry> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|line| {
-            let parts: Vec<&str> = line.split(' ').collect();
-            let sep = parts.iter().position(|p| *p == "-")?;
-            Some(MountEntry {
-                target: PathBuf::from(unescape_octal(parts.get(4)?)),
-                dev: parts.get(2)?.to_string(),
-                fstype: parts.get(sep + 1)?.to_string(),
-            })
+    mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| MountEntry {
+            target: m.mount_point,
+            dev: format!("{}:{}", m.major, m.minor),
+            fstype: m.fstype,
         })
         .collect()
 }
@@ -156,25 +152,6 @@ pub fn mounted_under(path: &Path) -> Option<PathBuf> {
         .into_iter()
         .map(|m| m.target)
         .find(|t| t.starts_with(path))
-}
-
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Processes (thread-group ids) that hold `/dev/fuse` open.
@@ -266,12 +243,6 @@ pub fn q(s: impl AsRef<std::ffi::OsStr>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_octal_escapes() {
-        assert_eq!(unescape_octal(r"/a\040b\134c"), r"/a b\c");
-        assert_eq!(unescape_octal(r"/x\04"), r"/x\04");
-    }
 
     #[test]
     fn stderr_tail_keeps_first_and_last_lines() {
