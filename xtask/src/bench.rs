@@ -125,6 +125,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     let _ = ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             eprintln!("bench: second interrupt: exiting now (the next run reaps what is left)");
+            host::restore_halt_poll();
             std::process::exit(130);
         }
         eprintln!(
@@ -139,6 +140,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
             Duration::from_secs(10),
         )?;
     }
+    let _halt_poll = opts.halt_poll_ns.map(host::HaltPoll::set).transpose()?;
     let fs = host::LoopFs::up(&opts.base, IMAGE_SIZE)?;
     let data = Data::new(
         &fs.mnt,

@@ -7,7 +7,8 @@
 //! freely, both pinned to CPU 0, and daemon on CPU 0 with the caller on CPU 1. Several rounds,
 //! interleaved; medians printed. Needs root and at least two CPUs; uses `taskset`.
 //!
-//! `cargo xtask latency [--n N] [--rounds R] [--base DIR] [--layerfs-bin PATH]`
+//! `cargo xtask latency [--n N] [--rounds R] [--base DIR] [--layerfs-bin PATH] [--halt-poll-ns NS]`
+//! (`--halt-poll-ns`: the vCPU halt-poll window for the run, as in `cargo xtask bench`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,8 +18,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::bench::cmd::{self, q};
 
-const USAGE: &str =
-    "usage: cargo xtask latency [--n N] [--rounds R] [--base DIR] [--layerfs-bin PATH]";
+const USAGE: &str = "usage: cargo xtask latency [--n N] [--rounds R] [--base DIR] [--layerfs-bin PATH] \
+                     [--halt-poll-ns NS]";
 
 /// Where the daemon and the caller run.
 #[derive(Clone, Copy)]
@@ -56,6 +57,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut rounds = 5usize;
     let mut base = PathBuf::from("/var/tmp/layerfs-latency");
     let mut bin = None;
+    let mut halt_poll = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -67,6 +69,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--rounds" => rounds = value()?.parse().context("--rounds")?,
             "--base" => base = PathBuf::from(value()?),
             "--layerfs-bin" => bin = Some(std::path::absolute(value()?)?),
+            "--halt-poll-ns" => halt_poll = Some(value()?.parse().context("--halt-poll-ns")?),
             _ => bail!("unknown argument {a:?}\n{USAGE}"),
         }
     }
@@ -80,6 +83,9 @@ pub fn run(args: &[String]) -> Result<()> {
         Some(b) => b,
         None => crate::bench::host::build_layerfs(&crate::bench::workspace_root())?,
     };
+    let _halt_poll = halt_poll
+        .map(crate::bench::host::HaltPoll::set)
+        .transpose()?;
     let lower = base.join("lower");
     if !lower.join("d").join(format!("f{}", n - 1)).exists() {
         std::fs::create_dir_all(lower.join("d"))?;
@@ -95,7 +101,9 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     println!(
-        "stat of {n} existing and {n} missing names, one process, fresh mount; median of {rounds} rounds (µs per stat)"
+        "stat of {n} existing and {n} missing names, one process, fresh mount; median of {rounds} rounds (µs per stat); \
+         guest_halt_poll_ns: {}",
+        crate::bench::host::halt_poll_ns().map_or("-".to_string(), |ns| ns.to_string())
     );
     println!("| setup | existing | missing |\n|---|---|---|");
     for (setup, r) in Setup::ALL.into_iter().zip(&results) {

@@ -209,6 +209,25 @@ pub fn describe(fs: &LoopFs, workspace: &Path, bins_layerfs: Option<&Path>) -> V
             if dio.trim() == "1" { "on" } else { "off" },
         ),
         format!(
+            "- cpuidle: {}",
+            match (
+                std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver"),
+                halt_poll_ns()
+            ) {
+                (Ok(d), Some(ns)) => format!(
+                    "{} driver, guest_halt_poll_ns={ns}{}",
+                    d.trim(),
+                    if ns == 0 {
+                        " (an idle vCPU halts at once)"
+                    } else {
+                        ""
+                    }
+                ),
+                (Ok(d), None) => format!("{} driver", d.trim()),
+                (Err(_), _) => "none".to_string(),
+            }
+        ),
+        format!(
             "- tools: {}; fuse-overlayfs {}; {}; {}",
             layerfs,
             cmd::sh_quiet(
@@ -218,6 +237,49 @@ pub fn describe(fs: &LoopFs, workspace: &Path, bins_layerfs: Option<&Path>) -> V
             cmd::sh_quiet("fusermount3 --version 2>&1 | head -1"),
         ),
     ]
+}
+
+/// The knob of the guest's `haltpoll` cpuidle driver: how long an idle vCPU polls before it halts.
+const HALT_POLL: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+/// The value [`HaltPoll`] puts back (`u64::MAX`: nothing to put back).
+static HALT_POLL_SAVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// The vCPU halt-poll window in ns, where the `haltpoll` cpuidle driver is in use.
+pub fn halt_poll_ns() -> Option<u64> {
+    std::fs::read_to_string(HALT_POLL).ok()?.trim().parse().ok()
+}
+
+/// Sets the vCPU halt-poll window (a machine-wide setting) while it lives, then puts the old
+/// value back. With a window of 0 an idle vCPU halts at once, and every FUSE round trip that
+/// wakes a thread on the other vCPU waits for the host to resume it (`cargo xtask latency`).
+pub struct HaltPoll(());
+
+impl HaltPoll {
+    /// Sets the window to `ns`.
+    pub fn set(ns: u64) -> Result<HaltPoll> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let old = halt_poll_ns().context("no haltpoll cpuidle driver on this machine")?;
+        HALT_POLL_SAVED.store(old, SeqCst);
+        std::fs::write(HALT_POLL, ns.to_string())
+            .with_context(|| format!("cannot write {HALT_POLL}"))?;
+        eprintln!("bench: guest_halt_poll_ns {old} -> {ns} (restored at the end)");
+        Ok(HaltPoll(()))
+    }
+}
+
+impl Drop for HaltPoll {
+    fn drop(&mut self) {
+        restore_halt_poll();
+    }
+}
+
+/// Puts back the halt-poll window [`HaltPoll::set`] changed, if any (also on an abrupt exit).
+pub fn restore_halt_poll() {
+    let old = HALT_POLL_SAVED.swap(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    if old != u64::MAX && std::fs::write(HALT_POLL, old.to_string()).is_err() {
+        eprintln!("bench: could not restore {HALT_POLL} to {old}");
+    }
 }
 
 /// The 1, 5 and 15 minute load averages.

@@ -20,6 +20,8 @@ journaled ext4 loop image, in a private mount namespace. Must run as root.
   --out FILE        markdown report (default docs/benchmarks.md in the workspace)
   --base DIR        image, data and raw results (default /var/tmp/layerfs-bench, or $LAYERFS_BENCH_BASE)
   --timeout SECS    per command (default 600)
+  --halt-poll-ns N  set the vCPU halt-poll window (haltpoll cpuidle driver, machine-wide) to N for the
+                    run and restore it afterwards; the report says so (default: unchanged)
   --layerfs-bin P   run this layerfs binary instead of building target/release/layerfs (e.g. a baseline)
   --nice N          run the bench (workloads and daemons alike) at this niceness, e.g. -10 on a machine
                     where others compile (default: unchanged)
@@ -54,6 +56,8 @@ pub struct Opts {
     pub nice: Option<i32>,
     /// Re-render this raw results file instead of running.
     pub report: Option<PathBuf>,
+    /// vCPU halt-poll window for the run ([`super::host::HaltPoll`]).
+    pub halt_poll_ns: Option<u64>,
 }
 
 impl Opts {
@@ -73,6 +77,7 @@ impl Opts {
         let mut perf = false;
         let mut nice = None;
         let mut report = None;
+        let mut halt_poll_ns = None;
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -118,6 +123,7 @@ impl Opts {
                 "--base" => base = PathBuf::from(value()?),
                 "--layerfs-bin" => layerfs_bin = Some(std::path::absolute(value()?)?),
                 "--timeout" => timeout_secs = number(flag, &value()?)? as u64,
+                "--halt-poll-ns" => halt_poll_ns = Some(number(flag, &value()?)? as u64),
                 _ => bail!("unknown argument {arg:?}\n{USAGE}"),
             }
         }
@@ -150,6 +156,7 @@ impl Opts {
             perf,
             nice,
             report,
+            halt_poll_ns,
         })
     }
 }
