@@ -28,6 +28,21 @@ fn diff_ids(store: &Store, reference: &str) -> Vec<Digest> {
         .collect()
 }
 
+/// The test image's docker-save tar extracted into `dir`, and its parsed manifest.json.
+fn extract_docker_archive(dir: &Path) -> (PathBuf, serde_json::Value) {
+    fs::create_dir(dir).unwrap();
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-xf")
+        .arg(&image().docker_archive));
+    let manifest = fs::read(dir.join("manifest.json")).unwrap();
+    (
+        dir.to_path_buf(),
+        serde_json::from_slice(&manifest).unwrap(),
+    )
+}
+
 fn assert_same_tree(store: &Store, reference: &str, want: &Path) {
     let img = store.resolve_image(reference).unwrap();
     let got = merge(&store.image_lower_dirs(&img));

@@ -319,15 +319,7 @@ fn broken_images_are_refused_and_leave_nothing() {
     assert_eq!(store_listing(&s), before);
 
     // History that does not match the layers: an extracted docker save with one step too many.
-    let dir = t.path().join("docker-dir");
-    fs::create_dir(&dir).unwrap();
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&dir)
-        .arg("-xf")
-        .arg(&image().docker_archive));
-    let mut m: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let (dir, mut m) = extract_docker_archive(&t.path().join("docker-dir"));
     let cfg_name = m[0]["Config"].as_str().unwrap().to_string();
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join(&cfg_name)).unwrap()).unwrap();

@@ -66,15 +66,7 @@ fn every_import_form_matches_umoci_unpack() {
 fn legacy_layer_paths_through_symlinks() {
     let Some(()) = tools() else { return };
     let t = tempfile::tempdir().unwrap();
-    let dir = t.path().join("legacy");
-    fs::create_dir(&dir).unwrap();
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&dir)
-        .arg("-xf")
-        .arg(&image().docker_archive));
-    let mut m: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let (dir, mut m) = extract_docker_archive(&t.path().join("legacy"));
     let mut legacy = Vec::new();
     for l in m[0]["Layers"].as_array().unwrap() {
         let want = l.as_str().unwrap();
