@@ -6,7 +6,7 @@
 //! - `cargo xtask fuzz --seqs N [--seed S] [--only SEED] [--exclude KIND,…]` — a longer differential run; see
 //!   `differential.rs` for the environment variables it sets.
 //!
-//! Modules: `util` (fixture, mounts, snapshots), `opgen` (seeded lowers and op sequences), `fsops` (runs
+//! Modules: `util` (fixture, mounts), `snapshot` (trees compared by), `opgen` (seeded lowers and op sequences), `fsops` (runs
 //! one op, renders its outcome), `differential` (the fuzzer and shrinker), `dual` (two mounts over the
 //! standard lowers), `scenarios` (real programs), `interop` (uppers across implementations),
 //! `diff_expect` (`layerfs diff` line by line), `cli` (the mount command line), `durability` (power cut
@@ -25,4 +25,5 @@ mod lowergen;
 mod mount_cli;
 mod opgen;
 mod scenarios;
+mod snapshot;
 mod util;
