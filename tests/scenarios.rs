@@ -269,6 +269,62 @@ fn scenario_big_lower_dir_listing() {
     d.assert_cross_mounts("scenario_big_lower_dir_listing", &scen_opts());
 }
 
+/// A listing read a few entries at a time while the directory changes between the reads: every
+/// entry present throughout comes exactly once (the listing is taken at offset 0 and the offsets
+/// name it), as on kernel overlayfs.
+#[test]
+fn scenario_listing_while_the_directory_changes() {
+    if !can_mount("scenario_listing_while_the_directory_changes") {
+        return;
+    }
+    if !have_program("python3") {
+        skip(
+            "scenario_listing_while_the_directory_changes",
+            "python3 not installed",
+        );
+        return;
+    }
+    let d = Dual::new("listchg");
+    let script = r#"python3 - big <<'EOF'
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = sys.argv[1]
+before = set(os.listdir(d))
+os.unlink(os.path.join(d, "entry-with-a-longish-name-7"))
+before.discard("entry-with-a-longish-name-7")
+fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+buf = ctypes.create_string_buffer(256)
+seen, step = [], 0
+while True:
+    n = libc.syscall(217, fd, buf, len(buf))  # getdents64
+    if n < 0:
+        raise OSError(ctypes.get_errno(), "getdents64")
+    if n == 0 or step > 3000:
+        break
+    raw, off = buf.raw[:n], 0
+    while off < n:
+        reclen = struct.unpack_from("H", raw, off + 16)[0]
+        seen.append(raw[off + 19:off + reclen].split(b"\0", 1)[0].decode())
+        off += reclen
+    open(os.path.join(d, "new-%d" % step), "w").close()
+    if step % 3 == 2 and step < 100:
+        os.unlink(os.path.join(d, "entry-with-a-longish-name-%d" % (500 + step)))
+    step += 1
+os.close(fd)
+stable = [x for x in seen if x in before and not x.startswith("entry-with-a-longish-name-5")]
+want = [x for x in before if not x.startswith("entry-with-a-longish-name-5")]
+print("batches>100:", 100 < step <= 3000)
+print("each stable entry once:", sorted(stable) == sorted(want))
+print("dots:", seen.count("."), seen.count(".."))
+EOF"#;
+    let out = d.run(script);
+    assert_eq!(
+        out, "batches>100: True\neach stable entry once: True\ndots: 1 1\n",
+        "{out}"
+    );
+    d.assert_same("after listing while changing", &scen_opts());
+}
+
 #[test]
 fn scenario_ownership_setgid_and_permissions() {
     if !can_mount("scenario_ownership_setgid_and_permissions") {

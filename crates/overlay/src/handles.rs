@@ -1,6 +1,6 @@
-//! Open files and directories. A file handle remembers which layer its fd belongs to, so that a
-//! handle opened on a lower file before a copy-up reads the upper copy afterwards (as the kernel
-//! overlay's `ovl_real_fdget` does).
+//! Open files and directory listings in progress. A file handle remembers which layer its fd
+//! belongs to, so that a handle opened on a lower file before a copy-up reads the upper copy
+//! afterwards (as the kernel overlay's `ovl_real_fdget` does).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -37,25 +37,6 @@ pub struct DirEntry {
     pub kind: FileType,
 }
 
-/// An open directory: the listing is taken at the first READDIR from offset 0 and served from
-/// that snapshot, so one handle's listing is stable.
-#[derive(Debug)]
-pub struct DirHandle {
-    /// The directory.
-    pub node: Arc<Node>,
-    /// The snapshot. Own lock.
-    pub snapshot: Mutex<Option<Arc<Vec<DirEntry>>>>,
-}
-
-/// A handle of either kind.
-#[derive(Debug)]
-pub enum Handle {
-    /// From OPEN/CREATE.
-    File(FileHandle),
-    /// From OPENDIR.
-    Dir(DirHandle),
-}
-
 impl FileHandle {
     /// A handle on `fd` (from `layer`) for `node`.
     pub fn new(node: Arc<Node>, flags: OFlags, layer: LayerIdx, fd: OwnedFd) -> Self {
@@ -77,16 +58,16 @@ impl FileHandle {
     }
 }
 
-/// All open handles. Lock: `map` (never held across I/O).
+/// All open files. Lock: `map` (never held across I/O).
 #[derive(Debug, Default)]
 pub struct HandleTable {
-    map: RwLock<HashMap<u64, Arc<Handle>>>,
+    map: RwLock<HashMap<u64, Arc<FileHandle>>>,
     next: AtomicU64,
 }
 
 impl HandleTable {
     /// Registers a handle and returns its number.
-    pub fn insert(&self, h: Handle) -> u64 {
+    pub fn insert(&self, h: FileHandle) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.map
             .write()
@@ -95,8 +76,8 @@ impl HandleTable {
         fh
     }
 
-    /// The handle `fh`.
-    pub fn get(&self, fh: u64) -> OvlResult<Arc<Handle>> {
+    /// The file handle `fh`.
+    pub fn file(&self, fh: u64) -> OvlResult<Arc<FileHandle>> {
         self.map
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -105,20 +86,120 @@ impl HandleTable {
             .ok_or(Errno::BADF)
     }
 
-    /// The file handle `fh`.
-    pub fn file(&self, fh: u64) -> OvlResult<Arc<Handle>> {
-        let h = self.get(fh)?;
-        match &*h {
-            Handle::File(_) => Ok(h),
-            Handle::Dir(_) => Err(Errno::ISDIR),
-        }
-    }
-
     /// Removes `fh`.
-    pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
+    pub fn remove(&self, fh: u64) -> Option<Arc<FileHandle>> {
         self.map
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh)
+    }
+}
+
+/// A directory listing being read: READDIR carries no handle (the mount declines OPENDIR, so the
+/// kernel sends no OPENDIR or RELEASEDIR at all), so the offsets a listing hands out name it:
+/// `id << 32 | position`. The listing is taken at offset 0 and kept until it is read to its end
+/// (or pushed out by newer ones), so one reader sees every entry present throughout exactly once
+/// even while the directory changes.
+#[derive(Clone)]
+pub struct Listing {
+    /// Its id (31 bits: offsets stay positive as `loff_t`).
+    pub id: u32,
+    /// The entries, `.` and `..` first.
+    pub entries: Arc<Vec<DirEntry>>,
+}
+
+/// How many listings in progress are kept at once; an older one that is read on is taken again.
+const LISTINGS_KEPT: usize = 256;
+
+/// Listings in progress. Lock: `recent` (a leaf, never held across I/O).
+#[derive(Debug, Default)]
+pub struct Listings {
+    /// (directory node id, listing), oldest first.
+    recent: Mutex<std::collections::VecDeque<(u64, Listing)>>,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl Listings {
+    /// The offset of the entry after `pos` entries of listing `id`.
+    pub fn offset(id: u32, pos: usize) -> u64 {
+        (u64::from(id) << 32) | pos as u64
+    }
+
+    /// The listing and the position that `offset` (non-zero) names in directory `dir`, if kept.
+    pub fn find(&self, dir: u64, offset: u64) -> Option<(Listing, usize)> {
+        let id = (offset >> 32) as u32;
+        let pos = (offset & u64::from(u32::MAX)) as usize;
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent
+            .iter()
+            .find(|(d, l)| l.id == id && *d == dir)
+            .map(|(_, l)| (l.clone(), pos))
+    }
+
+    /// Keeps a new listing of directory `dir`.
+    pub fn add(&self, dir: u64, entries: Arc<Vec<DirEntry>>) -> Listing {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= LISTINGS_KEPT {
+            recent.pop_front();
+        }
+        let listing = Listing { id, entries };
+        recent.push_back((dir, listing.clone()));
+        listing
+    }
+
+    /// Drops listing `id` (read to its end).
+    pub fn done(&self, id: u32) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|(_, l)| l.id != id);
+    }
+}
+
+impl std::fmt::Debug for Listing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Listing({}, {} entries)", self.id, self.entries.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: usize) -> Arc<Vec<DirEntry>> {
+        Arc::new(
+            (0..n)
+                .map(|i| DirEntry {
+                    name: format!("e{i}").into(),
+                    ino: i as u64 + 1,
+                    kind: FileType::RegularFile,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn offsets_name_their_listing_and_position() {
+        let l = Listings::default();
+        let a = l.add(7, entries(3));
+        let b = l.add(7, entries(5));
+        assert_ne!(a.id, b.id);
+        let off = Listings::offset(b.id, 4);
+        assert!(off > 0 && off < i64::MAX as u64);
+        let (found, pos) = l.find(7, off).expect("kept");
+        assert_eq!((found.id, found.entries.len(), pos), (b.id, 5, 4));
+        assert!(l.find(8, off).is_none(), "another directory's offset");
+        l.done(b.id);
+        assert!(l.find(7, off).is_none());
+        assert!(l.find(7, Listings::offset(a.id, 1)).is_some());
+    }
+
+    #[test]
+    fn old_listings_are_pushed_out() {
+        let l = Listings::default();
+        let first = l.add(1, entries(1));
+        for _ in 0..LISTINGS_KEPT {
+            l.add(1, entries(1));
+        }
+        assert!(l.find(1, Listings::offset(first.id, 1)).is_none());
     }
 }

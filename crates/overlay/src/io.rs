@@ -10,8 +10,9 @@ use std::sync::atomic::Ordering;
 use layerfs_sys::{self as sys, Component, Errno, FileType, OFlags};
 
 use crate::copyup::CopyData;
-use crate::handles::{DirEntry, DirHandle, FileHandle, Handle};
+use crate::handles::{DirEntry, FileHandle, Listing};
 use crate::layers::LayerIdx;
+use crate::node::Node;
 use crate::overlay::{Attr, Overlay, OvlResult};
 
 /// Flags kept when a file is (re)opened for a handle.
@@ -58,9 +59,7 @@ impl Overlay {
         let (layer, top) = self.object(&node)?;
         let keep = io_flags(flags);
         let fd = sys::reopen(top.as_fd(), keep | (flags & OFlags::TRUNC))?;
-        let fh = self
-            .handles
-            .insert(Handle::File(FileHandle::new(node, keep, layer, fd)));
+        let fh = self.handles.insert(FileHandle::new(node, keep, layer, fd));
         Ok((fh, layer))
     }
 
@@ -68,21 +67,15 @@ impl Overlay {
     pub fn adopt_created(&self, ino: u64, flags: i32, fd: OwnedFd) -> OvlResult<u64> {
         let node = self.node(ino)?;
         let keep = io_flags(OFlags::from_bits_retain(flags as _));
-        Ok(self.handles.insert(Handle::File(FileHandle::new(
-            node,
-            keep,
-            LayerIdx::UPPER,
-            fd,
-        ))))
+        Ok(self
+            .handles
+            .insert(FileHandle::new(node, keep, LayerIdx::UPPER, fd)))
     }
 
     /// The fd of file handle `fh`, reopened on the upper copy if the node was copied up since
     /// the handle was opened (so it reads what the writers wrote).
     pub(crate) fn file_fd(&self, fh: u64) -> OvlResult<Arc<OwnedFd>> {
-        let h = self.handles.file(fh)?;
-        let Handle::File(f) = &*h else {
-            return Err(Errno::ISDIR);
-        };
+        let f = self.handles.file(fh)?;
         let (layer, fd) = f.current();
         if layer.is_upper() || !f.node.read().in_upper() {
             return Ok(fd);
@@ -103,10 +96,7 @@ impl Overlay {
         max: u64,
         f: impl FnOnce(u64, &[u8]),
     ) -> OvlResult<()> {
-        let h = self.handles.file(fh)?;
-        let Handle::File(file) = &*h else {
-            return Err(Errno::ISDIR);
-        };
+        let file = self.handles.file(fh)?;
         let node = file.node.clone();
         let Some(_g) = node.try_copyup_lock() else {
             return Ok(());
@@ -195,7 +185,7 @@ impl Overlay {
         sys::sync_fd(fd, false)
     }
 
-    /// RELEASE / RELEASEDIR.
+    /// RELEASE.
     pub fn release(&self, fh: u64) {
         self.handles.remove(fh);
     }
@@ -243,38 +233,39 @@ impl Overlay {
         .map(|n| n as u32)
     }
 
-    /// OPENDIR.
-    pub fn opendir(&self, ino: u64) -> OvlResult<u64> {
+    /// The listing of directory `ino` that READDIR `offset` continues, and the position in it:
+    /// offset 0 takes a new one; a listing no longer kept is taken again at the same position.
+    pub fn listing(&self, ino: u64, offset: u64) -> OvlResult<(Listing, usize, Arc<Node>)> {
         let node = self.node(ino)?;
         if !node.is_dir {
             return Err(Errno::NOTDIR);
         }
-        Ok(self.handles.insert(Handle::Dir(DirHandle {
-            node,
-            snapshot: Default::default(),
-        })))
+        if offset != 0
+            && let Some((l, pos)) = self.listings.find(ino, offset)
+        {
+            return Ok((l, pos, node));
+        }
+        let entries = Arc::new(self.list(&node)?);
+        let pos = (offset & u64::from(u32::MAX)) as usize;
+        Ok((self.listings.add(ino, entries), pos, node))
     }
 
-    /// The listing of directory handle `fh`: taken at offset 0, reused after.
-    pub fn dir_snapshot(&self, fh: u64, offset: u64) -> OvlResult<Arc<Vec<DirEntry>>> {
-        let h = self.handles.get(fh)?;
-        let Handle::Dir(d) = &*h else {
-            return Err(Errno::NOTDIR);
-        };
-        if offset != 0
-            && let Some(s) = d.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone()
-        {
-            return Ok(s);
-        }
-        let names = self.with_index(&d.node, |idx| idx.visible_sorted_with_lower())?;
-        let (parent, _) = d.node.location();
+    /// A listing of `dir` was read to its end.
+    pub fn listing_done(&self, id: u32) {
+        self.listings.done(id);
+    }
+
+    /// The merged entries of `dir`, `.` and `..` first.
+    fn list(&self, dir: &Arc<Node>) -> OvlResult<Vec<DirEntry>> {
+        let names = self.with_index(dir, |idx| idx.visible_sorted_with_lower())?;
+        let (parent, _) = dir.location();
         let mut entries = Vec::with_capacity(names.len() + 2);
         entries.push(DirEntry {
             name: ".".into(),
-            ino: d.node.ino,
+            ino: dir.ino,
             kind: FileType::Directory,
         });
-        let parent_ino = if parent == 0 { d.node.ino } else { parent };
+        let parent_ino = if parent == 0 { dir.ino } else { parent };
         entries.push(DirEntry {
             name: "..".into(),
             ino: parent_ino,
@@ -291,9 +282,7 @@ impl Overlay {
                 kind: vis.kind,
             });
         }
-        let snap = Arc::new(entries);
-        *d.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
-        Ok(snap)
+        Ok(entries)
     }
 
     /// `d_ino` of `name` in `dir` (= the `st_ino` a lookup would give); `None` if it is gone.
@@ -307,15 +296,6 @@ impl Overlay {
             return Ok(None);
         };
         Ok(self.probe(dir, &comp, &e)?.map(|p| p.ino))
-    }
-
-    /// The directory node behind a directory handle.
-    pub fn dir_of(&self, fh: u64) -> OvlResult<Arc<crate::node::Node>> {
-        let h = self.handles.get(fh)?;
-        match &*h {
-            Handle::Dir(d) => Ok(d.node.clone()),
-            Handle::File(_) => Err(Errno::NOTDIR),
-        }
     }
 
     /// One READDIRPLUS entry: a full lookup of `name` in `dir` (no kernel reference taken yet:

@@ -11,7 +11,7 @@ use layerfs_store::format::{self, DirMark};
 use layerfs_sys::{self as sys, Component, Errno, FileType, Stat, xattr};
 
 use crate::dirfds::DirFdCache;
-use crate::handles::HandleTable;
+use crate::handles::{HandleTable, Listings};
 use crate::index::{DirIndex, IndexEntry, LayerDir, Visible};
 use crate::layers::{LayerIdx, Layers, OverlayConfig};
 use crate::node::{Found, Light, Node, NodeState, NodeTable, ROOT};
@@ -39,8 +39,10 @@ pub struct Overlay {
     pub(crate) layers: Layers,
     /// Inode table.
     pub(crate) nodes: NodeTable,
-    /// Open files and directories.
+    /// Open files.
     pub(crate) handles: HandleTable,
+    /// Directory listings being read.
+    pub(crate) listings: Listings,
     /// Counter for unique temporary names in the work dir.
     tmp_counter: AtomicU64,
     /// Directories with a built index, least recently built first. Own lock, a leaf.
@@ -73,6 +75,7 @@ impl Overlay {
             layers,
             nodes: NodeTable::default(),
             handles: HandleTable::default(),
+            listings: Listings::default(),
             tmp_counter: AtomicU64::new(0),
             index_lru: Default::default(),
             dir_fd_cache: DirFdCache::new(cfg.dir_fds),

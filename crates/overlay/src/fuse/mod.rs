@@ -19,6 +19,7 @@ use fuser::{
 use layerfs_sys::{self as sys, Errno};
 
 use crate::attrs::SetAttr;
+use crate::handles::{Listing, Listings};
 use crate::namespace::{Caller, NewObject};
 use crate::overlay::{Attr, Overlay};
 
@@ -58,6 +59,23 @@ pub struct Fuse {
 }
 
 impl Fuse {
+    /// The listing READDIR `offset` of directory `ino` continues and where; `None` once it has
+    /// been read to its end (the listing is then dropped).
+    fn listing(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Result<Option<(Listing, usize, Arc<crate::node::Node>)>, fuser::Errno> {
+        match self.ovl.listing(ino, offset) {
+            Ok((list, pos, dir)) if pos < list.entries.len() => Ok(Some((list, pos, dir))),
+            Ok((list, ..)) => {
+                self.ovl.listing_done(list.id);
+                Ok(None)
+            }
+            Err(e) => Err(errno(e)),
+        }
+    }
+
     /// Wraps an overlay.
     pub fn new(ovl: Arc<Overlay>) -> Self {
         Fuse {
@@ -139,10 +157,6 @@ const PASSTHROUGH_OPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 /// Open flags of an open served through the daemon: keep the page cache across opens (the data
 /// changes only through the mount) and no FLUSH on close.
 const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
-
-/// Open flags of a directory: the kernel may keep its listing (every change to it goes through
-/// the mount, and the kernel drops the cached listing of a directory changed through it).
-const CACHED_DIR: FopenFlags = FopenFlags::FOPEN_CACHE_DIR.union(FopenFlags::FOPEN_KEEP_CACHE);
 
 fn caller(req: &Request) -> Caller {
     Caller {
@@ -497,18 +511,18 @@ impl Filesystem for Fuse {
         reply_empty(reply, self.ovl.fsync(fh.0, datasync));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.ovl.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), CACHED_DIR),
-            Err(e) => reply.error(errno(e)),
-        }
+    /// Declined: the kernel then opens directories by itself, with FOPEN_CACHE_DIR and
+    /// FOPEN_KEEP_CACHE, and sends neither OPENDIR nor RELEASEDIR again (two round trips less
+    /// per directory listed). READDIR finds its listing by offset ([`crate::handles::Listings`]).
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(errno(Errno::NOSYS));
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
@@ -516,11 +530,12 @@ impl Filesystem for Fuse {
             .stats
             .readdirs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (snap, dir) = match (self.ovl.dir_snapshot(fh.0, offset), self.ovl.dir_of(fh.0)) {
-            (Ok(s), Ok(d)) => (s, d),
-            (Err(e), _) | (_, Err(e)) => return reply.error(errno(e)),
+        let (list, pos, dir) = match self.listing(ino.0, offset) {
+            Ok(Some(found)) => found,
+            Ok(None) => return reply.ok(),
+            Err(e) => return reply.error(e),
         };
-        for (i, e) in snap.iter().enumerate().skip(offset as usize) {
+        for (i, e) in list.entries.iter().enumerate().skip(pos) {
             let ino = if e.ino != 0 {
                 e.ino
             } else {
@@ -530,7 +545,8 @@ impl Filesystem for Fuse {
                     Err(err) => return reply.error(errno(err)),
                 }
             };
-            if reply.add(INodeNo(ino), (i + 1) as u64, kind_of_sys(e.kind), &e.name) {
+            let off = Listings::offset(list.id, i + 1);
+            if reply.add(INodeNo(ino), off, kind_of_sys(e.kind), &e.name) {
                 break;
             }
         }
@@ -541,7 +557,7 @@ impl Filesystem for Fuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
@@ -549,12 +565,13 @@ impl Filesystem for Fuse {
             .stats
             .readdirpluses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (snap, dir) = match (self.ovl.dir_snapshot(fh.0, offset), self.ovl.dir_of(fh.0)) {
-            (Ok(s), Ok(d)) => (s, d),
-            (Err(e), _) | (_, Err(e)) => return reply.error(errno(e)),
+        let (list, pos, dir) = match self.listing(ino.0, offset) {
+            Ok(Some(found)) => found,
+            Ok(None) => return reply.ok(),
+            Err(e) => return reply.error(e),
         };
-        for (i, e) in snap.iter().enumerate().skip(offset as usize) {
-            let off = (i + 1) as u64;
+        for (i, e) in list.entries.iter().enumerate().skip(pos) {
+            let off = Listings::offset(list.id, i + 1);
             if e.name == "." || e.name == ".." {
                 let target = if e.name == "." { ino.0 } else { e.ino };
                 // The kernel neither takes a reference for "." and ".." nor reads their
@@ -596,11 +613,11 @@ impl Filesystem for Fuse {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.ovl.release(fh.0);
+        // Not sent once OPENDIR is declined; nothing is held per open directory.
         reply.ok();
     }
 
