@@ -56,6 +56,8 @@ pub struct Fuse {
     ended: Option<std::sync::mpsc::Sender<()>>,
     /// Sends notifications to the kernel (set once the session exists).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// The kernel can open directories without OPENDIR (FUSE_NO_OPENDIR_SUPPORT, set at INIT).
+    no_opendir: bool,
 }
 
 impl Fuse {
@@ -83,6 +85,7 @@ impl Fuse {
             pt: Passthrough::default(),
             ended: None,
             notifier: Arc::default(),
+            no_opendir: false,
         }
     }
 }
@@ -215,6 +218,9 @@ impl Filesystem for Fuse {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        self.no_opendir = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
         let root = rustix::process::geteuid().is_root();
         if root && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
             let _ = config.set_max_stack_depth(1);
@@ -511,11 +517,20 @@ impl Filesystem for Fuse {
         reply_empty(reply, self.ovl.fsync(fh.0, datasync));
     }
 
-    /// Declined: the kernel then opens directories by itself, with FOPEN_CACHE_DIR and
-    /// FOPEN_KEEP_CACHE, and sends neither OPENDIR nor RELEASEDIR again (two round trips less
-    /// per directory listed). READDIR finds its listing by offset ([`crate::handles::Listings`]).
+    /// Declined where the kernel can do without (FUSE_NO_OPENDIR_SUPPORT): it then opens
+    /// directories by itself, with FOPEN_CACHE_DIR and FOPEN_KEEP_CACHE, and sends neither
+    /// OPENDIR nor RELEASEDIR again (two round trips less per directory listed). Elsewhere the
+    /// same flags and no handle: READDIR finds its listing by offset
+    /// ([`crate::handles::Listings`]).
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.error(errno(Errno::NOSYS));
+        if self.no_opendir {
+            reply.error(errno(Errno::NOSYS));
+        } else {
+            reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR.union(FopenFlags::FOPEN_KEEP_CACHE),
+            );
+        }
     }
 
     fn readdir(
