@@ -110,6 +110,8 @@ pub struct Listing {
 
 /// How many listings in progress are kept at once; an older one that is read on is taken again.
 const LISTINGS_KEPT: usize = 256;
+/// How many entries they may hold in all (about 20 MiB); the newest is kept whatever its size.
+const ENTRIES_KEPT: usize = 1 << 18;
 
 /// Listings in progress. Lock: `recent` (a leaf, never held across I/O).
 #[derive(Debug, Default)]
@@ -139,12 +141,15 @@ impl Listings {
     /// Keeps a new listing of directory `dir`.
     pub fn add(&self, dir: u64, entries: Arc<Vec<DirEntry>>) -> Listing {
         let id = self.next.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if recent.len() >= LISTINGS_KEPT {
-            recent.pop_front();
-        }
         let listing = Listing { id, entries };
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.push_back((dir, listing.clone()));
+        let mut total: usize = recent.iter().map(|(_, l)| l.entries.len()).sum();
+        while recent.len() > LISTINGS_KEPT || (total > ENTRIES_KEPT && recent.len() > 1) {
+            if let Some((_, old)) = recent.pop_front() {
+                total -= old.entries.len();
+            }
+        }
         listing
     }
 
@@ -201,5 +206,10 @@ mod tests {
             l.add(1, entries(1));
         }
         assert!(l.find(1, Listings::offset(first.id, 1)).is_none());
+        // By size: a big listing pushes out the others, and is kept itself.
+        let small = l.add(2, entries(10));
+        let big = l.add(3, entries(ENTRIES_KEPT + 1));
+        assert!(l.find(2, Listings::offset(small.id, 1)).is_none());
+        assert!(l.find(3, Listings::offset(big.id, 1)).is_some());
     }
 }
