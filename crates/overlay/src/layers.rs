@@ -75,6 +75,10 @@ impl Layers {
         let open = |p: &Path, what: &str| {
             sys::open_root(p).map_err(|e| format!("{what} {}: {e}", p.display()))
         };
+        let open_lower = |p: &Path| {
+            let plain = open(p, "lower directory")?;
+            Ok::<_, String>(private_twin(p, [p], [&plain]).map_or(plain, |[l]| l))
+        };
         let mut roots = Vec::with_capacity(cfg.lowers.len() + 1);
         let mut devs = Vec::new();
         let mut work = None;
@@ -83,6 +87,12 @@ impl Layers {
         if let (Some(upper), Some(workdir)) = (&cfg.upper, &cfg.work) {
             let u = open(upper, "upper directory")?;
             let w = open(workdir, "work directory")?;
+            // One clone for both: a copy-up renames from the work dir into the upper dir.
+            let base = common_ancestor(upper, workdir);
+            let (u, w) = match private_twin(&base, [upper, workdir], [&u, &w]) {
+                Some([pu, pw]) => (pu, pw),
+                None => (u, w),
+            };
             let ust = sys::stat_fd(u.as_fd()).map_err(|e| format!("{}: {e}", upper.display()))?;
             let wst = sys::stat_fd(w.as_fd()).map_err(|e| format!("{}: {e}", workdir.display()))?;
             if ust.st_dev != wst.st_dev {
@@ -126,7 +136,7 @@ impl Layers {
             roots.push(None);
         }
         for lower in &cfg.lowers {
-            let l = open(lower, "lower directory")?;
+            let l = open_lower(lower)?;
             let st = sys::stat_fd(l.as_fd()).map_err(|e| format!("{}: {e}", lower.display()))?;
             devs.push(st.st_dev);
             roots.push(Some(l));
@@ -188,6 +198,47 @@ impl Layers {
     pub fn xino(&self, idx: LayerIdx, ino: u64) -> u64 {
         self.xino_tag.get(idx.0 as usize).copied().unwrap_or(0) | ino
     }
+}
+
+/// The deepest directory above (or equal to) both `a` and `b`, after resolving symlinks; `a` if
+/// either cannot be resolved.
+fn common_ancestor(a: &Path, b: &Path) -> PathBuf {
+    let (Ok(ca), Ok(cb)) = (a.canonicalize(), b.canonicalize()) else {
+        return a.to_path_buf();
+    };
+    ca.components()
+        .zip(cb.components())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x)
+        .collect()
+}
+
+/// Fds of `dirs` (each at or below `base`) reached through one private clone of the mount at
+/// `base` ([`sys::open_private_root`]), so that the mounts holding the layers are not kept busy
+/// by this process (kernel overlayfs clones its layer mounts the same way). `None` — use `plain`,
+/// the same dirs opened directly — when no clone can be made (no `CAP_SYS_ADMIN`, an old kernel)
+/// or when a dir is not the same inode through the clone (a mount between `base` and it).
+fn private_twin<const N: usize>(
+    base: &Path,
+    dirs: [&Path; N],
+    plain: [&OwnedFd; N],
+) -> Option<[OwnedFd; N]> {
+    let base = base.canonicalize().ok()?;
+    let root = sys::open_private_root(&base).ok()?;
+    dirs.iter()
+        .zip(plain)
+        .map(|(dir, plain)| {
+            let rel = dir.canonicalize().ok()?;
+            let fd = sys::open_path_below(root.as_fd(), rel.strip_prefix(&base).ok()?).ok()?;
+            let (a, b) = (
+                sys::stat_fd(fd.as_fd()).ok()?,
+                sys::stat_fd(plain.as_fd()).ok()?,
+            );
+            ((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)).then_some(fd)
+        })
+        .collect::<Option<Vec<_>>>()?
+        .try_into()
+        .ok()
 }
 
 fn is_inside(inner: &Path, outer: &Path) -> bool {
