@@ -292,27 +292,44 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &Component) -> SysResult<()> {
     }
 }
 
-/// The lower directories a redirect `path` names, as the kernel overlay resolves it: the path is
-/// walked in each of `starts` (lower roots for an absolute path, the parent's lower dirs for a bare
-/// name) in order; a layer without it is skipped; a whiteout or a non-directory on the path ends
-/// the search; an opaque directory on the path (or at its end) ends it after this layer.
+/// The lower directories a redirect `path` names, as the kernel overlay resolves it, layer by
+/// layer in the order of `roots`: an absolute path is walked from the layer's root, a bare name in
+/// `parents` (the moved directory's parent, in that layer; a layer without it is skipped). A layer
+/// without the path is skipped; a whiteout or a non-directory on the path ends the search; an
+/// opaque directory on the path (or at its end) ends it after this layer. A directory found with a
+/// redirect of its own (`redirect_of`: it was moved while its layer was the upper one) sends the
+/// search for the layers below to where that redirect points.
 pub fn resolve_redirect(
-    starts: &[(LayerIdx, BorrowedFd<'_>)],
+    roots: &[(LayerIdx, BorrowedFd<'_>)],
+    parents: &[(LayerIdx, BorrowedFd<'_>)],
     path: &[u8],
+    redirect_of: impl Fn(BorrowedFd<'_>) -> Option<Vec<u8>>,
 ) -> SysResult<Vec<(LayerIdx, OwnedFd)>> {
     use layerfs_store::format::{self, DirMark};
     use std::os::unix::ffi::OsStrExt;
-    let comps: Vec<&[u8]> = path
-        .split(|b| *b == b'/')
-        .filter(|c| !c.is_empty())
-        .collect();
+    let split = |p: &[u8]| -> Vec<Vec<u8>> {
+        p.split(|b| *b == b'/')
+            .filter(|c| !c.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    let mut absolute = path.starts_with(b"/");
+    let mut comps = split(path);
     let mut out = Vec::new();
-    'layers: for (layer, start) in starts {
+    'layers: for (layer, root) in roots {
+        let start = if absolute {
+            *root
+        } else {
+            match parents.iter().find(|(l, _)| l == layer) {
+                Some((_, fd)) => *fd,
+                None => continue,
+            }
+        };
         let mut cur: Option<OwnedFd> = None;
         let mut stop = false;
         for (i, comp) in comps.iter().enumerate() {
             let name = Component::new(std::ffi::OsStr::from_bytes(comp))?;
-            let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(*start);
+            let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(start);
             let st = match sys::stat_at(base, &name) {
                 Ok(st) => st,
                 Err(Errno::NOENT) => {
@@ -337,9 +354,21 @@ pub fn resolve_redirect(
         }
         let Some(fd) = cur else { continue };
         let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+        let moved = redirect_of(fd.as_fd());
         out.push((*layer, fd));
         if opaque || stop {
             break;
+        }
+        match moved {
+            Some(r) if r.starts_with(b"/") => {
+                absolute = true;
+                comps = split(&r);
+            }
+            Some(r) => {
+                comps.pop();
+                comps.extend(split(&r));
+            }
+            None => {}
         }
     }
     Ok(out)
