@@ -7,8 +7,8 @@ use std::process::Command;
 
 use crate::dual::layers_for;
 use crate::util::{
-    Fixture, Impl, Mount, SnapOpts, assert_same_tree, can_mount, is_mounted, layerfs_bin, output,
-    sh_ok, snapshot,
+    Fixture, Impl, Layers, Mount, SnapOpts, assert_same_tree, can_mount, is_mounted, layerfs_bin,
+    output, sh_ok, snapshot,
 };
 
 /// Runs `layerfs ARGS…`; returns (success, stderr).
@@ -486,4 +486,54 @@ fn parent_attributes_are_fresh_after_a_copy_up() {
     );
     let (ok, err) = layerfs(&["umount", s(&mnt)]);
     assert!(ok, "umount: {err}");
+}
+
+/// The filesystems holding the layers can be unmounted while the overlay is mounted, and it keeps
+/// working (kernel overlayfs holds private clones of its layer mounts). So a script's `umount MNT;
+/// umount UPPER-FS` never races the daemon's exit: before, the daemon's fds kept the upper's mount
+/// busy until the process was gone, and the second umount failed about one time in ten.
+#[test]
+fn layer_filesystems_unmount_while_mounted() {
+    if !can_mount("layer_filesystems_unmount_while_mounted") {
+        return;
+    }
+    let fix = Fixture::new("layerumount");
+    for imp in [Impl::Kernel, crate::util::sut()] {
+        let lower_fs = fix.dir(&format!("{imp}/lowerfs"));
+        let upper_fs = fix.dir(&format!("{imp}/upperfs"));
+        for d in [&lower_fs, &upper_fs] {
+            sh_ok(fix.path(), &format!("mount -t tmpfs layer {}", s(d)));
+        }
+        let lower = lower_fs.join("l");
+        std::fs::create_dir_all(lower.join("d")).expect("mkdir");
+        std::fs::write(lower.join("d/f"), "lower\n").expect("write");
+        let layers = Layers {
+            lowers: vec![lower],
+            upper: upper_fs.join("u"),
+            work: upper_fs.join("w"),
+            options: Vec::new(),
+        };
+        std::fs::create_dir_all(&layers.upper).expect("mkdir");
+        std::fs::create_dir_all(&layers.work).expect("mkdir");
+        let mnt = fix.mountpoint(&imp.to_string());
+        let m = Mount::new(imp, &layers, &mnt);
+        // Copy up once before, once after the layer filesystems are gone from the namespace.
+        sh_ok(&mnt, "echo one >> d/f");
+        for d in [&upper_fs, &lower_fs] {
+            let out = output(Command::new("umount").arg(d)).expect("umount");
+            assert!(
+                out.status.success(),
+                "{imp}: umount {} while mounted: {}",
+                d.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        sh_ok(&mnt, "echo two > d/g && mv d/g d/h && echo three >> d/h");
+        assert_eq!(
+            sh_ok(&mnt, "cat d/f d/h"),
+            "lower\none\ntwo\nthree\n",
+            "{imp}"
+        );
+        m.unmount();
+    }
 }

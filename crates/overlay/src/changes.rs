@@ -125,14 +125,11 @@ impl Walk<'_> {
         target: &[u8],
         lowers: &[(LayerIdx, OwnedFd)],
     ) -> Vec<(LayerIdx, OwnedFd)> {
-        let starts = if target.starts_with(b"/") {
-            self.roots
-        } else {
-            lowers
-        };
-        let starts: Vec<(LayerIdx, BorrowedFd<'_>)> =
-            starts.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
-        crate::layers::resolve_redirect(&starts, target).unwrap_or_default()
+        fn borrow(v: &[(LayerIdx, OwnedFd)]) -> Vec<(LayerIdx, BorrowedFd<'_>)> {
+            v.iter().map(|(l, fd)| (*l, fd.as_fd())).collect()
+        }
+        crate::layers::resolve_redirect(&borrow(self.roots), &borrow(lowers), target, redirect_of)
+            .unwrap_or_default()
     }
 
     /// Lists the whole merged tree of `upper` (if any) over `lowers` as added.

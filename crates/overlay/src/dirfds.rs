@@ -170,7 +170,7 @@ impl Overlay {
                 .and_then(|u| xattr::get(u.as_fd(), self.layers.encoding.redirect_xattr()).ok());
             let mut lower_dirs = Vec::with_capacity(layers.len());
             if let Some(target) = redirect {
-                self.redirect_lower_dirs(&parent, &target, &mut lower_dirs)?;
+                self.redirect_lower_dirs(&parent, &target, None, &mut lower_dirs)?;
             } else if !opaque {
                 for layer in layers.iter().copied() {
                     let pfd = self.dir_fd_in(&parent, layer)?;

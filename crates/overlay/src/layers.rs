@@ -75,6 +75,10 @@ impl Layers {
         let open = |p: &Path, what: &str| {
             sys::open_root(p).map_err(|e| format!("{what} {}: {e}", p.display()))
         };
+        let open_lower = |p: &Path| {
+            let plain = open(p, "lower directory")?;
+            Ok::<_, String>(private_twin(p, [p], [&plain]).map_or(plain, |[l]| l))
+        };
         let mut roots = Vec::with_capacity(cfg.lowers.len() + 1);
         let mut devs = Vec::new();
         let mut work = None;
@@ -83,6 +87,12 @@ impl Layers {
         if let (Some(upper), Some(workdir)) = (&cfg.upper, &cfg.work) {
             let u = open(upper, "upper directory")?;
             let w = open(workdir, "work directory")?;
+            // One clone for both: a copy-up renames from the work dir into the upper dir.
+            let base = common_ancestor(upper, workdir);
+            let (u, w) = match private_twin(&base, [upper, workdir], [&u, &w]) {
+                Some([pu, pw]) => (pu, pw),
+                None => (u, w),
+            };
             let ust = sys::stat_fd(u.as_fd()).map_err(|e| format!("{}: {e}", upper.display()))?;
             let wst = sys::stat_fd(w.as_fd()).map_err(|e| format!("{}: {e}", workdir.display()))?;
             if ust.st_dev != wst.st_dev {
@@ -126,7 +136,7 @@ impl Layers {
             roots.push(None);
         }
         for lower in &cfg.lowers {
-            let l = open(lower, "lower directory")?;
+            let l = open_lower(lower)?;
             let st = sys::stat_fd(l.as_fd()).map_err(|e| format!("{}: {e}", lower.display()))?;
             devs.push(st.st_dev);
             roots.push(Some(l));
@@ -190,6 +200,47 @@ impl Layers {
     }
 }
 
+/// The deepest directory above (or equal to) both `a` and `b`, after resolving symlinks; `a` if
+/// either cannot be resolved.
+fn common_ancestor(a: &Path, b: &Path) -> PathBuf {
+    let (Ok(ca), Ok(cb)) = (a.canonicalize(), b.canonicalize()) else {
+        return a.to_path_buf();
+    };
+    ca.components()
+        .zip(cb.components())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x)
+        .collect()
+}
+
+/// Fds of `dirs` (each at or below `base`) reached through one private clone of the mount at
+/// `base` ([`sys::open_private_root`]), so that the mounts holding the layers are not kept busy
+/// by this process (kernel overlayfs clones its layer mounts the same way). `None` — use `plain`,
+/// the same dirs opened directly — when no clone can be made (no `CAP_SYS_ADMIN`, an old kernel)
+/// or when a dir is not the same inode through the clone (a mount between `base` and it).
+fn private_twin<const N: usize>(
+    base: &Path,
+    dirs: [&Path; N],
+    plain: [&OwnedFd; N],
+) -> Option<[OwnedFd; N]> {
+    let base = base.canonicalize().ok()?;
+    let root = sys::open_private_root(&base).ok()?;
+    dirs.iter()
+        .zip(plain)
+        .map(|(dir, plain)| {
+            let rel = dir.canonicalize().ok()?;
+            let fd = sys::open_path_below(root.as_fd(), rel.strip_prefix(&base).ok()?).ok()?;
+            let (a, b) = (
+                sys::stat_fd(fd.as_fd()).ok()?,
+                sys::stat_fd(plain.as_fd()).ok()?,
+            );
+            ((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)).then_some(fd)
+        })
+        .collect::<Option<Vec<_>>>()?
+        .try_into()
+        .ok()
+}
+
 fn is_inside(inner: &Path, outer: &Path) -> bool {
     let (Ok(inner), Ok(outer)) = (inner.canonicalize(), outer.canonicalize()) else {
         return false;
@@ -241,27 +292,44 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &Component) -> SysResult<()> {
     }
 }
 
-/// The lower directories a redirect `path` names, as the kernel overlay resolves it: the path is
-/// walked in each of `starts` (lower roots for an absolute path, the parent's lower dirs for a bare
-/// name) in order; a layer without it is skipped; a whiteout or a non-directory on the path ends
-/// the search; an opaque directory on the path (or at its end) ends it after this layer.
+/// The lower directories a redirect `path` names, as the kernel overlay resolves it, layer by
+/// layer in the order of `roots`: an absolute path is walked from the layer's root, a bare name in
+/// `parents` (the moved directory's parent, in that layer; a layer without it is skipped). A layer
+/// without the path is skipped; a whiteout or a non-directory on the path ends the search; an
+/// opaque directory on the path (or at its end) ends it after this layer. A directory found with a
+/// redirect of its own (`redirect_of`: it was moved while its layer was the upper one) sends the
+/// search for the layers below to where that redirect points.
 pub fn resolve_redirect(
-    starts: &[(LayerIdx, BorrowedFd<'_>)],
+    roots: &[(LayerIdx, BorrowedFd<'_>)],
+    parents: &[(LayerIdx, BorrowedFd<'_>)],
     path: &[u8],
+    redirect_of: impl Fn(BorrowedFd<'_>) -> Option<Vec<u8>>,
 ) -> SysResult<Vec<(LayerIdx, OwnedFd)>> {
     use layerfs_store::format::{self, DirMark};
     use std::os::unix::ffi::OsStrExt;
-    let comps: Vec<&[u8]> = path
-        .split(|b| *b == b'/')
-        .filter(|c| !c.is_empty())
-        .collect();
+    let split = |p: &[u8]| -> Vec<Vec<u8>> {
+        p.split(|b| *b == b'/')
+            .filter(|c| !c.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    let mut absolute = path.starts_with(b"/");
+    let mut comps = split(path);
     let mut out = Vec::new();
-    'layers: for (layer, start) in starts {
+    'layers: for (layer, root) in roots {
+        let start = if absolute {
+            *root
+        } else {
+            match parents.iter().find(|(l, _)| l == layer) {
+                Some((_, fd)) => *fd,
+                None => continue,
+            }
+        };
         let mut cur: Option<OwnedFd> = None;
         let mut stop = false;
         for (i, comp) in comps.iter().enumerate() {
             let name = Component::new(std::ffi::OsStr::from_bytes(comp))?;
-            let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(*start);
+            let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(start);
             let st = match sys::stat_at(base, &name) {
                 Ok(st) => st,
                 Err(Errno::NOENT) => {
@@ -286,9 +354,21 @@ pub fn resolve_redirect(
         }
         let Some(fd) = cur else { continue };
         let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+        let moved = redirect_of(fd.as_fd());
         out.push((*layer, fd));
         if opaque || stop {
             break;
+        }
+        match moved {
+            Some(r) if r.starts_with(b"/") => {
+                absolute = true;
+                comps = split(&r);
+            }
+            Some(r) => {
+                comps.pop();
+                comps.extend(split(&r));
+            }
+            None => {}
         }
     }
     Ok(out)

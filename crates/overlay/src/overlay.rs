@@ -67,6 +67,17 @@ pub(crate) struct Probe {
     pub pinned: bool,
 }
 
+/// What becomes of the layers below a lower part of a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Below {
+    /// They merge in by name.
+    Merge,
+    /// An opaque part hides them.
+    Hidden,
+    /// A redirected part: they were looked up where its redirect points.
+    Redirected,
+}
+
 impl Overlay {
     /// Opens the layers of `cfg` and makes the root node.
     pub fn new(cfg: &OverlayConfig) -> Result<Self, String> {
@@ -308,7 +319,7 @@ impl Overlay {
             };
             if let Some(target) = redirect {
                 // A directory the kernel overlay moved: its lowers live at the redirect path.
-                self.redirect_lower_dirs(dir, &target, &mut lower_dirs)?;
+                self.redirect_lower_dirs(dir, &target, None, &mut lower_dirs)?;
                 pinned = true;
             } else if vis.layer.is_upper() && !upper_opaque {
                 if let Some(lower) = entry
@@ -316,21 +327,26 @@ impl Overlay {
                     .as_ref()
                     .filter(|l| l.kind == FileType::Directory)
                 {
-                    self.open_lower_dirs(dir, name, lower.layer, &lower.more, &mut lower_dirs)?;
+                    pinned =
+                        self.open_lower_dirs(dir, name, lower.layer, &lower.more, &mut lower_dirs)?
+                            == Below::Redirected;
                 }
             } else if !vis.layer.is_upper()
                 && let Some(lower) = entry.lower.as_ref()
             {
-                lower_dirs.push((vis.layer, fd.clone()));
-                if format::dir_mark(fd.as_fd()) != DirMark::Opaque {
-                    self.open_lower_dirs(
-                        dir,
-                        name,
-                        LayerIdx(u16::MAX),
-                        &lower.more,
-                        &mut lower_dirs,
-                    )?;
-                }
+                pinned = match self.push_lower_dir(dir, vis.layer, fd.clone(), &mut lower_dirs)? {
+                    Below::Merge => {
+                        self.open_lower_dirs(
+                            dir,
+                            name,
+                            LayerIdx(u16::MAX),
+                            &lower.more,
+                            &mut lower_dirs,
+                        )? == Below::Redirected
+                    }
+                    Below::Hidden => false,
+                    Below::Redirected => true,
+                };
             }
         }
         let ino = if group {
@@ -350,8 +366,9 @@ impl Overlay {
         }))
     }
 
-    /// Opens `name` in each of `dir`'s lower layers `first` (unless `u16::MAX`) and `more`,
-    /// stopping after an opaque one.
+    /// Opens `name` in each of `dir`'s lower layers `first` (unless `u16::MAX`) and `more`, as
+    /// [`Overlay::push_lower_dir`] says: until an opaque one, or a redirected one, after which the
+    /// layers below come from its redirect.
     fn open_lower_dirs(
         &self,
         dir: &Node,
@@ -359,48 +376,78 @@ impl Overlay {
         first: LayerIdx,
         more: &[LayerIdx],
         out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
-    ) -> OvlResult<()> {
+    ) -> OvlResult<Below> {
         let layers = std::iter::once(first)
             .filter(|l| l.0 != u16::MAX)
             .chain(more.iter().copied());
         for layer in layers {
             let parent = self.dir_fd_in(dir, layer)?;
-            let fd = sys::open_path_dir(parent.as_fd(), name)?;
-            let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-            out.push((layer, Arc::new(fd)));
-            if opaque {
-                break;
+            let fd = Arc::new(sys::open_path_dir(parent.as_fd(), name)?);
+            match self.push_lower_dir(dir, layer, fd, out)? {
+                Below::Merge => {}
+                end => return Ok(end),
             }
         }
-        Ok(())
+        Ok(Below::Merge)
     }
 
-    /// The lower dirs of a directory moved by the kernel overlay (`redirect` xattr): an absolute
-    /// path is looked up from every lower root, a bare name in the parent's lower dirs.
+    /// Appends `fd`, a lower part (in `layer`) of a directory of `dir`, to `out`, and says what
+    /// becomes of the layers below: an opaque part hides them; a part with a `redirect` (moved
+    /// while its layer was the upper one) has its further parts where the redirect points, which
+    /// are appended here, as the kernel overlay looks them up.
+    fn push_lower_dir(
+        &self,
+        dir: &Node,
+        layer: LayerIdx,
+        fd: Arc<OwnedFd>,
+        out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
+    ) -> OvlResult<Below> {
+        let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
+        let redirect = if opaque {
+            None
+        } else {
+            xattr::get(fd.as_fd(), self.layers.encoding.redirect_xattr()).ok()
+        };
+        out.push((layer, fd));
+        if opaque {
+            return Ok(Below::Hidden);
+        }
+        match redirect {
+            Some(target) => {
+                self.redirect_lower_dirs(dir, &target, Some(layer), out)?;
+                Ok(Below::Redirected)
+            }
+            None => Ok(Below::Merge),
+        }
+    }
+
+    /// The lower dirs of a directory moved by the kernel overlay (`redirect` xattr) in the layers
+    /// below `below` (all lower layers if `None`): an absolute path is looked up from the layer
+    /// roots, a bare name in the parent's lower dirs.
     pub(crate) fn redirect_lower_dirs(
         &self,
         dir: &Node,
         target: &[u8],
+        below: Option<LayerIdx>,
         out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
     ) -> OvlResult<()> {
-        let owned: Vec<(LayerIdx, Arc<OwnedFd>)> = if target.starts_with(b"/") {
-            let mut v = Vec::new();
-            for i in 1..self.layers.count() {
+        let first = below.map_or(1, |l| usize::from(l.0) + 1);
+        let roots: Vec<(LayerIdx, BorrowedFd<'_>)> = (first..self.layers.count())
+            .filter_map(|i| {
                 let idx = LayerIdx(i as u16);
-                if let Some(root) = self.layers.root(idx) {
-                    let root = root
-                        .try_clone_to_owned()
-                        .map_err(Errno::from_io_error_or_io)?;
-                    v.push((idx, Arc::new(root)));
-                }
-            }
-            v
+                self.layers.root(idx).map(|root| (idx, root))
+            })
+            .collect();
+        let parents = if target.starts_with(b"/") {
+            Vec::new()
         } else {
             self.dir_fds(dir)?.1
         };
-        let starts: Vec<(LayerIdx, BorrowedFd<'_>)> =
-            owned.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
-        for (layer, fd) in crate::layers::resolve_redirect(&starts, target)? {
+        let parents: Vec<(LayerIdx, BorrowedFd<'_>)> =
+            parents.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
+        let redirect_of =
+            |fd: BorrowedFd<'_>| xattr::get(fd, self.layers.encoding.redirect_xattr()).ok();
+        for (layer, fd) in crate::layers::resolve_redirect(&roots, &parents, target, redirect_of)? {
             out.push((layer, Arc::new(fd)));
         }
         Ok(())

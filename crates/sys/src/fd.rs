@@ -32,6 +32,39 @@ pub fn open_root(path: &Path) -> SysResult<OwnedFd> {
     )
 }
 
+/// Opens the root of a private, detached clone of the mount that holds the directory `path`
+/// (`open_tree(OPEN_TREE_CLONE)`), rooted at `path`: the way kernel overlayfs holds its layers
+/// (`clone_private_mount`). Fds below the clone keep the filesystem alive but do not make the
+/// original mount busy, so the layers' filesystems can be unmounted as soon as the overlay is,
+/// not only once this process has exited. Mounts below `path` are not part of the clone (as for
+/// kernel overlayfs). Needs `CAP_SYS_ADMIN` in the mount's user namespace.
+pub fn open_private_root(path: &Path) -> SysResult<OwnedFd> {
+    use rustix::mount::{OpenTreeFlags, open_tree};
+    open_tree(
+        CWD,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+}
+
+/// Opens the directory `rel` below `root` as an `O_PATH` fd, one component at a time, never
+/// following a symlink. `rel` holds only plain components (no `.`, `..` or root).
+pub fn open_path_below(root: BorrowedFd<'_>, rel: &Path) -> SysResult<OwnedFd> {
+    let mut cur = rfs::openat(
+        root,
+        c".",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for part in rel.components() {
+        let std::path::Component::Normal(name) = part else {
+            return Err(Errno::INVAL);
+        };
+        cur = open_path_dir(cur.as_fd(), &Component::new(name)?)?;
+    }
+    Ok(cur)
+}
+
 /// Opens `name` in `dir` as an `O_PATH` fd without following a final symlink.
 pub fn open_path(dir: BorrowedFd<'_>, name: &Component) -> SysResult<OwnedFd> {
     rfs::openat(
