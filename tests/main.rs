@@ -9,7 +9,7 @@
 //! Modules: `util` (fixture, mounts), `snapshot` (trees compared by), `opgen` (seeded lowers and op sequences), `fsops` (runs
 //! one op, renders its outcome), `differential` (the fuzzer and shrinker), `dual` (two mounts over the
 //! standard lowers), `scenarios` (real programs), `interop` (uppers across implementations),
-//! `diff_expect` (`layerfs diff` line by line), `cli` (the mount command line), `durability` (power cut
+//! `diff_expect` (`layerfs diff` line by line), `posix` (POSIX corner cases a pjdfstest run showed), `cli` (the mount command line), `durability` (power cut
 //! and killed daemon during copy-up).
 //! Divergences found so far: `tests/DIVERGENCES.md`.
 
@@ -24,6 +24,7 @@ mod interop;
 mod lowergen;
 mod mount_cli;
 mod opgen;
+mod posix;
 mod scenarios;
 mod snapshot;
 mod util;

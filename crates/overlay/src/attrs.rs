@@ -37,6 +37,18 @@ pub struct SetAttr {
     pub fh: Option<u64>,
 }
 
+impl SetAttr {
+    /// Nothing to change: what FUSE sends for a change it carries only as `ATTR_CTIME`,
+    /// such as `chown(path, -1, -1)`.
+    fn changes_nothing(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && matches!((self.atime, self.mtime), (SetTime::Omit, SetTime::Omit))
+    }
+}
+
 fn timespec(t: SetTime) -> Timespec {
     match t {
         SetTime::Omit => Timespec {
@@ -63,7 +75,9 @@ impl Overlay {
         let upper = self.copy_up(&node, data)?;
         let fd = upper.as_fd();
         let kind = sys::file_type(&sys::stat_fd(fd)?);
-        if a.uid.is_some() || a.gid.is_some() {
+        // An empty SETATTR still changes ctime: kernel overlayfs hands `ATTR_CTIME` to the
+        // upper, and a chown to (-1, -1) is how the upper's ctime moves to now.
+        if a.uid.is_some() || a.gid.is_some() || a.changes_nothing() {
             sys::chown_fd(fd, a.uid, a.gid)?;
         }
         if let Some(mode) = a.mode
