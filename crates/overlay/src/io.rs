@@ -235,24 +235,25 @@ impl Overlay {
 
     /// The listing of directory `ino` that READDIR `offset` continues, and the position in it:
     /// offset 0 takes a new one; a listing no longer kept is taken again at the same position.
-    pub fn listing(&self, ino: u64, offset: u64) -> OvlResult<(Listing, usize, Arc<Node>)> {
+    /// `None` once the listing has been read to its end (it is then dropped).
+    pub fn listing(&self, ino: u64, offset: u64) -> OvlResult<Option<(Listing, usize, Arc<Node>)>> {
         let node = self.node(ino)?;
         if !node.is_dir {
             return Err(Errno::NOTDIR);
         }
-        if offset != 0
-            && let Some((l, pos)) = self.listings.find(ino, offset)
-        {
-            return Ok((l, pos, node));
+        let (list, pos) = match self.listings.find(ino, offset).filter(|_| offset != 0) {
+            Some(found) => found,
+            None => {
+                let entries = Arc::new(self.list(&node)?);
+                let pos = (offset & u64::from(u32::MAX)) as usize;
+                (self.listings.add(ino, entries), pos)
+            }
+        };
+        if pos >= list.entries.len() {
+            self.listings.done(list.id);
+            return Ok(None);
         }
-        let entries = Arc::new(self.list(&node)?);
-        let pos = (offset & u64::from(u32::MAX)) as usize;
-        Ok((self.listings.add(ino, entries), pos, node))
-    }
-
-    /// A listing of `dir` was read to its end.
-    pub fn listing_done(&self, id: u32) {
-        self.listings.done(id);
+        Ok(Some((list, pos, node)))
     }
 
     /// The merged entries of `dir`, `.` and `..` first.

@@ -143,7 +143,17 @@ impl Overlay {
             caller.gid
         };
         let over_whiteout = p.entry.upper == Some(UpperSlot::Whiteout);
-        let parent_acl = sys::xattr::get(p.upper.as_fd(), OsStr::new(acl::DEFAULT_ACL)).ok();
+        // The parent's default ACL matters only where the umask would take bits away or the
+        // object is built in work/ (most creates by tar and cp ask for no bit the umask holds).
+        let mode = match &obj {
+            NewObject::File { mode, .. }
+            | NewObject::Dir { mode }
+            | NewObject::Node { mode, .. } => *mode,
+            NewObject::Symlink { .. } => 0,
+        };
+        let parent_acl = (over_whiteout || mode & caller.umask & 0o777 != 0)
+            .then(|| sys::xattr::get(p.upper.as_fd(), OsStr::new(acl::DEFAULT_ACL)).ok())
+            .flatten();
         let obj = obj.with_mode(|m| acl::create_mode(m, caller.umask, parent_acl.as_deref()));
         // Built in work/, the object is out of reach of the parent's default ACL: set it by hand.
         let inherited = match (&parent_acl, &obj) {

@@ -19,7 +19,7 @@ use fuser::{
 use layerfs_sys::{self as sys, Errno};
 
 use crate::attrs::SetAttr;
-use crate::handles::{Listing, Listings};
+use crate::handles::Listings;
 use crate::namespace::{Caller, NewObject};
 use crate::overlay::{Attr, Overlay};
 
@@ -61,23 +61,6 @@ pub struct Fuse {
 }
 
 impl Fuse {
-    /// The listing READDIR `offset` of directory `ino` continues and where; `None` once it has
-    /// been read to its end (the listing is then dropped).
-    fn listing(
-        &self,
-        ino: u64,
-        offset: u64,
-    ) -> Result<Option<(Listing, usize, Arc<crate::node::Node>)>, fuser::Errno> {
-        match self.ovl.listing(ino, offset) {
-            Ok((list, pos, dir)) if pos < list.entries.len() => Ok(Some((list, pos, dir))),
-            Ok((list, ..)) => {
-                self.ovl.listing_done(list.id);
-                Ok(None)
-            }
-            Err(e) => Err(errno(e)),
-        }
-    }
-
     /// Wraps an overlay.
     pub fn new(ovl: Arc<Overlay>) -> Self {
         Fuse {
@@ -545,10 +528,10 @@ impl Filesystem for Fuse {
             .stats
             .readdirs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (list, pos, dir) = match self.listing(ino.0, offset) {
+        let (list, pos, dir) = match self.ovl.listing(ino.0, offset) {
             Ok(Some(found)) => found,
             Ok(None) => return reply.ok(),
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(errno(e)),
         };
         for (i, e) in list.entries.iter().enumerate().skip(pos) {
             let ino = if e.ino != 0 {
@@ -580,10 +563,10 @@ impl Filesystem for Fuse {
             .stats
             .readdirpluses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (list, pos, dir) = match self.listing(ino.0, offset) {
+        let (list, pos, dir) = match self.ovl.listing(ino.0, offset) {
             Ok(Some(found)) => found,
             Ok(None) => return reply.ok(),
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(errno(e)),
         };
         for (i, e) in list.entries.iter().enumerate().skip(pos) {
             let off = Listings::offset(list.id, i + 1);
