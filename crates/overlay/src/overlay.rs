@@ -310,12 +310,12 @@ impl Overlay {
         let mut pinned = false;
         if kind == FileType::Directory {
             let fd = fd.as_ref().ok_or(Errno::IO)?;
-            let upper_opaque =
-                vis.layer.is_upper() && format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-            let redirect = if vis.layer.is_upper() && !upper_opaque {
-                xattr::get(fd.as_fd(), self.layers.encoding.redirect_xattr()).ok()
+            let (upper_opaque, redirect) = if vis.layer.is_upper() {
+                let (mark, redirect) =
+                    format::dir_xattrs(fd.as_fd(), Some(self.layers.encoding.redirect_xattr()));
+                (mark == DirMark::Opaque, redirect)
             } else {
-                None
+                (false, None)
             };
             if let Some(target) = redirect {
                 // A directory the kernel overlay moved: its lowers live at the redirect path.
@@ -402,12 +402,9 @@ impl Overlay {
         fd: Arc<OwnedFd>,
         out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
     ) -> OvlResult<Below> {
-        let opaque = format::dir_mark(fd.as_fd()) == DirMark::Opaque;
-        let redirect = if opaque {
-            None
-        } else {
-            xattr::get(fd.as_fd(), self.layers.encoding.redirect_xattr()).ok()
-        };
+        let (mark, redirect) =
+            format::dir_xattrs(fd.as_fd(), Some(self.layers.encoding.redirect_xattr()));
+        let opaque = mark == DirMark::Opaque;
         out.push((layer, fd));
         if opaque {
             return Ok(Below::Hidden);

@@ -173,14 +173,35 @@ pub enum DirMark {
 
 /// Reads the opaque xattrs of the directory behind `dir`.
 pub fn dir_mark(dir: BorrowedFd<'_>) -> DirMark {
-    for name in ["trusted.overlay.opaque", "user.overlay.opaque"] {
-        match xattr::get(dir, OsStr::new(name)).as_deref() {
-            Ok(b"y") => return DirMark::Opaque,
-            Ok(b"x") => return DirMark::HasXWhiteouts,
-            _ => {}
+    dir_xattrs(dir, None).0
+}
+
+/// The opaque mark of the directory behind `dir` and, with `redirect` (the redirect xattr's
+/// name), its redirect target. One `listxattr`; a value is read only for a name that is there,
+/// so a directory without overlay xattrs (the usual case) costs one call however many are asked.
+pub fn dir_xattrs(dir: BorrowedFd<'_>, redirect: Option<&OsStr>) -> (DirMark, Option<Vec<u8>>) {
+    let names = xattr::list(dir).unwrap_or_default();
+    let has = |name: &OsStr| names.iter().any(|n| n.as_slice() == name.as_bytes());
+    let mut mark = DirMark::Plain;
+    for name in ["trusted.overlay.opaque", "user.overlay.opaque"].map(OsStr::new) {
+        if has(name) {
+            match xattr::get(dir, name).as_deref() {
+                Ok(b"y") => {
+                    mark = DirMark::Opaque;
+                    break;
+                }
+                Ok(b"x") => {
+                    mark = DirMark::HasXWhiteouts;
+                    break;
+                }
+                _ => {}
+            }
         }
     }
-    DirMark::Plain
+    let target = redirect
+        .filter(|r| mark != DirMark::Opaque && has(r))
+        .and_then(|r| xattr::get(dir, r).ok());
+    (mark, target)
 }
 
 /// Marks the directory behind `dir` opaque.
