@@ -115,6 +115,23 @@ struct RunResult {
     problems: Vec<String>,
 }
 
+/// The mount options of sequence `seed`'s system under test:
+/// - every other sequence runs with a tiny directory fd cache, so that directories keep giving up
+///   their fds and reopening them by name mid-sequence;
+/// - every other pair of sequences takes its requests over `/dev/fuse` (`uring=off`), the others
+///   from io_uring queues where the kernel allows, so both transports are held to the kernel's
+///   results.
+fn sut_options(seed: u64) -> Vec<String> {
+    let mut o = Vec::new();
+    if seed % 2 == 1 {
+        o.push("dir_fds=2".to_string());
+    }
+    if (seed / 2) % 2 == 1 {
+        o.push("uring=off".to_string());
+    }
+    o
+}
+
 /// Runs `ops` on a fresh kernel mount and a fresh `sut` mount over `built`'s lowers.
 /// `run` numbers the attempt so each gets fresh upper/work dirs.
 fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
@@ -125,13 +142,7 @@ fn run_ops(built: &Built, ops: &[Op], sut: Impl, run: usize) -> RunResult {
             lowers: built.lowers.clone(),
             upper,
             work,
-            // Every other sequence runs with a tiny directory fd cache, so that directories keep
-            // giving up their fds and reopening them by name mid-sequence.
-            options: if built.seed % 2 == 1 {
-                vec!["dir_fds=2".to_string()]
-            } else {
-                Vec::new()
-            },
+            options: sut_options(built.seed),
         }
     };
     let ref_side = format!("r{run}");

@@ -537,3 +537,62 @@ fn layer_filesystems_unmount_while_mounted() {
         m.unmount();
     }
 }
+
+/// Where the kernel has FUSE over io_uring (the fuse module's `enable_uring` parameter, which the
+/// daemon turns on as root), requests are taken from per-CPU io_uring queues; `-o uring=off`
+/// keeps them on `/dev/fuse`. Both transports serve the same tree and the same changes.
+#[test]
+fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
+    if !can_mount("requests_come_from_io_uring_queues_where_the_kernel_has_them") {
+        return;
+    }
+    let kernel_has_uring = Path::new("/sys/module/fuse/parameters/enable_uring").exists();
+    let fix = Fixture::new("uring");
+    let lower = fix.dir("lower");
+    for d in 0..5 {
+        let dp = lower.join(format!("d{d}"));
+        std::fs::create_dir_all(&dp).expect("mkdir");
+        for f in 0..20 {
+            std::fs::write(dp.join(format!("f{f:02}")), format!("{d}/{f}\n")).expect("write");
+        }
+    }
+    for (side, option) in [("on", None), ("off", Some("uring=off"))] {
+        let (upper, work) = fix.upper_work(side);
+        let mnt = fix.mountpoint(side);
+        let mut args = vec!["mount", "--lower", s(&lower), "--upper", s(&upper)];
+        args.extend(["--work", s(&work)]);
+        if let Some(o) = option {
+            args.extend(["-o", o]);
+        }
+        args.push(s(&mnt));
+        let (ok, err) = layerfs(&args);
+        assert!(ok, "mount ({side}): {err}");
+        let script = "ls -lR . | grep -c '^-' && cat d3/f07 && echo new > d1/n && echo more >> d2/f01 \
+                      && mv d4 d5 && rm d0/f00 && cat d1/n d2/f01 && ls d5 | wc -l";
+        let out = sh_ok(&mnt, script);
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            ["100", "3/7", "new", "2/1", "more", "20"],
+            "{side}: {out}"
+        );
+        let stats = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
+        let stats: serde_json::Value =
+            serde_json::from_slice(&stats.stdout).expect("stats prints JSON");
+        let uring = stats["uring_requests"].as_u64().expect("uring_requests");
+        eprintln!("uring {side}: {stats}");
+        if option.is_none() && kernel_has_uring {
+            assert!(
+                uring >= 100,
+                "{uring} requests from io_uring queues: the mount did not use them"
+            );
+        } else {
+            assert_eq!(
+                uring, 0,
+                "uring=off, yet {uring} requests came from io_uring"
+            );
+        }
+        let (ok, err) = layerfs(&["umount", s(&mnt)]);
+        assert!(ok, "umount ({side}): {err}");
+        assert!(upper.join("d1/n").is_file() && upper.join("d5").is_dir());
+    }
+}

@@ -50,6 +50,8 @@ struct Plan {
     allow_other: Option<bool>,
     default_permissions: bool,
     threads: Option<usize>,
+    /// `uring=off`: requests over `/dev/fuse` only, even where the kernel offers io_uring.
+    no_uring: bool,
     /// The store container this mount serves, and the store's root.
     container: Option<(String, Option<PathBuf>)>,
 }
@@ -202,6 +204,13 @@ fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
             "default_permissions" => plan.default_permissions = true,
             "no_default_permissions" => plan.default_permissions = false,
             "fsname" => plan.source = need(value)?.to_string(),
+            "uring" => {
+                plan.no_uring = match need(value)? {
+                    "on" | "1" => false,
+                    "off" | "0" => true,
+                    v => bail!("uring={v}: use uring=on or uring=off"),
+                }
+            }
             "threads" => {
                 plan.threads = Some(need(value)?.parse().context("threads=N needs a number")?)
             }
@@ -301,6 +310,7 @@ fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
         allow_other: plan.allow_other.unwrap_or(is_root),
         default_permissions: plan.default_permissions,
         threads: plan.threads.unwrap_or_else(default_threads),
+        uring: !plan.no_uring,
         extra: {
             let mut e = plan.extra.clone();
             // As root, devices and set-id bits work as on a kernel overlay mount unless the

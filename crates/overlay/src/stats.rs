@@ -30,6 +30,9 @@ pub struct Stats {
     pub passthrough_opens: AtomicU64,
     /// READ requests.
     pub reads: AtomicU64,
+    /// Requests taken from io_uring queues ([`crate::fuse`]'s `uring` module) rather than
+    /// `/dev/fuse`.
+    pub uring_requests: AtomicU64,
     /// Directories that gave up their fds ([`crate::dirfds`]).
     pub dir_fd_evictions: AtomicU64,
     /// Directories that reopened them.
@@ -53,6 +56,8 @@ pub struct StatsSnapshot {
     pub passthrough_opens: u64,
     #[serde(default)]
     pub reads: u64,
+    #[serde(default)]
+    pub uring_requests: u64,
     pub dir_fd_evictions: u64,
     pub dir_fd_restores: u64,
     pub nodes: u64,
@@ -77,6 +82,7 @@ impl Stats {
             opens: r(&self.opens),
             passthrough_opens: r(&self.passthrough_opens),
             reads: r(&self.reads),
+            uring_requests: r(&self.uring_requests),
             dir_fd_evictions: r(&self.dir_fd_evictions),
             dir_fd_restores: r(&self.dir_fd_restores),
             nodes: nodes as u64,

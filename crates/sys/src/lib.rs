@@ -14,6 +14,7 @@
 pub mod copy;
 pub mod dir;
 pub mod fd;
+pub mod fuse_uring;
 pub mod mountinfo;
 pub mod name;
 pub mod process;

@@ -5,9 +5,11 @@
 //! so entries, attributes and negative lookups are cached by the kernel for a long time.
 
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -19,15 +21,17 @@ use fuser::{
 use layerfs_sys::{self as sys, Errno};
 
 use crate::attrs::SetAttr;
-use crate::handles::Listings;
 use crate::namespace::{Caller, NewObject};
 use crate::overlay::{Attr, Overlay};
 
 mod convert;
 use convert::{bare_attr, errno, file_attr, kind_of_sys, set_time};
 mod notify;
+mod ops;
+use ops::PlusItem;
 mod passthrough;
-use passthrough::Passthrough;
+use passthrough::{Backing, Passthrough};
+mod uring;
 
 /// How long the kernel may cache entries, attributes and negative lookups.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -45,19 +49,26 @@ pub struct MountOptions {
     pub threads: usize,
     /// Generic options passed through (`ro`, `nodev`, `suid`, …).
     pub extra: Vec<MountOption>,
+    /// Serve requests from io_uring queues where the kernel allows (`uring=off` turns it off).
+    pub uring: bool,
 }
 
-/// The `fuser::Filesystem` of a mount.
+/// The `fuser::Filesystem` of a mount. Clones share everything but the end-of-session signal:
+/// the fuser session owns one, each io_uring thread another.
 pub struct Fuse {
     ovl: Arc<Overlay>,
     /// Kernel passthrough bookkeeping (its own lock).
-    pt: Passthrough,
+    pt: Arc<Passthrough>,
     /// Told when the session ends.
     ended: Option<std::sync::mpsc::Sender<()>>,
     /// Sends notifications to the kernel (set once the session exists).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// The kernel can open directories without OPENDIR (FUSE_NO_OPENDIR_SUPPORT, set at INIT).
-    no_opendir: bool,
+    no_opendir: Arc<AtomicBool>,
+    /// INIT granted FUSE_OVER_IO_URING: requests are to be taken from io_uring queues.
+    uring: Arc<AtomicBool>,
+    /// Ask for io_uring at INIT (the mount did not turn it off).
+    want_uring: bool,
 }
 
 impl Fuse {
@@ -65,10 +76,26 @@ impl Fuse {
     pub fn new(ovl: Arc<Overlay>) -> Self {
         Fuse {
             ovl,
-            pt: Passthrough::default(),
+            pt: Arc::default(),
             ended: None,
             notifier: Arc::default(),
-            no_opendir: false,
+            no_opendir: Arc::default(),
+            uring: Arc::default(),
+            want_uring: false,
+        }
+    }
+}
+
+impl Clone for Fuse {
+    fn clone(&self) -> Self {
+        Fuse {
+            ovl: self.ovl.clone(),
+            pt: self.pt.clone(),
+            ended: None,
+            notifier: self.notifier.clone(),
+            no_opendir: self.no_opendir.clone(),
+            uring: self.uring.clone(),
+            want_uring: self.want_uring,
         }
     }
 }
@@ -101,10 +128,26 @@ pub fn serve(
     let (ended_tx, ended) = std::sync::mpsc::channel();
     let mut fs = Fuse::new(ovl);
     fs.ended = Some(ended_tx);
+    fs.want_uring = opts.uring && uring::enable();
+    let rings = fs.clone();
     let notifier = fs.notifier.clone();
     let session = fuser::Session::new(fs, mountpoint, &cfg)?;
     let _ = notifier.set(session.notifier());
+    // The rings can be registered only once INIT is answered, which `Session::new` did.
+    let dev = if rings.uring.load(Relaxed) {
+        Some(session.as_fd().try_clone_to_owned()?)
+    } else {
+        None
+    };
     let background = session.spawn()?;
+    if let Some(dev) = dev {
+        match uring::start(rings, dev) {
+            Ok(()) => tracing::info!("requests are served from io_uring queues"),
+            Err(e) => {
+                tracing::warn!("io_uring queues not registered ({e}): requests go over /dev/fuse")
+            }
+        }
+    }
     raise_readahead(mountpoint);
     ready();
     // The session ends when the kernel drops the mount (`umount`, `layerfs umount`): the
@@ -143,21 +186,22 @@ const PASSTHROUGH_OPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 /// Open flags of an open served through the daemon: keep the page cache across opens (the data
 /// changes only through the mount) and no FLUSH on close.
 const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+/// The two as `fuse_open_out.open_flags` bits (io_uring answers).
+const PASSTHROUGH_OPEN_BITS: u32 = PASSTHROUGH_OPEN.union(FopenFlags::FOPEN_PASSTHROUGH).bits();
+const CACHED_OPEN_BITS: u32 = CACHED_OPEN.bits();
+
+/// The caller of a request; `umask`: the one the kernel left unapplied (CREATE, MKDIR, MKNOD).
+fn caller_of(uid: u32, gid: u32, umask: u32) -> Caller {
+    Caller { uid, gid, umask }
+}
 
 fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-        umask: 0,
-    }
+    caller_of(req.uid(), req.gid(), 0)
 }
 
 /// The caller of a CREATE, MKDIR or MKNOD, with the umask the kernel left unapplied.
 fn creator(req: &Request, umask: u32) -> Caller {
-    Caller {
-        umask,
-        ..caller(req)
-    }
+    caller_of(req.uid(), req.gid(), umask)
 }
 
 fn reply_entry(reply: ReplyEntry, r: Result<Attr, Errno>) {
@@ -201,9 +245,16 @@ impl Filesystem for Fuse {
         ] {
             let _ = config.add_capabilities(cap);
         }
-        self.no_opendir = config
+        let no_opendir = config
             .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
             .is_ok();
+        self.no_opendir.store(no_opendir, Relaxed);
+        if self.want_uring {
+            let granted = config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            self.uring.store(granted, Relaxed);
+        }
         let root = rustix::process::geteuid().is_root();
         if root && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
             let _ = config.set_max_stack_depth(1);
@@ -397,20 +448,17 @@ impl Filesystem for Fuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.changed(self.ovl.open(ino.0, flags.0)) {
-            Ok((fh, layer)) => {
-                // Lower files too on a read-only mount: nothing there is ever copied up.
-                let pass = layer.is_upper() || self.ovl.read_only();
-                match self.open_mode(ino.0, fh, pass, |fd| reply.open_backing(&**fd)) {
-                    Some(b) => reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_OPEN, &b),
-                    None => {
-                        if !layer.is_upper() && self.sole_cached_open(ino.0) {
-                            self.prefill(fh);
-                        }
-                        reply.opened(FileHandle(fh), CACHED_OPEN)
-                    }
+        let opened = self.open_file(ino.0, flags.0, |fd| {
+            reply.open_backing(&**fd).map(Backing::Session)
+        });
+        match opened {
+            Ok(o) => match o.backing.as_deref() {
+                Some(Backing::Session(b)) => {
+                    reply.opened_passthrough(FileHandle(o.fh), PASSTHROUGH_OPEN, b)
                 }
-            }
+                Some(Backing::Raw { .. }) => reply.error(fuser::Errno::EIO),
+                None => reply.opened(FileHandle(o.fh), CACHED_OPEN),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -506,7 +554,7 @@ impl Filesystem for Fuse {
     /// same flags and no handle: READDIR finds its listing by offset
     /// ([`crate::handles::Listings`]).
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.no_opendir {
+        if self.no_opendir.load(Relaxed) {
             reply.error(errno(Errno::NOSYS));
         } else {
             reply.opened(
@@ -524,31 +572,13 @@ impl Filesystem for Fuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.ovl
-            .stats
-            .readdirs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (list, pos, dir) = match self.ovl.listing(ino.0, offset) {
-            Ok(Some(found)) => found,
-            Ok(None) => return reply.ok(),
-            Err(e) => return reply.error(errno(e)),
-        };
-        for (i, e) in list.entries.iter().enumerate().skip(pos) {
-            let ino = if e.ino != 0 {
-                e.ino
-            } else {
-                match self.ovl.entry_ino(&dir, &e.name) {
-                    Ok(Some(ino)) => ino,
-                    Ok(None) => continue,
-                    Err(err) => return reply.error(errno(err)),
-                }
-            };
-            let off = Listings::offset(list.id, i + 1);
-            if reply.add(INodeNo(ino), off, kind_of_sys(e.kind), &e.name) {
-                break;
-            }
+        let filled = self.fill_dir(ino.0, offset, |ino, off, kind, name| {
+            reply.add(INodeNo(ino), off, kind_of_sys(kind), name)
+        });
+        match filled {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -559,52 +589,17 @@ impl Filesystem for Fuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        self.ovl
-            .stats
-            .readdirpluses
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (list, pos, dir) = match self.ovl.listing(ino.0, offset) {
-            Ok(Some(found)) => found,
-            Ok(None) => return reply.ok(),
-            Err(e) => return reply.error(errno(e)),
-        };
-        for (i, e) in list.entries.iter().enumerate().skip(pos) {
-            let off = Listings::offset(list.id, i + 1);
-            if e.name == "." || e.name == ".." {
-                let target = if e.name == "." { ino.0 } else { e.ino };
-                // The kernel neither takes a reference for "." and ".." nor reads their
-                // attributes: no need to stat them.
-                if reply.add(
-                    INodeNo(target),
-                    off,
-                    &e.name,
-                    &TTL,
-                    &bare_attr(target, FileType::Directory),
-                    Generation(0),
-                ) {
-                    break;
-                }
-                continue;
-            }
-            match self.ovl.dir_entry_plus(&dir, &e.name) {
-                Ok(Some((node, a))) => {
-                    if reply.add(
-                        INodeNo(a.ino),
-                        off,
-                        &e.name,
-                        &TTL,
-                        &file_attr(&a),
-                        Generation(0),
-                    ) {
-                        break;
-                    }
-                    self.ovl.entry_sent(&node);
-                }
-                Ok(None) => continue,
-                Err(err) => return reply.error(errno(err)),
-            }
+        let filled = self.fill_dir_plus(ino.0, offset, |off, name, item| {
+            let (ino, attr) = match item {
+                PlusItem::Dot(target) => (target, bare_attr(target, FileType::Directory)),
+                PlusItem::Entry(a) => (a.ino, file_attr(a)),
+            };
+            reply.add(INodeNo(ino), off, name, &TTL, &attr, Generation(0))
+        });
+        match filled {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.ok();
     }
 
     fn releasedir(
@@ -692,37 +687,25 @@ impl Filesystem for Fuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let oflags = sys::OFlags::from_bits_retain(flags as _);
-        let obj = NewObject::File {
-            mode,
-            flags: oflags,
-        };
-        let created =
-            self.changed(
-                self.ovl
-                    .create_object(parent.0, name, obj, creator(req, umask)),
-            );
+        let created = self.create_file(parent.0, name, mode, flags, creator(req, umask), |fd| {
+            reply.open_backing(&**fd).map(Backing::Session)
+        });
         match created {
-            Ok((attr, Some(fd))) => match self.ovl.adopt_created(attr.ino, flags, fd) {
-                Ok(fh) => {
-                    let fa = file_attr(&attr);
-                    match self.open_mode(attr.ino, fh, true, |fd| reply.open_backing(&**fd)) {
-                        Some(b) => reply.created_passthrough(
-                            &TTL,
-                            &fa,
-                            Generation(0),
-                            FileHandle(fh),
-                            PASSTHROUGH_OPEN,
-                            &b,
-                        ),
-                        None => {
-                            reply.created(&TTL, &fa, Generation(0), FileHandle(fh), CACHED_OPEN)
-                        }
-                    }
+            Ok((attr, o)) => {
+                let fa = file_attr(&attr);
+                match o.backing.as_deref() {
+                    Some(Backing::Session(b)) => reply.created_passthrough(
+                        &TTL,
+                        &fa,
+                        Generation(0),
+                        FileHandle(o.fh),
+                        PASSTHROUGH_OPEN,
+                        b,
+                    ),
+                    Some(Backing::Raw { .. }) => reply.error(fuser::Errno::EIO),
+                    None => reply.created(&TTL, &fa, Generation(0), FileHandle(o.fh), CACHED_OPEN),
                 }
-                Err(e) => reply.error(errno(e)),
-            },
-            Ok((_, None)) => reply.error(fuser::Errno::EIO),
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

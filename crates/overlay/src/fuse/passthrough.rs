@@ -27,12 +27,12 @@ struct PtState {
     /// Per node id: (real inode of the upper file, its shared backing) and the cached opens.
     by_ino: std::collections::HashMap<u64, InoIo>,
     /// Per handle: its node and the backing it holds (None: a cached open).
-    by_fh: std::collections::HashMap<u64, (u64, Option<Arc<fuser::BackingId>>)>,
+    by_fh: std::collections::HashMap<u64, (u64, Option<Arc<Backing>>)>,
 }
 
 #[derive(Default)]
 struct InoIo {
-    backing: Option<(u64, std::sync::Weak<fuser::BackingId>)>,
+    backing: Option<(u64, std::sync::Weak<Backing>)>,
     cached: u32,
 }
 
@@ -44,8 +44,8 @@ impl Fuse {
         ino: u64,
         fh: u64,
         pass: bool,
-        open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<fuser::BackingId>,
-    ) -> Option<Arc<fuser::BackingId>> {
+        open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
+    ) -> Option<Arc<Backing>> {
         use std::sync::atomic::Ordering::Relaxed;
         let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
         if pass && self.pt.enabled.load(Relaxed) {
@@ -116,6 +116,39 @@ impl Fuse {
             if io.cached == 0 && !live {
                 st.by_ino.remove(&ino);
             }
+        }
+    }
+}
+
+/// A registered backing file of the connection. Made by the transport that answers the open:
+/// fuser's reply for requests read from `/dev/fuse`, an ioctl on the connection's fd for requests
+/// taken from io_uring. Closed when the last handle using it is released.
+pub(super) enum Backing {
+    /// Registered through a fuser reply (closed by fuser on drop).
+    Session(fuser::BackingId),
+    /// Registered by id on the connection `dev`.
+    Raw {
+        id: u32,
+        dev: Arc<std::os::fd::OwnedFd>,
+    },
+}
+
+impl Backing {
+    /// The id the kernel knows it by, if this module knows it (fuser keeps its ids to itself).
+    pub(super) fn raw_id(&self) -> Option<u32> {
+        match self {
+            Backing::Session(_) => None,
+            Backing::Raw { id, .. } => Some(*id),
+        }
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        if let Backing::Raw { id, dev } = self
+            && let Err(e) = sys::fuse_uring::backing_close(std::os::fd::AsFd::as_fd(&**dev), *id)
+        {
+            tracing::debug!("closing backing file {id}: {e}");
         }
     }
 }

@@ -1,0 +1,131 @@
+//! The requests whose answer is more than one overlay call, written once for both transports
+//! (fuser's `/dev/fuse` session and [`super::uring`]): opens with their passthrough decision, and
+//! directory listings cut to the reader's buffer.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use layerfs_sys::{self as sys, Errno};
+
+use super::Fuse;
+use super::passthrough::{Backing, OwnedFdRef};
+use crate::handles::Listings;
+use crate::namespace::{Caller, NewObject};
+use crate::overlay::Attr;
+
+/// An OPEN or CREATE: the handle, and its backing file when its data is passed through.
+pub(super) struct Opened {
+    pub fh: u64,
+    pub backing: Option<Arc<Backing>>,
+}
+
+/// One entry of a READDIRPLUS answer.
+pub(super) enum PlusItem<'a> {
+    /// "." or "..": the kernel takes no reference and reads no attributes (node id only).
+    Dot(u64),
+    /// A named entry with its attributes (the kernel takes a reference).
+    Entry(&'a Attr),
+}
+
+impl Fuse {
+    /// OPEN of node `ino`: passed through for an upper file (and for any file of a read-only
+    /// mount, where nothing is ever copied up), else served through the daemon, with the data of
+    /// a small lower file put into the page cache before the answer.
+    pub(super) fn open_file(
+        &self,
+        ino: u64,
+        flags: i32,
+        open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
+    ) -> Result<Opened, Errno> {
+        let (fh, layer) = self.changed(self.ovl.open(ino, flags))?;
+        let pass = layer.is_upper() || self.ovl.read_only();
+        let backing = self.open_mode(ino, fh, pass, open_backing);
+        if backing.is_none() && !layer.is_upper() && self.sole_cached_open(ino) {
+            self.prefill(fh);
+        }
+        Ok(Opened { fh, backing })
+    }
+
+    /// CREATE of `name` in `parent`: the new file's attributes and its open handle.
+    pub(super) fn create_file(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+        open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
+    ) -> Result<(Attr, Opened), Errno> {
+        let obj = NewObject::File {
+            mode,
+            flags: sys::OFlags::from_bits_retain(flags as _),
+        };
+        let (attr, fd) = self.changed(self.ovl.create_object(parent, name, obj, caller))?;
+        let fd = fd.ok_or(Errno::IO)?;
+        let fh = self.ovl.adopt_created(attr.ino, flags, fd)?;
+        let backing = self.open_mode(attr.ino, fh, true, open_backing);
+        Ok((attr, Opened { fh, backing }))
+    }
+
+    /// READDIR of directory `ino` from `offset`: `add(ino, next offset, type, name)` for each
+    /// entry until it answers `true` (the reader's buffer is full).
+    pub(super) fn fill_dir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, sys::FileType, &OsStr) -> bool,
+    ) -> Result<(), Errno> {
+        self.ovl.stats.readdirs.fetch_add(1, Relaxed);
+        let Some((list, pos, dir)) = self.ovl.listing(ino, offset)? else {
+            return Ok(());
+        };
+        for (i, e) in list.entries.iter().enumerate().skip(pos) {
+            let ino = if e.ino != 0 {
+                e.ino
+            } else {
+                match self.ovl.entry_ino(&dir, &e.name)? {
+                    Some(ino) => ino,
+                    None => continue,
+                }
+            };
+            if add(ino, Listings::offset(list.id, i + 1), e.kind, &e.name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// READDIRPLUS of directory `ino` from `offset`: `add(next offset, name, item)` for each
+    /// entry until it answers `true` (full). An entry that went into the answer counts as a
+    /// lookup of its node.
+    pub(super) fn fill_dir_plus(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, &OsStr, PlusItem<'_>) -> bool,
+    ) -> Result<(), Errno> {
+        self.ovl.stats.readdirpluses.fetch_add(1, Relaxed);
+        let Some((list, pos, dir)) = self.ovl.listing(ino, offset)? else {
+            return Ok(());
+        };
+        for (i, e) in list.entries.iter().enumerate().skip(pos) {
+            let off = Listings::offset(list.id, i + 1);
+            if e.name == "." || e.name == ".." {
+                let target = if e.name == "." { ino } else { e.ino };
+                if add(off, &e.name, PlusItem::Dot(target)) {
+                    break;
+                }
+                continue;
+            }
+            let Some((node, a)) = self.ovl.dir_entry_plus(&dir, &e.name)? else {
+                continue;
+            };
+            if add(off, &e.name, PlusItem::Entry(&a)) {
+                break;
+            }
+            self.ovl.entry_sent(&node);
+        }
+        Ok(())
+    }
+}

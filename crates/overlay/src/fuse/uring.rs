@@ -1,0 +1,689 @@
+//! FUSE over io_uring: requests taken from per-CPU rings ([`layerfs_sys::fuse_uring`]) and
+//! answered here, with the same overlay calls as the fuser session answers `/dev/fuse` requests.
+//!
+//! The kernel puts a request into the queue of the CPU its caller runs on, and each queue is
+//! served by threads pinned to that CPU, so a request and its answer never wait for an idle
+//! vCPU to wake (the cost that dominates a `/dev/fuse` round trip on a VM whose idle vCPUs halt at
+//! once). The fuser session stays up beside the rings: it answers INIT, and FORGET and INTERRUPT,
+//! which the kernel still sends over `/dev/fuse`.
+//!
+//! Each thread has a ring of its own with one entry: an entry is offered to the kernel only while
+//! its thread waits, so a slow request (a large copy-up, an fsync) holds up no other request; with
+//! [`THREADS_PER_CPU`] threads per CPU, two slow requests from one CPU can be served at once and a
+//! third waits in the kernel.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use layerfs_sys::fuse_uring::{self, Queue};
+use layerfs_sys::{self as sys, Errno};
+
+use super::ops::PlusItem;
+use super::passthrough::Backing;
+use super::{CACHED_OPEN_BITS, Fuse, MAX_READ, PASSTHROUGH_OPEN_BITS, TTL, caller_of};
+use crate::attrs::{SetAttr, SetTime};
+use crate::overlay::Attr;
+
+/// Serving threads (each with a ring of one entry) per CPU.
+pub(super) const THREADS_PER_CPU: usize = 2;
+
+/// Payload bytes of an entry: the largest WRITE or READ, and room for the headers of a
+/// READDIRPLUS that asks for as much.
+const PAYLOAD: usize = MAX_READ as usize + 4096;
+
+// Opcodes (include/uapi/linux/fuse.h).
+const LOOKUP: u32 = 1;
+const FORGET: u32 = 2;
+const GETATTR: u32 = 3;
+const SETATTR: u32 = 4;
+const READLINK: u32 = 5;
+const SYMLINK: u32 = 6;
+const MKNOD: u32 = 8;
+const MKDIR: u32 = 9;
+const UNLINK: u32 = 10;
+const RMDIR: u32 = 11;
+const RENAME: u32 = 12;
+const LINK: u32 = 13;
+const OPEN: u32 = 14;
+const READ: u32 = 15;
+const WRITE: u32 = 16;
+const STATFS: u32 = 17;
+const RELEASE: u32 = 18;
+const FSYNC: u32 = 20;
+const SETXATTR: u32 = 21;
+const GETXATTR: u32 = 22;
+const LISTXATTR: u32 = 23;
+const REMOVEXATTR: u32 = 24;
+const FLUSH: u32 = 25;
+const OPENDIR: u32 = 27;
+const READDIR: u32 = 28;
+const RELEASEDIR: u32 = 29;
+const FSYNCDIR: u32 = 30;
+const ACCESS: u32 = 34;
+const CREATE: u32 = 35;
+const DESTROY: u32 = 38;
+const BATCH_FORGET: u32 = 42;
+const FALLOCATE: u32 = 43;
+const READDIRPLUS: u32 = 44;
+const RENAME2: u32 = 45;
+const LSEEK: u32 = 46;
+const COPY_FILE_RANGE: u32 = 47;
+
+// SETATTR `valid` bits.
+const FATTR_MODE: u32 = 1 << 0;
+const FATTR_UID: u32 = 1 << 1;
+const FATTR_GID: u32 = 1 << 2;
+const FATTR_SIZE: u32 = 1 << 3;
+const FATTR_ATIME: u32 = 1 << 4;
+const FATTR_MTIME: u32 = 1 << 5;
+const FATTR_FH: u32 = 1 << 6;
+const FATTR_ATIME_NOW: u32 = 1 << 7;
+const FATTR_MTIME_NOW: u32 = 1 << 8;
+
+const FUSE_GETATTR_FH: u32 = 1;
+const FUSE_FSYNC_FDATASYNC: u32 = 1;
+const FOPEN_CACHE_DIR: u32 = 1 << 3;
+const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+
+/// Sizes of the answer structs.
+const ATTR_LEN: usize = 88;
+const ENTRY_LEN: usize = 40 + ATTR_LEN;
+const ATTR_OUT_LEN: usize = 16 + ATTR_LEN;
+const OPEN_OUT_LEN: usize = 16;
+const DIRENT_HEAD: usize = 24;
+
+/// Starts the serving threads of every queue of the connection `dev` and waits until each has
+/// registered its entry. An error leaves the session on `/dev/fuse` (the kernel uses the rings
+/// only once every queue has registered).
+pub(super) fn start(fuse: Fuse, dev: OwnedFd) -> std::io::Result<()> {
+    let dev = Arc::new(dev);
+    let cpus = fuse_uring::possible_cpus();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for cpu in 0..cpus {
+        for n in 0..THREADS_PER_CPU {
+            let (fuse, dev, tx) = (fuse.clone(), dev.clone(), tx.clone());
+            std::thread::Builder::new()
+                .name(format!("uring-{cpu}.{n}"))
+                .spawn(move || serve_queue(fuse, dev, cpu, tx))?;
+        }
+    }
+    drop(tx);
+    let mut pinned = true;
+    for r in rx.iter().take(cpus * THREADS_PER_CPU) {
+        pinned &= r?;
+    }
+    if !pinned {
+        tracing::info!("io_uring: some queue threads could not be pinned to their CPU");
+    }
+    Ok(())
+}
+
+/// One serving thread of queue `cpu`: registers, reports `Ok(pinned)` or the error, then serves
+/// until the connection ends.
+fn serve_queue(
+    fuse: Fuse,
+    dev: Arc<OwnedFd>,
+    cpu: usize,
+    registered: std::sync::mpsc::Sender<std::io::Result<bool>>,
+) {
+    let pinned = fuse_uring::pin_to_cpu(cpu).is_ok();
+    let qid = u16::try_from(cpu).unwrap_or(u16::MAX);
+    let mut q = match Queue::register(dev.as_fd(), qid, 1, PAYLOAD) {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = registered.send(Err(e));
+            return;
+        }
+    };
+    let _ = registered.send(Ok(pinned));
+    drop(registered);
+    let mut ready = Vec::with_capacity(1);
+    loop {
+        match q.wait(&mut ready) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!("io_uring queue {cpu}: {e}; its thread stops");
+                return;
+            }
+        }
+        for &idx in &ready {
+            let (req, payload, len) = q.entry(idx);
+            let h = InHeader::parse(req.in_header);
+            let (error, n) = match fuse.answer(&h, req.op_in, payload, len, &dev) {
+                Ok(n) => (0, n),
+                Err(e) => (-e.raw_os_error(), 0),
+            };
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&((16 + n) as u32).to_ne_bytes());
+            out[4..8].copy_from_slice(&error.to_ne_bytes());
+            out[8..].copy_from_slice(&h.unique.to_ne_bytes());
+            if let Err(e) = q.answer(idx, &out, n) {
+                tracing::warn!("io_uring queue {cpu}: {e}; its thread stops");
+                return;
+            }
+        }
+    }
+}
+
+/// `fuse_in_header`.
+struct InHeader {
+    opcode: u32,
+    unique: u64,
+    nodeid: u64,
+    uid: u32,
+    gid: u32,
+}
+
+impl InHeader {
+    fn parse(b: &[u8]) -> InHeader {
+        InHeader {
+            opcode: u32_at(b, 4),
+            unique: u64_at(b, 8),
+            nodeid: u64_at(b, 16),
+            uid: u32_at(b, 24),
+            gid: u32_at(b, 28),
+        }
+    }
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    let mut v = [0u8; 4];
+    if let Some(s) = b.get(off..off + 4) {
+        v.copy_from_slice(s);
+    }
+    u32::from_ne_bytes(v)
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut v = [0u8; 8];
+    if let Some(s) = b.get(off..off + 8) {
+        v.copy_from_slice(s);
+    }
+    u64::from_ne_bytes(v)
+}
+
+/// The NUL-terminated strings at the start of a payload (names, a symlink target).
+fn strings<const N: usize>(b: &[u8]) -> Result<[&OsStr; N], Errno> {
+    let mut out = [OsStr::new(""); N];
+    let mut rest = b;
+    for slot in &mut out {
+        let end = rest.iter().position(|&c| c == 0).ok_or(Errno::INVAL)?;
+        *slot = OsStr::from_bytes(&rest[..end]);
+        rest = &rest[end + 1..];
+    }
+    Ok(out)
+}
+
+/// Writes `bytes` at `off` of `buf`; false if they do not fit.
+fn put(buf: &mut [u8], off: usize, bytes: &[u8]) -> bool {
+    match buf.get_mut(off..off + bytes.len()) {
+        Some(dst) => {
+            dst.copy_from_slice(bytes);
+            true
+        }
+        None => false,
+    }
+}
+
+/// `struct fuse_attr` of `a` (or of nothing but a node id and a type).
+fn attr_bytes(ino: u64, st: Option<&sys::Stat>, mode: u32) -> [u8; ATTR_LEN] {
+    let mut b = [0u8; ATTR_LEN];
+    b[..8].copy_from_slice(&ino.to_ne_bytes());
+    let Some(st) = st else {
+        b[60..64].copy_from_slice(&mode.to_ne_bytes());
+        return b;
+    };
+    let u64s = [
+        st.st_size as u64,
+        st.st_blocks as u64,
+        st.st_atime as u64,
+        st.st_mtime as u64,
+        st.st_ctime as u64,
+    ];
+    for (i, v) in u64s.iter().enumerate() {
+        b[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_ne_bytes());
+    }
+    let u32s = [
+        st.st_atime_nsec as u32,
+        st.st_mtime_nsec as u32,
+        st.st_ctime_nsec as u32,
+        st.st_mode,
+        st.st_nlink as u32,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev as u32,
+        st.st_blksize as u32,
+        0,
+    ];
+    for (i, v) in u32s.iter().enumerate() {
+        b[48 + 4 * i..52 + 4 * i].copy_from_slice(&v.to_ne_bytes());
+    }
+    b
+}
+
+/// `struct fuse_entry_out` for `a`, or a negative entry (node id 0) cached for [`TTL`].
+fn entry_bytes(a: Option<&Attr>) -> [u8; ENTRY_LEN] {
+    entry_of(
+        a.map_or(0, |a| a.ino),
+        attr_bytes(a.map_or(0, |a| a.ino), a.map(|a| &a.st), libc::S_IFREG),
+    )
+}
+
+fn entry_of(nodeid: u64, attr: [u8; ATTR_LEN]) -> [u8; ENTRY_LEN] {
+    let mut b = [0u8; ENTRY_LEN];
+    let ttl = TTL.as_secs();
+    b[..8].copy_from_slice(&nodeid.to_ne_bytes());
+    b[16..24].copy_from_slice(&ttl.to_ne_bytes());
+    b[24..32].copy_from_slice(&ttl.to_ne_bytes());
+    b[40..].copy_from_slice(&attr);
+    b
+}
+
+/// `struct fuse_open_out`.
+fn open_bytes(fh: u64, flags: u32, backing_id: u32) -> [u8; OPEN_OUT_LEN] {
+    let mut b = [0u8; OPEN_OUT_LEN];
+    b[..8].copy_from_slice(&fh.to_ne_bytes());
+    b[8..12].copy_from_slice(&flags.to_ne_bytes());
+    b[12..16].copy_from_slice(&backing_id.to_ne_bytes());
+    b
+}
+
+/// `struct fuse_dirent` (and the name, padded to 8 bytes) at `off`; false if it does not fit.
+fn put_dirent(buf: &mut [u8], off: usize, ino: u64, next: u64, kind: u32, name: &[u8]) -> bool {
+    let len = (DIRENT_HEAD + name.len()).next_multiple_of(8);
+    let Some(dst) = buf.get_mut(off..off + len) else {
+        return false;
+    };
+    dst.fill(0);
+    dst[..8].copy_from_slice(&ino.to_ne_bytes());
+    dst[8..16].copy_from_slice(&next.to_ne_bytes());
+    dst[16..20].copy_from_slice(&(name.len() as u32).to_ne_bytes());
+    dst[20..24].copy_from_slice(&kind.to_ne_bytes());
+    dst[DIRENT_HEAD..DIRENT_HEAD + name.len()].copy_from_slice(name);
+    true
+}
+
+fn dirent_len(name: &[u8]) -> usize {
+    (DIRENT_HEAD + name.len()).next_multiple_of(8)
+}
+
+/// The `d_type` of a file type.
+fn dtype(k: sys::FileType) -> u32 {
+    k.as_raw_mode() >> 12
+}
+
+fn set_time(valid: u32, set: u32, now: u32, sec: u64, nsec: u32) -> SetTime {
+    if valid & now != 0 {
+        SetTime::Now
+    } else if valid & set != 0 {
+        SetTime::At(sys::Timespec {
+            tv_sec: sec as i64,
+            tv_nsec: nsec as _,
+        })
+    } else {
+        SetTime::Omit
+    }
+}
+
+/// Answers a getxattr-style request: the size alone when the caller asked for none.
+fn xattr_answer(buf: &mut [u8], size: u32, r: Result<Vec<u8>, Errno>) -> Result<usize, Errno> {
+    let v = r?;
+    if size == 0 {
+        put(buf, 0, &(v.len() as u32).to_ne_bytes());
+        put(buf, 4, &[0; 4]);
+        return Ok(8);
+    }
+    if v.len() > size as usize || !put(buf, 0, &v) {
+        return Err(Errno::RANGE);
+    }
+    Ok(v.len())
+}
+
+impl Fuse {
+    /// Serves one request: `op` is its first argument, `buf[..len]` its other arguments, and the
+    /// answer's body goes to the start of `buf`; returns the body's length.
+    fn answer(
+        &self,
+        h: &InHeader,
+        op: &[u8],
+        buf: &mut [u8],
+        len: usize,
+        dev: &Arc<OwnedFd>,
+    ) -> Result<usize, Errno> {
+        self.ovl.stats.uring_requests.fetch_add(1, Relaxed);
+        let ino = h.nodeid;
+        let args = &buf[..len];
+        let caller = caller_of(h.uid, h.gid, 0);
+        let open_backing = |fd: &super::passthrough::OwnedFdRef| {
+            fuse_uring::backing_open(dev.as_fd(), fd.as_fd()).map(|id| Backing::Raw {
+                id,
+                dev: dev.clone(),
+            })
+        };
+        let entry = |buf: &mut [u8], a: Result<Attr, Errno>| -> Result<usize, Errno> {
+            put(buf, 0, &entry_bytes(Some(&a?)));
+            Ok(ENTRY_LEN)
+        };
+        let attr_out = |buf: &mut [u8], a: Result<Attr, Errno>| -> Result<usize, Errno> {
+            let a = a?;
+            let mut b = [0u8; ATTR_OUT_LEN];
+            b[..8].copy_from_slice(&TTL.as_secs().to_ne_bytes());
+            b[16..].copy_from_slice(&attr_bytes(a.ino, Some(&a.st), 0));
+            put(buf, 0, &b);
+            Ok(ATTR_OUT_LEN)
+        };
+        match h.opcode {
+            LOOKUP => {
+                let [name] = strings::<1>(args)?;
+                let found = self.ovl.lookup(ino, name)?;
+                put(buf, 0, &entry_bytes(found.as_ref()));
+                Ok(ENTRY_LEN)
+            }
+            FORGET => {
+                self.ovl.forget(ino, u64_at(op, 0));
+                Ok(0)
+            }
+            BATCH_FORGET => {
+                let count = u32_at(op, 0) as usize;
+                for i in 0..count.min(args.len() / 16) {
+                    self.ovl
+                        .forget(u64_at(args, 16 * i), u64_at(args, 16 * i + 8));
+                }
+                Ok(0)
+            }
+            GETATTR => {
+                self.ovl.stats.getattrs.fetch_add(1, Relaxed);
+                let fh = (u32_at(op, 0) & FUSE_GETATTR_FH != 0).then(|| u64_at(op, 8));
+                attr_out(buf, self.ovl.getattr(ino, fh))
+            }
+            SETATTR => {
+                let valid = u32_at(op, 0);
+                let a = SetAttr {
+                    mode: (valid & FATTR_MODE != 0).then(|| u32_at(op, 68)),
+                    uid: (valid & FATTR_UID != 0).then(|| u32_at(op, 76)),
+                    gid: (valid & FATTR_GID != 0).then(|| u32_at(op, 80)),
+                    size: (valid & FATTR_SIZE != 0).then(|| u64_at(op, 16)),
+                    atime: set_time(
+                        valid,
+                        FATTR_ATIME,
+                        FATTR_ATIME_NOW,
+                        u64_at(op, 32),
+                        u32_at(op, 56),
+                    ),
+                    mtime: set_time(
+                        valid,
+                        FATTR_MTIME,
+                        FATTR_MTIME_NOW,
+                        u64_at(op, 40),
+                        u32_at(op, 60),
+                    ),
+                    fh: (valid & FATTR_FH != 0).then(|| u64_at(op, 8)),
+                };
+                attr_out(buf, self.changed(self.ovl.setattr(ino, a)))
+            }
+            READLINK => {
+                let t = self.ovl.readlink(ino)?;
+                if !put(buf, 0, &t) {
+                    return Err(Errno::NAMETOOLONG);
+                }
+                Ok(t.len())
+            }
+            SYMLINK => {
+                let [name, target] = strings::<2>(args)?;
+                let obj = crate::namespace::NewObject::Symlink {
+                    target: target.as_bytes(),
+                };
+                let made = self.ovl.create_object(ino, name, obj, caller);
+                entry(buf, self.changed(made.map(|r| r.0)))
+            }
+            MKNOD => {
+                let [name] = strings::<1>(args)?;
+                let mode = u32_at(op, 0);
+                let obj = crate::namespace::NewObject::Node {
+                    kind: sys::FileType::from_raw_mode(mode),
+                    mode,
+                    rdev: u64::from(u32_at(op, 4)),
+                };
+                let c = caller_of(h.uid, h.gid, u32_at(op, 8));
+                let made = self.ovl.create_object(ino, name, obj, c);
+                entry(buf, self.changed(made.map(|r| r.0)))
+            }
+            MKDIR => {
+                let [name] = strings::<1>(args)?;
+                let obj = crate::namespace::NewObject::Dir {
+                    mode: u32_at(op, 0),
+                };
+                let c = caller_of(h.uid, h.gid, u32_at(op, 4));
+                let made = self.ovl.create_object(ino, name, obj, c);
+                entry(buf, self.changed(made.map(|r| r.0)))
+            }
+            UNLINK => {
+                let [name] = strings::<1>(args)?;
+                self.changed(self.ovl.unlink(ino, name)).map(|()| 0)
+            }
+            RMDIR => {
+                let [name] = strings::<1>(args)?;
+                self.changed(self.ovl.rmdir(ino, name)).map(|()| 0)
+            }
+            RENAME | RENAME2 => {
+                let [name, newname] = strings::<2>(args)?;
+                let flags = if h.opcode == RENAME2 {
+                    u32_at(op, 8)
+                } else {
+                    0
+                };
+                let flags = sys::RenameFlags::from_bits_retain(flags as _);
+                let newdir = u64_at(op, 0);
+                self.changed(self.ovl.rename(ino, name, newdir, newname, flags))
+                    .map(|()| 0)
+            }
+            LINK => {
+                let [newname] = strings::<1>(args)?;
+                entry(
+                    buf,
+                    self.changed(self.ovl.link(u64_at(op, 0), ino, newname)),
+                )
+            }
+            OPEN => {
+                let o = self.open_file(ino, u32_at(op, 0) as i32, open_backing)?;
+                let bytes = match o.backing.as_deref().map(Backing::raw_id) {
+                    Some(Some(id)) => open_bytes(o.fh, PASSTHROUGH_OPEN_BITS, id),
+                    // A backing registered through fuser before the rings were up: not nameable.
+                    Some(None) => return Err(Errno::IO),
+                    None => open_bytes(o.fh, CACHED_OPEN_BITS, 0),
+                };
+                put(buf, 0, &bytes);
+                Ok(OPEN_OUT_LEN)
+            }
+            CREATE => {
+                let [name] = strings::<1>(args)?;
+                let c = caller_of(h.uid, h.gid, u32_at(op, 8));
+                let flags = u32_at(op, 0) as i32;
+                let (attr, o) =
+                    self.create_file(ino, name, u32_at(op, 4), flags, c, open_backing)?;
+                let open = match o.backing.as_deref().map(Backing::raw_id) {
+                    Some(Some(id)) => open_bytes(o.fh, PASSTHROUGH_OPEN_BITS, id),
+                    Some(None) => return Err(Errno::IO),
+                    None => open_bytes(o.fh, CACHED_OPEN_BITS, 0),
+                };
+                put(buf, 0, &entry_bytes(Some(&attr)));
+                put(buf, ENTRY_LEN, &open);
+                Ok(ENTRY_LEN + OPEN_OUT_LEN)
+            }
+            READ => {
+                self.ovl.stats.reads.fetch_add(1, Relaxed);
+                let size = u32_at(op, 16).min(buf.len() as u32);
+                self.ovl.read_with(u64_at(op, 0), u64_at(op, 8), size, |d| {
+                    put(buf, 0, d);
+                    d.len()
+                })
+            }
+            WRITE => {
+                let size = (u32_at(op, 16) as usize).min(args.len());
+                let n = self
+                    .ovl
+                    .write(u64_at(op, 0), u64_at(op, 8), &args[..size])?;
+                put(buf, 0, &n.to_ne_bytes());
+                put(buf, 4, &[0; 4]);
+                Ok(8)
+            }
+            STATFS => {
+                let s = self.ovl.statfs()?;
+                let mut b = [0u8; 80];
+                for (i, v) in [s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree]
+                    .iter()
+                    .enumerate()
+                {
+                    b[8 * i..8 * i + 8].copy_from_slice(&v.to_ne_bytes());
+                }
+                b[40..44].copy_from_slice(&(s.f_bsize as u32).to_ne_bytes());
+                b[44..48].copy_from_slice(&255u32.to_ne_bytes());
+                b[48..52].copy_from_slice(&(s.f_frsize as u32).to_ne_bytes());
+                put(buf, 0, &b);
+                Ok(80)
+            }
+            RELEASE => {
+                let fh = u64_at(op, 0);
+                self.release_mode(fh);
+                self.ovl.release(fh);
+                Ok(0)
+            }
+            FSYNC => {
+                let datasync = u32_at(op, 8) & FUSE_FSYNC_FDATASYNC != 0;
+                self.ovl.fsync(u64_at(op, 0), datasync).map(|()| 0)
+            }
+            FSYNCDIR => self.ovl.fsyncdir(ino).map(|()| 0),
+            SETXATTR => {
+                let size = u32_at(op, 0) as usize;
+                let [name] = strings::<1>(args)?;
+                let start = name.len() + 1;
+                let value = args.get(start..start + size).ok_or(Errno::INVAL)?;
+                let flags = u32_at(op, 4) as i32;
+                self.changed(self.ovl.setxattr(ino, name, value, flags))
+                    .map(|()| 0)
+            }
+            GETXATTR => {
+                let [name] = strings::<1>(args)?;
+                let r = self.ovl.getxattr(ino, name);
+                xattr_answer(buf, u32_at(op, 0), r)
+            }
+            LISTXATTR => {
+                // The request carries no capabilities: uid 0 stands for CAP_SYS_ADMIN.
+                let r = self.ovl.listxattr(ino, h.uid == 0);
+                xattr_answer(buf, u32_at(op, 0), r)
+            }
+            REMOVEXATTR => {
+                let [name] = strings::<1>(args)?;
+                self.changed(self.ovl.removexattr(ino, name)).map(|()| 0)
+            }
+            FLUSH | RELEASEDIR | DESTROY => Ok(0),
+            OPENDIR => {
+                if self.no_opendir.load(Relaxed) {
+                    return Err(Errno::NOSYS);
+                }
+                put(
+                    buf,
+                    0,
+                    &open_bytes(0, FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE, 0),
+                );
+                Ok(OPEN_OUT_LEN)
+            }
+            READDIR => {
+                let size = (u32_at(op, 16) as usize).min(buf.len());
+                let mut at = 0;
+                self.fill_dir(ino, u64_at(op, 8), |ino, next, kind, name| {
+                    let name = name.as_bytes();
+                    if at + dirent_len(name) > size {
+                        return true;
+                    }
+                    put_dirent(buf, at, ino, next, dtype(kind), name);
+                    at += dirent_len(name);
+                    false
+                })?;
+                Ok(at)
+            }
+            READDIRPLUS => {
+                let size = (u32_at(op, 16) as usize).min(buf.len());
+                let mut at = 0;
+                self.fill_dir_plus(ino, u64_at(op, 8), |next, name, item| {
+                    let name = name.as_bytes();
+                    if at + ENTRY_LEN + dirent_len(name) > size {
+                        return true;
+                    }
+                    let (nodeid, e, mode) = match item {
+                        PlusItem::Dot(t) => (
+                            t,
+                            entry_of(t, attr_bytes(t, None, libc::S_IFDIR)),
+                            libc::S_IFDIR,
+                        ),
+                        PlusItem::Entry(a) => (a.ino, entry_bytes(Some(a)), a.st.st_mode),
+                    };
+                    put(buf, at, &e);
+                    put_dirent(buf, at + ENTRY_LEN, nodeid, next, mode >> 12, name);
+                    at += ENTRY_LEN + dirent_len(name);
+                    false
+                })?;
+                Ok(at)
+            }
+            ACCESS => self
+                .ovl
+                .access(ino, u32_at(op, 0) as i32, h.uid, h.gid)
+                .map(|()| 0),
+            FALLOCATE => self
+                .ovl
+                .fallocate(
+                    u64_at(op, 0),
+                    u64_at(op, 8),
+                    u64_at(op, 16),
+                    u32_at(op, 24) as i32,
+                )
+                .map(|()| 0),
+            LSEEK => {
+                let off =
+                    self.ovl
+                        .lseek(u64_at(op, 0), u64_at(op, 8) as i64, u32_at(op, 16) as i32)?;
+                put(buf, 0, &off.to_ne_bytes());
+                Ok(8)
+            }
+            COPY_FILE_RANGE => {
+                let n = self.ovl.copy_file_range(
+                    u64_at(op, 0),
+                    u64_at(op, 8),
+                    u64_at(op, 24),
+                    u64_at(op, 32),
+                    u64_at(op, 40),
+                )?;
+                put(buf, 0, &n.to_ne_bytes());
+                put(buf, 4, &[0; 4]);
+                Ok(8)
+            }
+            // Locks stay the kernel's; no ioctl, poll, bmap, syncfs, statx, tmpfile: as on the
+            // `/dev/fuse` session, the kernel learns so from ENOSYS once.
+            _ => Err(Errno::NOSYS),
+        }
+    }
+}
+
+/// Whether io_uring can be offered: the fuse module allows it, turned on here if it does not and
+/// the daemon may (root): it is off by default on most kernels, and only connections that ask for
+/// io_uring at INIT use it.
+pub(super) fn enable() -> bool {
+    if fuse_uring::uring_enabled() {
+        return true;
+    }
+    let path = "/sys/module/fuse/parameters/enable_uring";
+    match std::fs::write(path, "Y\n") {
+        Ok(()) => {
+            tracing::info!("io_uring: turned on the fuse module's enable_uring");
+            fuse_uring::uring_enabled()
+        }
+        Err(e) => {
+            tracing::info!("io_uring not available ({path}: {e}): requests go over /dev/fuse");
+            false
+        }
+    }
+}

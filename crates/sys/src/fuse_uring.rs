@@ -1,0 +1,299 @@
+//! FUSE over io_uring (kernel ≥ 6.14, `CONFIG_FUSE_IO_URING`, fuse module parameter
+//! `enable_uring=Y`): one queue per possible CPU, each a ring of entries the kernel fills with a
+//! request of a task running on that CPU. A thread pinned to the CPU waits on its ring, answers an
+//! entry and hands it back for the next request in one `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`. The
+//! caller and the server then meet on one CPU: no idle vCPU has to be woken per request.
+//!
+//! The layout of an entry (`include/uapi/linux/fuse.h`, protocol 7.42): a 288-byte header —
+//! 128 bytes for the in header of a request and the out header of its answer, 128 bytes for the
+//! request's first argument (its fixed-size struct), and the entry's own in/out fields — and a
+//! payload buffer with the request's other arguments (names, write data) and then the answer's
+//! body. This module owns the buffers and the ring; what the bytes mean is the caller's business.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+/// Bytes of the header area that holds `fuse_in_header` (request) and `fuse_out_header` (answer).
+pub const IN_OUT_LEN: usize = 128;
+/// Bytes of the area holding the request's first argument.
+pub const OP_IN_LEN: usize = 128;
+
+const CMD_REGISTER: u32 = 1;
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+
+/// `struct fuse_uring_ent_in_out`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct EntInOut {
+    flags: u64,
+    /// The request's `unique`; handed back in the commit command.
+    commit_id: u64,
+    /// Request: bytes of payload the kernel wrote. Answer: bytes of payload we wrote.
+    payload_sz: u32,
+    padding: u32,
+    reserved: u64,
+}
+
+/// `struct fuse_uring_req_header`: iovec 0 of an entry.
+#[repr(C)]
+struct Header {
+    in_out: [u8; IN_OUT_LEN],
+    op_in: [u8; OP_IN_LEN],
+    ent: EntInOut,
+}
+
+/// `struct fuse_uring_cmd_req`, in the command area of a 128-byte SQE.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CmdReq {
+    flags: u64,
+    commit_id: u64,
+    qid: u16,
+    padding: [u8; 6],
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() == 288);
+const _: () = assert!(std::mem::size_of::<CmdReq>() == 24);
+
+/// One ring entry: its header, payload and the iovecs the kernel was given for them. Boxed, so
+/// the addresses handed to the kernel stay put.
+struct Entry {
+    header: Box<Header>,
+    payload: Box<[u8]>,
+    iov: Box<[libc::iovec; 2]>,
+}
+
+/// One queue of a FUSE connection: a ring and its registered entries. Used by one thread.
+pub struct Queue {
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    entries: Vec<Entry>,
+    dev: OwnedFd,
+    qid: u16,
+}
+
+/// The header areas of a request taken from an entry.
+pub struct Request<'a> {
+    /// `fuse_in_header` and what follows it in the header area.
+    pub in_header: &'a [u8; IN_OUT_LEN],
+    /// The first argument (zeroes past its size).
+    pub op_in: &'a [u8; OP_IN_LEN],
+}
+
+impl Queue {
+    /// Makes a ring for queue `qid` of the connection `dev` (a `/dev/fuse` fd, duplicated here)
+    /// and registers `depth` entries with payloads of `payload_len` bytes. Requests start to
+    /// arrive once every queue of the connection has registered.
+    pub fn register(
+        dev: BorrowedFd<'_>,
+        qid: u16,
+        depth: usize,
+        payload_len: usize,
+    ) -> io::Result<Queue> {
+        let dev = dev.try_clone_to_owned()?;
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+            .setup_single_issuer()
+            .build((depth * 2).next_power_of_two() as u32)?;
+        let mut q = Queue {
+            ring,
+            entries: Vec::with_capacity(depth),
+            dev,
+            qid,
+        };
+        for _ in 0..depth {
+            let mut header = Box::new(Header {
+                in_out: [0; IN_OUT_LEN],
+                op_in: [0; OP_IN_LEN],
+                ent: EntInOut::default(),
+            });
+            let mut payload = vec![0u8; payload_len].into_boxed_slice();
+            let iov = Box::new([
+                libc::iovec {
+                    iov_base: (&mut *header as *mut Header).cast(),
+                    iov_len: std::mem::size_of::<Header>(),
+                },
+                libc::iovec {
+                    iov_base: payload.as_mut_ptr().cast(),
+                    iov_len: payload.len(),
+                },
+            ]);
+            q.entries.push(Entry {
+                header,
+                payload,
+                iov,
+            });
+        }
+        for i in 0..depth {
+            let iov = q.entries[i].iov.as_ptr();
+            let sqe = q.command(CMD_REGISTER, 0, Some(iov), i);
+            q.push(&sqe)?;
+        }
+        q.ring.submit()?;
+        // A refused REGISTER completes at once; an accepted one completes with the first request.
+        if let Some(c) = q.ring.completion().next()
+            && c.result() < 0
+        {
+            return Err(io::Error::from_raw_os_error(-c.result()));
+        }
+        Ok(q)
+    }
+
+    /// The uring command `op` for entry `idx`, with the entry's iovecs for REGISTER.
+    fn command(
+        &self,
+        op: u32,
+        commit_id: u64,
+        iov: Option<*const libc::iovec>,
+        idx: usize,
+    ) -> squeue::Entry128 {
+        let req = CmdReq {
+            commit_id,
+            qid: self.qid,
+            ..CmdReq::default()
+        };
+        let mut cmd = [0u8; 80];
+        cmd[..8].copy_from_slice(&req.flags.to_ne_bytes());
+        cmd[8..16].copy_from_slice(&req.commit_id.to_ne_bytes());
+        cmd[16..18].copy_from_slice(&req.qid.to_ne_bytes());
+        let mut b = opcode::UringCmd80::new(types::Fd(self.dev.as_raw_fd()), op).cmd(cmd);
+        if let Some(p) = iov {
+            b = b.addr(Some(p as u64));
+        }
+        let mut sqe = b.build().user_data(idx as u64);
+        if iov.is_some() {
+            // REGISTER takes its two iovecs in sqe->addr and their count in sqe->len, which the
+            // crate's UringCmd80 builder has no setter for: `len` is the u32 at byte 24.
+            // SAFETY: Entry128 is the 128-byte SQE itself (repr(C) wrapper around the kernel's
+            // struct), so viewing it as bytes and writing 4 of them in bounds is sound.
+            let raw = unsafe { &mut *(&mut sqe as *mut squeue::Entry128).cast::<[u8; 128]>() };
+            raw[24..28].copy_from_slice(&2u32.to_ne_bytes());
+        }
+        sqe
+    }
+
+    fn push(&mut self, sqe: &squeue::Entry128) -> io::Result<()> {
+        // SAFETY: the buffers an SQE points at (an entry's iovecs, header and payload) are boxed
+        // and owned by `self`, which outlives the ring (fields drop in order: the ring first).
+        let pushed = unsafe { self.ring.submission().push(sqe) };
+        if pushed.is_err() {
+            // The ring has room for every entry twice; a full queue means it was drained wrong.
+            self.ring.submit()?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(sqe) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        }
+        Ok(())
+    }
+
+    /// Submits the answers pushed so far and waits for requests: the indexes of the entries that
+    /// hold one go to `ready`. `Ok(false)` once the connection is gone (unmounted, aborted).
+    pub fn wait(&mut self, ready: &mut Vec<usize>) -> io::Result<bool> {
+        ready.clear();
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut ended = false;
+        for c in self.ring.completion() {
+            let idx = c.user_data() as usize;
+            if c.result() < 0 || idx >= self.entries.len() {
+                // ENOTCONN/ECANCELED/ENODEV: the connection is going away.
+                ended = true;
+                continue;
+            }
+            ready.push(idx);
+        }
+        Ok(!(ended && ready.is_empty()))
+    }
+
+    /// The request held by entry `idx`: its header areas, and its payload buffer with the
+    /// number of request bytes in it. The answer's body is written to the same buffer once the
+    /// request's arguments have been read.
+    pub fn entry(&mut self, idx: usize) -> (Request<'_>, &mut [u8], usize) {
+        let e = &mut self.entries[idx];
+        let n = (e.header.ent.payload_sz as usize).min(e.payload.len());
+        (
+            Request {
+                in_header: &e.header.in_out,
+                op_in: &e.header.op_in,
+            },
+            &mut e.payload,
+            n,
+        )
+    }
+
+    /// Answers the request of entry `idx` (`out_header`: the 16-byte `fuse_out_header`; `len`:
+    /// bytes of answer body written at the start of its payload) and asks for the next one.
+    /// Sent with the next [`Queue::wait`].
+    pub fn answer(&mut self, idx: usize, out_header: &[u8; 16], len: usize) -> io::Result<()> {
+        let e = &mut self.entries[idx];
+        e.header.in_out[..16].copy_from_slice(out_header);
+        e.header.ent.payload_sz = len.min(e.payload.len()) as u32;
+        let commit_id = e.header.ent.commit_id;
+        let sqe = self.command(CMD_COMMIT_AND_FETCH, commit_id, None, idx);
+        self.push(&sqe)
+    }
+}
+
+/// The number of possible CPUs: the kernel makes one queue for each.
+pub fn possible_cpus() -> usize {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    s.trim()
+        .rsplit([',', '-'])
+        .next()
+        .and_then(|last| last.parse::<usize>().ok())
+        .map_or(1, |last| last + 1)
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).map_err(io::Error::from)
+}
+
+/// Whether the fuse module lets connections use io_uring (`enable_uring`).
+pub fn uring_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|s| s.trim() == "Y")
+}
+
+/// `FUSE_DEV_IOC_BACKING_OPEN`: registers `fd` as a passthrough backing file of the connection
+/// `dev` and returns its id.
+pub fn backing_open(dev: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<u32> {
+    #[repr(C)]
+    struct BackingMap {
+        fd: i32,
+        flags: u32,
+        padding: u64,
+    }
+    let map = BackingMap {
+        fd: fd.as_raw_fd(),
+        flags: 0,
+        padding: 0,
+    };
+    // _IOW(229, 1, struct fuse_backing_map)
+    const BACKING_OPEN: libc::c_ulong = 0x4010_e501;
+    // SAFETY: the ioctl reads a fuse_backing_map from the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), BACKING_OPEN, &map as *const BackingMap) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as u32)
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: drops backing file `id` of the connection `dev`.
+pub fn backing_close(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
+    // _IOW(229, 2, uint32_t)
+    const BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+    // SAFETY: the ioctl reads a u32 from the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), BACKING_CLOSE, &id as *const u32) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
