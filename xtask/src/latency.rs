@@ -4,8 +4,9 @@
 //! One process stats `N` distinct names that exist (each a LOOKUP) and then `N` that do not (each a
 //! negative LOOKUP) in a fresh mount; the figure is the mean time per `stat`. Mounts: kernel
 //! overlayfs (no round trip: the floor), layerfs with the scheduler placing daemon and caller
-//! freely, both pinned to CPU 0, and daemon on CPU 0 with the caller on CPU 1. Several rounds,
-//! interleaved; medians printed. Needs root and at least two CPUs; uses `taskset`.
+//! freely, both pinned to CPU 0, and daemon on CPU 0 with the caller on CPU 1; each layerfs setup
+//! with requests from io_uring queues (the default where the kernel has them) and over `/dev/fuse`
+//! (`-o uring=off`). Several rounds, interleaved; medians printed. Needs root and at least two CPUs; uses `taskset`.
 //!
 //! `cargo xtask latency [--n N] [--rounds R] [--base DIR] [--layerfs-bin PATH] [--halt-poll-ns NS]`
 //! (`--halt-poll-ns`: the vCPU halt-poll window for the run, as in `cargo xtask bench`).
@@ -28,10 +29,21 @@ enum Setup {
     Free,
     SameCpu,
     OtherCpu,
+    FreeDev,
+    SameCpuDev,
+    OtherCpuDev,
 }
 
 impl Setup {
-    const ALL: [Setup; 4] = [Setup::Kernel, Setup::Free, Setup::SameCpu, Setup::OtherCpu];
+    const ALL: [Setup; 7] = [
+        Setup::Kernel,
+        Setup::Free,
+        Setup::SameCpu,
+        Setup::OtherCpu,
+        Setup::FreeDev,
+        Setup::SameCpuDev,
+        Setup::OtherCpuDev,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -39,15 +51,26 @@ impl Setup {
             Setup::Free => "layerfs, placed by the scheduler",
             Setup::SameCpu => "layerfs, daemon and caller on CPU 0",
             Setup::OtherCpu => "layerfs, daemon on CPU 0, caller on CPU 1",
+            Setup::FreeDev => "layerfs uring=off, placed by the scheduler",
+            Setup::SameCpuDev => "layerfs uring=off, daemon and caller on CPU 0",
+            Setup::OtherCpuDev => "layerfs uring=off, daemon on CPU 0, caller on CPU 1",
         }
+    }
+
+    /// Requests over `/dev/fuse` rather than io_uring queues.
+    fn dev_fuse(self) -> bool {
+        matches!(
+            self,
+            Setup::FreeDev | Setup::SameCpuDev | Setup::OtherCpuDev
+        )
     }
 
     /// (daemon CPU, caller CPU)
     fn cpus(self) -> (Option<u32>, Option<u32>) {
         match self {
-            Setup::Kernel | Setup::Free => (None, None),
-            Setup::SameCpu => (Some(0), Some(0)),
-            Setup::OtherCpu => (Some(0), Some(1)),
+            Setup::Kernel | Setup::Free | Setup::FreeDev => (None, None),
+            Setup::SameCpu | Setup::SameCpuDev => (Some(0), Some(0)),
+            Setup::OtherCpu | Setup::OtherCpuDev => (Some(0), Some(1)),
         }
     }
 }
@@ -141,11 +164,16 @@ fn one(setup: Setup, bin: &Path, me: &Path, base: &Path, n: usize) -> Result<(f6
             q(&mnt)
         ),
         _ => format!(
-            "{} mount --lower {} --upper {} --work {} {}",
+            "{} mount --lower {} --upper {} --work {}{} {}",
             q(bin),
             q(&lower),
             q(&upper),
             q(&work),
+            if setup.dev_fuse() {
+                " -o uring=off"
+            } else {
+                ""
+            },
             q(&mnt)
         ),
     };

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use layerfs_sys::{self as sys, Errno, FileType, Mode, Timespec, Timestamps, xattr};
 
 use crate::copyup::CopyData;
-use crate::overlay::{Attr, Overlay, OvlResult};
+use crate::overlay::{Attr, ObjectAt, Overlay, OvlResult};
 
 /// Reading this xattr of the mount root returns the daemon's counters as JSON.
 pub const STATS_XATTR: &[u8] = b"user.layerfs.stats";
@@ -110,9 +110,13 @@ impl Overlay {
             return serde_json::to_vec(&snap).map_err(|_| Errno::IO);
         }
         let stored = self.layers.encoding.escape(name.as_bytes());
+        let stored = OsStr::from_bytes(&stored);
         let node = self.node(ino)?;
-        let (_, fd) = self.object(&node)?;
-        xattr::get(fd.as_fd(), OsStr::from_bytes(&stored))
+        match self.object_at(&node)?.1 {
+            ObjectAt::Named(dir, name) => xattr::get_at(dir.as_fd(), &name, stored),
+            ObjectAt::Fd(fd) if node.is_dir => xattr::get_dir(fd.as_fd(), stored),
+            ObjectAt::Fd(fd) => xattr::get(fd.as_fd(), stored),
+        }
     }
 
     /// LISTXATTR without the private names, NUL-separated.

@@ -130,7 +130,6 @@ impl Overlay {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let fd = self.file_fd(fh)?;
         BUF.with(|cell| {
             // Re-entry cannot happen (`f` only replies), but take a fresh buffer if it does.
             let mut own = Vec::new();
@@ -142,17 +141,23 @@ impl Overlay {
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
             }
-            let buf = &mut buf[..size as usize];
-            let mut done = 0;
-            while done < buf.len() {
-                let n = rustix::io::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
-                if n == 0 {
-                    break;
-                }
-                done += n;
-            }
+            let done = self.read_into(fh, offset, &mut buf[..size as usize])?;
             Ok(f(&buf[..done]))
         })
+    }
+
+    /// READ into `buf` (as much as fits): the number of bytes read (short at end of file).
+    pub fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> OvlResult<usize> {
+        let fd = self.file_fd(fh)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = rustix::io::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
     }
 
     /// WRITE.

@@ -32,6 +32,14 @@ pub struct Attr {
     pub st: Stat,
 }
 
+/// Where a node's backing object is ([`Overlay::object_at`]).
+pub(crate) enum ObjectAt {
+    /// Its own `O_PATH` fd: a directory, an unlinked file, a hard-link group member.
+    Fd(Arc<OwnedFd>),
+    /// Its name in this directory of its layer.
+    Named(Arc<OwnedFd>, Component),
+}
+
 /// The union filesystem of one mount.
 #[derive(Debug)]
 pub struct Overlay {
@@ -561,13 +569,28 @@ impl Overlay {
         (node, attr)
     }
 
-    /// The object of `node` and its layer: a directory's kept fd, or a non-directory opened by
-    /// name from its parent (a lower hard-link group member served from its index entry).
+    /// The backing object of `node` and the layer that holds it, as an `O_PATH` fd.
     pub(crate) fn object(&self, node: &Node) -> OvlResult<(LayerIdx, Arc<OwnedFd>)> {
+        let (place, at) = self.object_at(node)?;
+        match at {
+            ObjectAt::Fd(fd) => Ok((place, fd)),
+            ObjectAt::Named(dir, name) => {
+                Ok((place, Arc::new(sys::open_path(dir.as_fd(), &name)?)))
+            }
+        }
+    }
+
+    /// Like [`Overlay::object`], without opening a file that is reachable by name: for calls
+    /// that take a directory fd and a name (one syscall instead of open, call, close).
+    pub(crate) fn object_at(&self, node: &Node) -> OvlResult<(LayerIdx, ObjectAt)> {
         if node.is_dir {
             return match self.dir_fds(node)? {
-                (Some(u), _) => Ok((LayerIdx::UPPER, u)),
-                (None, lowers) => lowers.into_iter().next().ok_or(Errno::STALE),
+                (Some(u), _) => Ok((LayerIdx::UPPER, ObjectAt::Fd(u))),
+                (None, lowers) => lowers
+                    .into_iter()
+                    .next()
+                    .map(|(l, fd)| (l, ObjectAt::Fd(fd)))
+                    .ok_or(Errno::STALE),
             };
         }
         let (place, parent, name, group, unlinked, orphan) = {
@@ -582,25 +605,36 @@ impl Overlay {
             )
         };
         if unlinked {
-            return orphan.map(|fd| (place, fd)).ok_or(Errno::STALE);
+            return orphan
+                .map(|fd| (place, ObjectAt::Fd(fd)))
+                .ok_or(Errno::STALE);
         }
         // Every name of a hard-link group is one inode, kept in the group's index entry (names
         // of the group may sit in different layers).
         if group && let Some(fd) = self.group_entry(node.ino)? {
-            return Ok((place, Arc::new(fd)));
+            return Ok((place, ObjectAt::Fd(Arc::new(fd))));
         }
         let name = name.ok_or(Errno::STALE)?;
         let parent = self.node(parent)?;
         let dir = self.dir_fd_in(&parent, place)?;
-        let fd = sys::open_path(dir.as_fd(), &name)?;
-        Ok((place, Arc::new(fd)))
+        Ok((place, ObjectAt::Named(dir, name)))
     }
 
     // ---- attributes ------------------------------------------------------------------------
 
     /// Current attributes of `node`.
     pub(crate) fn attr(&self, node: &Node) -> OvlResult<Attr> {
-        let (_, fd) = self.object(node)?;
+        let fd = match self.object_at(node)?.1 {
+            ObjectAt::Fd(fd) => fd,
+            ObjectAt::Named(dir, name) => {
+                // One stat by name; the object is opened only to count a hard-link group.
+                let st = sys::stat_at(dir.as_fd(), &name)?;
+                if st.st_nlink <= 1 && !node.read().group {
+                    return Ok(self.attr_from(node, st, None));
+                }
+                Arc::new(sys::open_path(dir.as_fd(), &name)?)
+            }
+        };
         let st = sys::stat_fd(fd.as_fd())?;
         Ok(self.attr_from(node, st, Some(fd.as_fd())))
     }

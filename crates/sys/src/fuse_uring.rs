@@ -249,11 +249,17 @@ pub fn possible_cpus() -> usize {
         .map_or(1, |last| last + 1)
 }
 
-/// Pins the calling thread to `cpu`.
-pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+/// Pins the calling thread to `cpu` if the thread may run there (its affinity mask, as set by
+/// `taskset` or a cpuset, allows it); `Ok(false)` leaves it as it was.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<bool> {
+    let allowed = rustix::thread::sched_getaffinity(None).map_err(io::Error::from)?;
+    if !allowed.is_set(cpu) {
+        return Ok(false);
+    }
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
-    rustix::thread::sched_setaffinity(None, &set).map_err(io::Error::from)
+    rustix::thread::sched_setaffinity(None, &set).map_err(io::Error::from)?;
+    Ok(true)
 }
 
 /// Whether the fuse module lets connections use io_uring (`enable_uring`).
@@ -292,6 +298,45 @@ pub fn backing_close(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
     const BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
     // SAFETY: the ioctl reads a u32 from the pointer, which is valid for the call.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), BACKING_CLOSE, &id as *const u32) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks the scheduler for a short time slice (`ns`, EEVDF custom slice, kernel ≥ 6.12) for the
+/// calling thread, keeping its policy and niceness: a woken thread with a shorter slice than the
+/// running task's preempts it, so a queue thread is not left waiting behind a busy task on its CPU.
+pub fn request_short_slice(ns: u64) -> io::Result<()> {
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        sched_policy: u32,
+        sched_flags: u64,
+        sched_nice: i32,
+        sched_priority: u32,
+        sched_runtime: u64,
+        sched_deadline: u64,
+        sched_period: u64,
+        sched_util_min: u32,
+        sched_util_max: u32,
+    }
+    const SCHED_FLAG_KEEP_PARAMS: u64 = 0x10;
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: 0,
+        sched_priority: 0,
+        sched_runtime: ns,
+        sched_deadline: 0,
+        sched_period: 0,
+        sched_util_min: 0,
+        sched_util_max: 0,
+    };
+    let _ = SCHED_FLAG_KEEP_PARAMS;
+    // SAFETY: sched_setattr reads `size` bytes of a sched_attr from the pointer, valid for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

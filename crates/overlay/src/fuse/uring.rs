@@ -30,6 +30,9 @@ use crate::overlay::Attr;
 /// Serving threads (each with a ring of one entry) per CPU.
 pub(super) const THREADS_PER_CPU: usize = 2;
 
+/// The time slice the serving threads ask for (the kernel's minimum custom slice).
+const SLICE_NS: u64 = 100_000;
+
 /// Payload bytes of an entry: the largest WRITE or READ, and room for the headers of a
 /// READDIRPLUS that asks for as much.
 const PAYLOAD: usize = MAX_READ as usize + 4096;
@@ -116,7 +119,9 @@ pub(super) fn start(fuse: Fuse, dev: OwnedFd) -> std::io::Result<()> {
         pinned &= r?;
     }
     if !pinned {
-        tracing::info!("io_uring: some queue threads could not be pinned to their CPU");
+        tracing::info!(
+            "io_uring: the daemon may not run on every CPU; those queues are served from the others"
+        );
     }
     Ok(())
 }
@@ -129,7 +134,10 @@ fn serve_queue(
     cpu: usize,
     registered: std::sync::mpsc::Sender<std::io::Result<bool>>,
 ) {
-    let pinned = fuse_uring::pin_to_cpu(cpu).is_ok();
+    let pinned = fuse_uring::pin_to_cpu(cpu).unwrap_or(false);
+    if let Err(e) = fuse_uring::request_short_slice(SLICE_NS) {
+        tracing::debug!("io_uring queue {cpu}: no short time slice: {e}");
+    }
     let qid = u16::try_from(cpu).unwrap_or(u16::MAX);
     let mut q = match Queue::register(dev.as_fd(), qid, 1, PAYLOAD) {
         Ok(q) => q,
@@ -516,11 +524,9 @@ impl Fuse {
             }
             READ => {
                 self.ovl.stats.reads.fetch_add(1, Relaxed);
-                let size = u32_at(op, 16).min(buf.len() as u32);
-                self.ovl.read_with(u64_at(op, 0), u64_at(op, 8), size, |d| {
-                    put(buf, 0, d);
-                    d.len()
-                })
+                let size = (u32_at(op, 16) as usize).min(buf.len());
+                self.ovl
+                    .read_into(u64_at(op, 0), u64_at(op, 8), &mut buf[..size])
             }
             WRITE => {
                 let size = (u32_at(op, 16) as usize).min(args.len());
