@@ -69,7 +69,7 @@ pub fn main(args: &[String]) -> Result<()> {
         return inside(&opts, &workspace);
     }
     host::ensure_packages()?;
-    if opts.systems.contains(&System::Layerfs) && opts.layerfs_bin.is_none() {
+    if opts.systems.iter().any(|s| s.is_layerfs()) && opts.layerfs_bin.is_none() {
         host::build_layerfs(&workspace)?;
     }
     // The inner bench handles Ctrl-C; this one waits for it.
@@ -204,7 +204,8 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         &fs,
         workspace,
         systems
-            .contains(&System::Layerfs)
+            .iter()
+            .any(|s| s.is_layerfs())
             .then_some(bins.layerfs.as_path()),
     ));
     let env = RunEnv {

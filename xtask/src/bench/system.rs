@@ -22,6 +22,8 @@ pub enum System {
     FuseOverlayfs,
     /// fuse-overlayfs with `threaded=1,fast_ino=1,static_nlink,noacl`.
     FuseOverlayfsTuned,
+    /// layerfs with `uring=off`: requests over `/dev/fuse` (not in the default set).
+    LayerfsDevFuse,
 }
 
 impl System {
@@ -40,18 +42,22 @@ impl System {
             System::Kernel => "kernel",
             System::FuseOverlayfs => "fuse-overlayfs",
             System::FuseOverlayfsTuned => "fuse-overlayfs-tuned",
+            System::LayerfsDevFuse => "layerfs-devfuse",
         }
+    }
+
+    /// Runs this project's daemon.
+    pub fn is_layerfs(self) -> bool {
+        matches!(self, System::Layerfs | System::LayerfsDevFuse)
     }
 
     /// Parses a `--systems` item.
     pub fn parse(s: &str) -> Result<System> {
-        System::ALL
-            .into_iter()
-            .find(|x| x.name() == s)
-            .with_context(|| {
-                let known: Vec<_> = System::ALL.iter().map(|x| x.name()).collect();
-                format!("unknown system {s:?} (known: {})", known.join(", "))
-            })
+        let all = System::ALL.into_iter().chain([System::LayerfsDevFuse]);
+        all.clone().find(|x| x.name() == s).with_context(|| {
+            let known: Vec<_> = all.map(|x| x.name()).collect();
+            format!("unknown system {s:?} (known: {})", known.join(", "))
+        })
     }
 
     /// Whether it is served by a FUSE daemon.
@@ -69,6 +75,9 @@ impl System {
         if self == System::FuseOverlayfsTuned {
             opts.push_str(",threaded=1,fast_ino=1,static_nlink,noacl");
         }
+        if self == System::LayerfsDevFuse {
+            opts.push_str(",uring=off");
+        }
         // Kernel: no fsync of copied-up files, no syncfs. fuse-overlayfs: `volatile` = `fsync=0`.
         if volatile {
             opts.push_str(",volatile");
@@ -80,7 +89,7 @@ impl System {
                 c.args(["-t", "overlay", "overlay", "-o", &opts])
                     .arg(&dirs.mnt);
             }
-            System::Layerfs => {
+            System::Layerfs | System::LayerfsDevFuse => {
                 c = Command::new(&bins.layerfs);
                 c.arg("layerfs").arg(&dirs.mnt).args(["-o", &opts]);
             }
