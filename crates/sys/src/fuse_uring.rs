@@ -71,6 +71,8 @@ pub struct Queue {
     entries: Vec<Entry>,
     dev: OwnedFd,
     qid: u16,
+    rearmed: u64,
+    last_error: i32,
 }
 
 /// The header areas of a request taken from an entry.
@@ -100,6 +102,8 @@ impl Queue {
             entries: Vec::with_capacity(depth),
             dev,
             qid,
+            rearmed: 0,
+            last_error: 0,
         };
         for _ in 0..depth {
             let mut header = Box::new(Header {
@@ -188,6 +192,10 @@ impl Queue {
 
     /// Submits the answers pushed so far and waits for requests: the indexes of the entries that
     /// hold one go to `ready`. `Ok(false)` once the connection is gone (unmounted, aborted).
+    ///
+    /// An entry the kernel hands back with any other error (a commit it refused) would be lost
+    /// to the queue, and a queue without entries stalls every request made on its CPU: such an
+    /// entry is registered again, and counted ([`Queue::rearmed`]).
     pub fn wait(&mut self, ready: &mut Vec<usize>) -> io::Result<bool> {
         ready.clear();
         loop {
@@ -198,16 +206,33 @@ impl Queue {
             }
         }
         let mut ended = false;
+        let mut lost = Vec::new();
         for c in self.ring.completion() {
             let idx = c.user_data() as usize;
-            if c.result() < 0 || idx >= self.entries.len() {
-                // ENOTCONN/ECANCELED/ENODEV: the connection is going away.
-                ended = true;
-                continue;
+            match -c.result() {
+                _ if idx >= self.entries.len() => {}
+                e if e <= 0 => ready.push(idx),
+                libc::ENOTCONN | libc::ECANCELED | libc::ENODEV => ended = true,
+                e => lost.push((idx, e)),
             }
-            ready.push(idx);
         }
-        Ok(!(ended && ready.is_empty()))
+        if ended {
+            return Ok(!ready.is_empty());
+        }
+        for (idx, errno) in lost {
+            self.rearmed += 1;
+            self.last_error = errno;
+            let iov = self.entries[idx].iov.as_ptr();
+            let sqe = self.command(CMD_REGISTER, 0, Some(iov), idx);
+            self.push(&sqe)?;
+        }
+        Ok(true)
+    }
+
+    /// How many entries were registered again after the kernel refused them, and the errno of
+    /// the last refusal.
+    pub fn rearmed(&self) -> (u64, i32) {
+        (self.rearmed, self.last_error)
     }
 
     /// The request held by entry `idx`: its header areas, and its payload buffer with the

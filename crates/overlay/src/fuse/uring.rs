@@ -149,8 +149,18 @@ fn serve_queue(
     let _ = registered.send(Ok(pinned));
     drop(registered);
     let mut ready = Vec::with_capacity(1);
+    let mut rearmed = 0;
     loop {
-        match q.wait(&mut ready) {
+        let waited = q.wait(&mut ready);
+        if q.rearmed().0 != rearmed {
+            let (n, errno) = q.rearmed();
+            rearmed = n;
+            tracing::warn!(
+                "io_uring queue {cpu}: the kernel refused an answer ({}); entry registered again",
+                std::io::Error::from_raw_os_error(errno)
+            );
+        }
+        match waited {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
