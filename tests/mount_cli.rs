@@ -596,3 +596,50 @@ fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
         assert!(upper.join("d1/n").is_file() && upper.join("d5").is_dir());
     }
 }
+
+/// Many processes on one CPU at once: more concurrent requests than that CPU's io_uring queue has
+/// serving threads, some of them slow (copy-ups with their syncs). Every request is answered and
+/// every copy is whole.
+#[test]
+fn concurrent_writers_on_one_cpu() {
+    if !can_mount("concurrent_writers_on_one_cpu") {
+        return;
+    }
+    let fix = Fixture::new("onecpu");
+    let lower = fix.dir("lower");
+    for d in 0..8 {
+        let dp = lower.join(format!("d{d}"));
+        std::fs::create_dir_all(&dp).expect("mkdir");
+        for f in 0..40 {
+            let data: Vec<u8> = (0..(f * 997 + d * 13) % 70_000)
+                .map(|i| (i % 241) as u8)
+                .collect();
+            std::fs::write(dp.join(format!("f{f:02}")), data).expect("write");
+        }
+    }
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    mount_one(&lower, &upper, &work, &mnt);
+    // Eight jobs pinned to CPU 0: each appends to every file of its dir (a copy-up each), copies
+    // its dir, lists everything and checksums its copy against the lower files plus the append.
+    let script = r#"
+        for d in 0 1 2 3 4 5 6 7; do
+          taskset -c 0 sh -c '
+            for f in d'$d'/f*; do echo x >> "$f"; done
+            cp -a d'$d' c'$d'
+            ls -lR . > /dev/null
+            cd c'$d' && for f in f*; do
+              cat "$0/lower/d'$d'/$f" > /tmp/.want.$$; echo x >> /tmp/.want.$$
+              cmp -s "$f" /tmp/.want.$$ || echo "differs: c'$d'/$f"
+            done; rm -f /tmp/.want.$$
+          ' "$LOWER_PARENT" &
+        done
+        wait
+        ls c0 c1 c2 c3 c4 c5 c6 c7 | grep -c '^f'
+    "#;
+    let parent = lower.parent().expect("lower has a parent");
+    let out = sh_ok(&mnt, &format!("LOWER_PARENT={}; {script}", s(parent)));
+    assert_eq!(out.trim(), "320", "{out}");
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "umount: {err}");
+}
