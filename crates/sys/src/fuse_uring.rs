@@ -60,18 +60,27 @@ const _: () = assert!(std::mem::size_of::<CmdReq>() == 24);
 /// One ring entry: its header, payload and the iovecs the kernel was given for them. Boxed, so
 /// the addresses handed to the kernel stay put.
 struct Entry {
+    /// In/out headers and the first argument (iovec 0).
     header: Box<Header>,
+    /// The other arguments of a request, then the answer's body (iovec 1).
     payload: Box<[u8]>,
+    /// The two iovecs REGISTER hands the kernel, pointing at the two above.
     iov: Box<[libc::iovec; 2]>,
 }
 
 /// One queue of a FUSE connection: a ring and its registered entries. Used by one thread.
 pub struct Queue {
+    /// The ring (128-byte SQEs for uring commands). Declared first: dropped before the buffers.
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    /// Registered entries; an SQE's `user_data` is its index here.
     entries: Vec<Entry>,
+    /// The connection's `/dev/fuse` fd the commands go to.
     dev: OwnedFd,
+    /// The queue (= CPU) the entries belong to.
     qid: u16,
+    /// Entries registered again after the kernel refused them ([`Queue::wait`]).
     rearmed: u64,
+    /// The errno of the last refusal.
     last_error: i32,
 }
 

@@ -32,6 +32,7 @@ use ops::PlusItem;
 mod passthrough;
 use passthrough::{Backing, Passthrough};
 mod uring;
+mod wire;
 
 /// How long the kernel may cache entries, attributes and negative lookups.
 const TTL: Duration = Duration::from_secs(24 * 3600);

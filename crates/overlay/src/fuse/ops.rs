@@ -16,7 +16,9 @@ use crate::overlay::Attr;
 
 /// An OPEN or CREATE: the handle, and its backing file when its data is passed through.
 pub(super) struct Opened {
+    /// The handle in the overlay's handle table.
     pub fh: u64,
+    /// Kept by the passthrough state too, until the handle's RELEASE.
     pub backing: Option<Arc<Backing>>,
 }
 

@@ -12,7 +12,6 @@
 //! [`THREADS_PER_CPU`] threads per CPU, two slow requests from one CPU can be served at once and a
 //! third waits in the kernel.
 
-use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -23,8 +22,9 @@ use layerfs_sys::{self as sys, Errno};
 
 use super::ops::PlusItem;
 use super::passthrough::Backing;
+use super::wire::*;
 use super::{CACHED_OPEN_BITS, Fuse, MAX_READ, PASSTHROUGH_OPEN_BITS, TTL, caller_of};
-use crate::attrs::{SetAttr, SetTime};
+use crate::attrs::SetAttr;
 use crate::overlay::Attr;
 
 /// Serving threads (each with a ring of one entry) per CPU.
@@ -36,67 +36,6 @@ const SLICE_NS: u64 = 100_000;
 /// Payload bytes of an entry: the largest WRITE or READ, and room for the headers of a
 /// READDIRPLUS that asks for as much.
 const PAYLOAD: usize = MAX_READ as usize + 4096;
-
-// Opcodes (include/uapi/linux/fuse.h).
-const LOOKUP: u32 = 1;
-const FORGET: u32 = 2;
-const GETATTR: u32 = 3;
-const SETATTR: u32 = 4;
-const READLINK: u32 = 5;
-const SYMLINK: u32 = 6;
-const MKNOD: u32 = 8;
-const MKDIR: u32 = 9;
-const UNLINK: u32 = 10;
-const RMDIR: u32 = 11;
-const RENAME: u32 = 12;
-const LINK: u32 = 13;
-const OPEN: u32 = 14;
-const READ: u32 = 15;
-const WRITE: u32 = 16;
-const STATFS: u32 = 17;
-const RELEASE: u32 = 18;
-const FSYNC: u32 = 20;
-const SETXATTR: u32 = 21;
-const GETXATTR: u32 = 22;
-const LISTXATTR: u32 = 23;
-const REMOVEXATTR: u32 = 24;
-const FLUSH: u32 = 25;
-const OPENDIR: u32 = 27;
-const READDIR: u32 = 28;
-const RELEASEDIR: u32 = 29;
-const FSYNCDIR: u32 = 30;
-const ACCESS: u32 = 34;
-const CREATE: u32 = 35;
-const DESTROY: u32 = 38;
-const BATCH_FORGET: u32 = 42;
-const FALLOCATE: u32 = 43;
-const READDIRPLUS: u32 = 44;
-const RENAME2: u32 = 45;
-const LSEEK: u32 = 46;
-const COPY_FILE_RANGE: u32 = 47;
-
-// SETATTR `valid` bits.
-const FATTR_MODE: u32 = 1 << 0;
-const FATTR_UID: u32 = 1 << 1;
-const FATTR_GID: u32 = 1 << 2;
-const FATTR_SIZE: u32 = 1 << 3;
-const FATTR_ATIME: u32 = 1 << 4;
-const FATTR_MTIME: u32 = 1 << 5;
-const FATTR_FH: u32 = 1 << 6;
-const FATTR_ATIME_NOW: u32 = 1 << 7;
-const FATTR_MTIME_NOW: u32 = 1 << 8;
-
-const FUSE_GETATTR_FH: u32 = 1;
-const FUSE_FSYNC_FDATASYNC: u32 = 1;
-const FOPEN_CACHE_DIR: u32 = 1 << 3;
-const FOPEN_KEEP_CACHE: u32 = 1 << 1;
-
-/// Sizes of the answer structs.
-const ATTR_LEN: usize = 88;
-const ENTRY_LEN: usize = 40 + ATTR_LEN;
-const ATTR_OUT_LEN: usize = 16 + ATTR_LEN;
-const OPEN_OUT_LEN: usize = 16;
-const DIRENT_HEAD: usize = 24;
 
 /// Starts the serving threads of every queue of the connection `dev` and waits until each has
 /// registered its entry. An error leaves the session on `/dev/fuse` (the kernel uses the rings
@@ -185,180 +124,6 @@ fn serve_queue(
             }
         }
     }
-}
-
-/// `fuse_in_header`.
-struct InHeader {
-    opcode: u32,
-    unique: u64,
-    nodeid: u64,
-    uid: u32,
-    gid: u32,
-}
-
-impl InHeader {
-    fn parse(b: &[u8]) -> InHeader {
-        InHeader {
-            opcode: u32_at(b, 4),
-            unique: u64_at(b, 8),
-            nodeid: u64_at(b, 16),
-            uid: u32_at(b, 24),
-            gid: u32_at(b, 28),
-        }
-    }
-}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    let mut v = [0u8; 4];
-    if let Some(s) = b.get(off..off + 4) {
-        v.copy_from_slice(s);
-    }
-    u32::from_ne_bytes(v)
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut v = [0u8; 8];
-    if let Some(s) = b.get(off..off + 8) {
-        v.copy_from_slice(s);
-    }
-    u64::from_ne_bytes(v)
-}
-
-/// The NUL-terminated strings at the start of a payload (names, a symlink target).
-fn strings<const N: usize>(b: &[u8]) -> Result<[&OsStr; N], Errno> {
-    let mut out = [OsStr::new(""); N];
-    let mut rest = b;
-    for slot in &mut out {
-        let end = rest.iter().position(|&c| c == 0).ok_or(Errno::INVAL)?;
-        *slot = OsStr::from_bytes(&rest[..end]);
-        rest = &rest[end + 1..];
-    }
-    Ok(out)
-}
-
-/// Writes `bytes` at `off` of `buf`; false if they do not fit.
-fn put(buf: &mut [u8], off: usize, bytes: &[u8]) -> bool {
-    match buf.get_mut(off..off + bytes.len()) {
-        Some(dst) => {
-            dst.copy_from_slice(bytes);
-            true
-        }
-        None => false,
-    }
-}
-
-/// `struct fuse_attr` of `a` (or of nothing but a node id and a type).
-fn attr_bytes(ino: u64, st: Option<&sys::Stat>, mode: u32) -> [u8; ATTR_LEN] {
-    let mut b = [0u8; ATTR_LEN];
-    b[..8].copy_from_slice(&ino.to_ne_bytes());
-    let Some(st) = st else {
-        b[60..64].copy_from_slice(&mode.to_ne_bytes());
-        return b;
-    };
-    let u64s = [
-        st.st_size as u64,
-        st.st_blocks as u64,
-        st.st_atime as u64,
-        st.st_mtime as u64,
-        st.st_ctime as u64,
-    ];
-    for (i, v) in u64s.iter().enumerate() {
-        b[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_ne_bytes());
-    }
-    let u32s = [
-        st.st_atime_nsec as u32,
-        st.st_mtime_nsec as u32,
-        st.st_ctime_nsec as u32,
-        st.st_mode,
-        st.st_nlink as u32,
-        st.st_uid,
-        st.st_gid,
-        st.st_rdev as u32,
-        st.st_blksize as u32,
-        0,
-    ];
-    for (i, v) in u32s.iter().enumerate() {
-        b[48 + 4 * i..52 + 4 * i].copy_from_slice(&v.to_ne_bytes());
-    }
-    b
-}
-
-/// `struct fuse_entry_out` for `a`, or a negative entry (node id 0) cached for [`TTL`].
-fn entry_bytes(a: Option<&Attr>) -> [u8; ENTRY_LEN] {
-    entry_of(
-        a.map_or(0, |a| a.ino),
-        attr_bytes(a.map_or(0, |a| a.ino), a.map(|a| &a.st), libc::S_IFREG),
-    )
-}
-
-fn entry_of(nodeid: u64, attr: [u8; ATTR_LEN]) -> [u8; ENTRY_LEN] {
-    let mut b = [0u8; ENTRY_LEN];
-    let ttl = TTL.as_secs();
-    b[..8].copy_from_slice(&nodeid.to_ne_bytes());
-    b[16..24].copy_from_slice(&ttl.to_ne_bytes());
-    b[24..32].copy_from_slice(&ttl.to_ne_bytes());
-    b[40..].copy_from_slice(&attr);
-    b
-}
-
-/// `struct fuse_open_out`.
-fn open_bytes(fh: u64, flags: u32, backing_id: u32) -> [u8; OPEN_OUT_LEN] {
-    let mut b = [0u8; OPEN_OUT_LEN];
-    b[..8].copy_from_slice(&fh.to_ne_bytes());
-    b[8..12].copy_from_slice(&flags.to_ne_bytes());
-    b[12..16].copy_from_slice(&backing_id.to_ne_bytes());
-    b
-}
-
-/// `struct fuse_dirent` (and the name, padded to 8 bytes) at `off`; false if it does not fit.
-fn put_dirent(buf: &mut [u8], off: usize, ino: u64, next: u64, kind: u32, name: &[u8]) -> bool {
-    let len = (DIRENT_HEAD + name.len()).next_multiple_of(8);
-    let Some(dst) = buf.get_mut(off..off + len) else {
-        return false;
-    };
-    dst.fill(0);
-    dst[..8].copy_from_slice(&ino.to_ne_bytes());
-    dst[8..16].copy_from_slice(&next.to_ne_bytes());
-    dst[16..20].copy_from_slice(&(name.len() as u32).to_ne_bytes());
-    dst[20..24].copy_from_slice(&kind.to_ne_bytes());
-    dst[DIRENT_HEAD..DIRENT_HEAD + name.len()].copy_from_slice(name);
-    true
-}
-
-fn dirent_len(name: &[u8]) -> usize {
-    (DIRENT_HEAD + name.len()).next_multiple_of(8)
-}
-
-/// The `d_type` of a file type.
-fn dtype(k: sys::FileType) -> u32 {
-    k.as_raw_mode() >> 12
-}
-
-fn set_time(valid: u32, set: u32, now: u32, sec: u64, nsec: u32) -> SetTime {
-    if valid & now != 0 {
-        SetTime::Now
-    } else if valid & set != 0 {
-        SetTime::At(sys::Timespec {
-            tv_sec: sec as i64,
-            tv_nsec: nsec as _,
-        })
-    } else {
-        SetTime::Omit
-    }
-}
-
-/// Answers a getxattr-style request: the size alone when the caller asked for none.
-fn xattr_answer(buf: &mut [u8], size: u32, r: Result<Vec<u8>, Errno>) -> Result<usize, Errno> {
-    let v = r?;
-    if size == 0 {
-        put(buf, 0, &(v.len() as u32).to_ne_bytes());
-        put(buf, 4, &[0; 4]);
-        return Ok(8);
-    }
-    if v.len() > size as usize || !put(buf, 0, &v) {
-        return Err(Errno::RANGE);
-    }
-    Ok(v.len())
 }
 
 impl Fuse {
