@@ -4,6 +4,7 @@
 
 use crate::dual::{Dual, scen_opts};
 use crate::util::{can_mount, have_program, skip};
+use std::path::Path;
 
 fn entry_mode(d: &Dual, rel: &str) -> u32 {
     let st = rustix::fs::lstat(d.sut.path.join(rel)).expect("lstat in sut");
@@ -426,4 +427,62 @@ fn scenario_default_acls_and_umask() {
         );
     }
     d.assert_same("after default-ACL scenario", &scen_opts());
+}
+
+/// `open(dir, O_TMPFILE)` then `linkat(fd, "", …, AT_EMPTY_PATH)`, as root and as a user under
+/// umask 027 in a setgid dir, and in a directory of the lower layer (copied up for it): the same
+/// modes, owners, link counts, names and contents as on kernel overlayfs; an unnamed file closed
+/// without a link leaves nothing.
+#[test]
+fn scenario_o_tmpfile() {
+    if !can_mount("scenario_o_tmpfile") {
+        return;
+    }
+    if !have_program("setpriv") || !Path::new("/usr/bin/python3").exists() {
+        skip(
+            "scenario_o_tmpfile",
+            "setpriv or /usr/bin/python3 not installed",
+        );
+        return;
+    }
+    let d = Dual::new("tmpfile");
+    let py = d.fix.path().join("tmpfile.py");
+    std::fs::write(
+        &py,
+        r#"import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d, tag = sys.argv[1], sys.argv[2]
+fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o664)
+os.write(fd, b"data " + tag.encode())
+st = os.fstat(fd)
+print(tag, "before", st.st_nlink, oct(st.st_mode), st.st_uid, st.st_gid)
+if libc.linkat(fd, b"", -100, ("%s/linked-%s" % (d, tag)).encode(), 0x1000) != 0:
+    print(tag, "linkat:", os.strerror(ctypes.get_errno()))
+st = os.fstat(fd)
+print(tag, "after", st.st_nlink)
+os.close(fd)
+fd = os.open(d, os.O_TMPFILE | os.O_WRONLY, 0o600)
+os.write(fd, b"gone")
+os.close(fd)
+print(tag, sorted(os.listdir(d)))
+"#,
+    )
+    .expect("write the script");
+    // The script goes by value: the fixture dir is root's alone, and so may be root's python3.
+    let py = py.display();
+    let out = d.run(&format!(
+        "py=\"$(cat {py})\" && mkdir -p t/g && chown 0:1002 t/g && chmod 2777 t/g && \
+         /usr/bin/python3 -c \"$py\" . root && /usr/bin/python3 -c \"$py\" proj/docs lower && \
+         (umask 027 && setpriv --reuid 1000 --regid 1001 --clear-groups \
+            /usr/bin/python3 -c \"$py\" t/g user) && \
+         cat linked-root proj/docs/linked-lower t/g/linked-user && echo && \
+         stat -c '%n %a %u:%g %h' linked-root proj/docs/linked-lower t/g/linked-user"
+    ));
+    assert!(out.contains("root after 1"), "{out}");
+    assert!(
+        out.contains("t/g/linked-user 640 1000:1002 1"),
+        "the user's file: umask 027 applied, the setgid dir's group: {out}"
+    );
+    d.assert_same("after O_TMPFILE", &scen_opts());
+    d.assert_cross_mounts("scenario_o_tmpfile", &scen_opts());
 }

@@ -16,6 +16,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("acl", "/usr/bin/setfacl"),
     ("git", "/usr/bin/git"),
     ("tar", "/bin/tar"),
+    // A system interpreter, for scenarios that run python3 as an unprivileged user.
+    ("python3", "/usr/bin/python3"),
     // The power-cut tests (tests/durability.rs): an ext4 on a loop device.
     ("e2fsprogs", "/sbin/mkfs.ext4"),
     ("mount", "/sbin/losetup"),

@@ -344,9 +344,74 @@ impl Overlay {
             idx.set_upper(name.as_bytes(), Some(UpperSlot::Present(kind)));
         }
         self.adjust_group_count(src.as_fd(), 1)?;
-        node.write().add_alias(dir.ino, &name);
+        {
+            let mut s = node.write();
+            if s.unlinked {
+                // An `O_TMPFILE` file (the kernel links no other unlinked file): this is its
+                // name now.
+                s.unlinked = false;
+                s.orphan = None;
+                s.parent = dir.ino;
+                s.name = Some(name.clone());
+            } else {
+                s.add_alias(dir.ino, &name);
+            }
+        }
         self.nodes.add_lookup(&node);
         self.attr(&node)
+    }
+
+    /// TMPFILE (`open(dir, O_TMPFILE)`): an unnamed file in the upper copy of `parent`, owned by
+    /// the caller, with the mode a file created there would get; returns its attributes (link
+    /// count 0) and its fd opened with `flags`. [`Overlay::link`] names it.
+    pub fn create_tmpfile(
+        &self,
+        parent: u64,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> OvlResult<(Attr, OwnedFd)> {
+        let dir = self.node(parent)?;
+        if !dir.is_dir {
+            return Err(Errno::NOTDIR);
+        }
+        let upper = self.copy_up(&dir, CopyData::All)?;
+        let dir_st = sys::stat_fd(upper.as_fd())?;
+        let gid = if dir_st.st_mode & 0o2000 != 0 {
+            dir_st.st_gid
+        } else {
+            caller.gid
+        };
+        // Made in the upper dir itself, the file inherits its default ACL from the filesystem;
+        // the ACL only decides whether the umask applies.
+        let parent_acl = (mode & caller.umask & 0o777 != 0)
+            .then(|| sys::xattr::get(upper.as_fd(), OsStr::new(acl::DEFAULT_ACL)).ok())
+            .flatten();
+        let mode = acl::create_mode(mode, caller.umask, parent_acl.as_deref());
+        let access = OFlags::from_bits_retain(flags as _)
+            & (OFlags::RWMODE | OFlags::APPEND | OFlags::SYNC | OFlags::DSYNC | OFlags::DIRECT);
+        let fd = sys::open_tmpfile(upper.as_fd(), access, Mode::from_raw_mode(mode & 0o777))?;
+        sys::chown_fd(fd.as_fd(), Some(caller.uid), Some(gid))?;
+        if mode & 0o6000 != 0 {
+            let perms = sys::stat_fd(fd.as_fd())?.st_mode & 0o1777;
+            sys::chmod_fd(fd.as_fd(), Mode::from_raw_mode(perms | (mode & 0o6000)))?;
+        }
+        let st = sys::stat_fd(fd.as_fd())?;
+        let ino = self.layers.xino(crate::layers::LayerIdx::UPPER, st.st_ino);
+        let orphan = Arc::new(
+            fd.try_clone()
+                .map_err(<Errno as crate::overlay::ErrnoExt>::from_io_error_or_io)?,
+        );
+        let state = crate::node::NodeState {
+            unlinked: true,
+            orphan: Some(orphan),
+            ..crate::node::NodeState::new(dir.ino, None, crate::layers::LayerIdx::UPPER)
+        };
+        let node = crate::node::Node::new(ino, false, state);
+        let (node, _) = self.nodes.insert_or_get(node, |_| false);
+        self.nodes.add_lookup(&node);
+        let attr = self.attr_from(&node, st, Some(fd.as_fd()));
+        Ok((attr, fd))
     }
 
     /// The existing node (if the kernel knows one) of `name` in `dir`, whose entry is `entry`.

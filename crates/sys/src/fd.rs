@@ -75,6 +75,12 @@ pub fn open_path(dir: BorrowedFd<'_>, name: &Component) -> SysResult<OwnedFd> {
     )
 }
 
+/// Makes an unnamed regular file in directory `dir` (`O_TMPFILE`), opened with `flags` (access
+/// mode and the like) and permission bits `mode`; `linkat` with `AT_EMPTY_PATH` names it.
+pub fn open_tmpfile(dir: BorrowedFd<'_>, flags: OFlags, mode: Mode) -> SysResult<OwnedFd> {
+    rfs::openat(dir, c".", OFlags::TMPFILE | OFlags::CLOEXEC | flags, mode)
+}
+
 /// Opens `name` in `dir` as an `O_PATH` fd, which must be a directory.
 pub fn open_path_dir(dir: BorrowedFd<'_>, name: &Component) -> SysResult<OwnedFd> {
     rfs::openat(

@@ -70,6 +70,22 @@ impl Fuse {
         Ok((attr, Opened { fh, backing }))
     }
 
+    /// TMPFILE in `parent` (`open(dir, O_TMPFILE)`): the unnamed file's attributes and its open
+    /// handle, passed through like any upper file.
+    pub(super) fn create_tmp_file(
+        &self,
+        parent: u64,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+        open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
+    ) -> Result<(Attr, Opened), Errno> {
+        let (attr, fd) = self.ovl.create_tmpfile(parent, mode, flags, caller)?;
+        let fh = self.ovl.adopt_created(attr.ino, flags, fd)?;
+        let backing = self.open_mode(attr.ino, fh, true, open_backing);
+        Ok((attr, Opened { fh, backing }))
+    }
+
     /// READDIR of directory `ino` from `offset`: `add(ino, next offset, type, name)` for each
     /// entry until it answers `true` (the reader's buffer is full).
     pub(super) fn fill_dir(

@@ -282,12 +282,17 @@ impl Fuse {
                 put(buf, 0, &bytes);
                 Ok(OPEN_OUT_LEN)
             }
-            CREATE => {
-                let [name] = strings::<1>(args)?;
+            CREATE | TMPFILE => {
                 let c = caller_of(h.uid, h.gid, u32_at(op, 8));
                 let flags = u32_at(op, 0) as i32;
-                let (attr, o) =
-                    self.create_file(ino, name, u32_at(op, 4), flags, c, open_backing)?;
+                let mode = u32_at(op, 4);
+                let (attr, o) = if h.opcode == CREATE {
+                    let [name] = strings::<1>(args)?;
+                    self.create_file(ino, name, mode, flags, c, open_backing)?
+                } else {
+                    // The name the kernel sends ("/") names nothing.
+                    self.create_tmp_file(ino, mode, flags, c, open_backing)?
+                };
                 let open = match o.backing.as_deref().map(Backing::raw_id) {
                     Some(Some(id)) => open_bytes(o.fh, PASSTHROUGH_OPEN_BITS, id),
                     Some(None) => return Err(Errno::IO),
@@ -442,7 +447,7 @@ impl Fuse {
                 put(buf, 4, &[0; 4]);
                 Ok(8)
             }
-            // Locks stay the kernel's; no ioctl, poll, bmap, syncfs, statx, tmpfile: as on the
+            // Locks stay the kernel's; no ioctl, poll, bmap, syncfs, statx: as on the
             // `/dev/fuse` session, the kernel learns so from ENOSYS once.
             _ => Err(Errno::NOSYS),
         }

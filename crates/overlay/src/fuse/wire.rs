@@ -50,6 +50,7 @@ pub(super) const READDIRPLUS: u32 = 44;
 pub(super) const RENAME2: u32 = 45;
 pub(super) const LSEEK: u32 = 46;
 pub(super) const COPY_FILE_RANGE: u32 = 47;
+pub(super) const TMPFILE: u32 = 51;
 
 // SETATTR `valid` bits.
 pub(super) const FATTR_MODE: u32 = 1 << 0;
