@@ -12,7 +12,7 @@
 //! - `LAYERFS_FUZZ_NO_DIFF=1`: skip comparing `layerfs diff --upper` over the two uppers.
 //! - `LAYERFS_SUT=kernel`: kernel-vs-kernel, to check the harness itself.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -332,8 +332,8 @@ pub fn check_seed(seed: u64, sut: Impl) -> Result<(), String> {
     // O_TMPFILE reaches layerfs only from io_uring queues (fuser 0.18 does not decode
     // FUSE_TMPFILE): left out of the `uring=off` sequences and where the kernel has no io_uring
     // for FUSE (tests/DIVERGENCES.md, G).
-    let uring = Path::new("/sys/module/fuse/parameters/enable_uring").exists()
-        && !sut_options(seed).iter().any(|o| o == "uring=off");
+    let uring =
+        crate::util::kernel_has_fuse_uring() && !sut_options(seed).iter().any(|o| o == "uring=off");
     if sut == Impl::Layerfs && !uring {
         cfg.exclude.push("tmpfile-link".to_string());
     }

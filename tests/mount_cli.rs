@@ -546,7 +546,7 @@ fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
     if !can_mount("requests_come_from_io_uring_queues_where_the_kernel_has_them") {
         return;
     }
-    let kernel_has_uring = Path::new("/sys/module/fuse/parameters/enable_uring").exists();
+    let kernel_has_uring = crate::util::kernel_has_fuse_uring();
     let fix = Fixture::new("uring");
     let lower = fix.dir("lower");
     for d in 0..5 {

@@ -51,6 +51,14 @@ pub fn sut() -> Impl {
     }
 }
 
+/// Whether layerfs mounts here take their requests from io_uring queues: the kernel has FUSE
+/// over io_uring, and io_uring is not switched off for everyone.
+pub fn kernel_has_fuse_uring() -> bool {
+    Path::new("/sys/module/fuse/parameters/enable_uring").exists()
+        && std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+            .map_or(true, |v| v.trim() == "0")
+}
+
 /// Held for reading while a child process is being spawned (between fork and exec the child holds copies
 /// of all our fds, including ones open inside a mount) and for writing while unmounting, so that a spawn in
 /// one test never makes another test's umount fail with EBUSY.
