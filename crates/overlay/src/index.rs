@@ -11,7 +11,7 @@ use std::collections::hash_map::Entry as MapEntry;
 use foldhash::{HashMap, HashMapExt};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
 
 use layerfs_store::format::{self, DirMark, NameKind};
@@ -333,7 +333,12 @@ fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
                 }
             }
         }
-        items.push((name.into(), Item::Entry(kind, entry.ino)));
+        // The name moves into the listing (read with its exact length: no copy).
+        let ino = entry.ino;
+        items.push((
+            entry.name.into_vec().into_boxed_slice(),
+            Item::Entry(kind, ino),
+        ));
     }
     if !wh_files.is_empty() {
         let named: std::collections::HashSet<&[u8]> = items.iter().map(|(n, _)| &**n).collect();
