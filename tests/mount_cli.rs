@@ -629,9 +629,9 @@ fn concurrent_writers_on_one_cpu() {
             cp -a d'$d' c'$d'
             ls -lR . > /dev/null
             cd c'$d' && for f in f*; do
-              cat "$0/lower/d'$d'/$f" > /tmp/.want.$$; echo x >> /tmp/.want.$$
-              cmp -s "$f" /tmp/.want.$$ || echo "differs: c'$d'/$f"
-            done; rm -f /tmp/.want.$$
+              cat "$0/lower/d'$d'/$f" > "$0/want.$$"; echo x >> "$0/want.$$"
+              cmp -s "$f" "$0/want.$$" || echo "differs: c'$d'/$f"
+            done; rm -f "$0/want.$$"
           ' "$LOWER_PARENT" &
         done
         wait

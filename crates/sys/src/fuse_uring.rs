@@ -138,9 +138,7 @@ impl Queue {
             });
         }
         for i in 0..depth {
-            let iov = q.entries[i].iov.as_ptr();
-            let sqe = q.command(CMD_REGISTER, 0, Some(iov), i);
-            q.push(&sqe)?;
+            q.push_register(i)?;
         }
         q.ring.submit()?;
         // A refused REGISTER completes at once; an accepted one completes with the first request.
@@ -183,6 +181,13 @@ impl Queue {
             raw[24..28].copy_from_slice(&2u32.to_ne_bytes());
         }
         sqe
+    }
+
+    /// Queues the REGISTER of entry `idx` (its buffers handed to the kernel).
+    fn push_register(&mut self, idx: usize) -> io::Result<()> {
+        let iov = self.entries[idx].iov.as_ptr();
+        let sqe = self.command(CMD_REGISTER, 0, Some(iov), idx);
+        self.push(&sqe)
     }
 
     fn push(&mut self, sqe: &squeue::Entry128) -> io::Result<()> {
@@ -231,9 +236,7 @@ impl Queue {
         for (idx, errno) in lost {
             self.rearmed += 1;
             self.last_error = errno;
-            let iov = self.entries[idx].iov.as_ptr();
-            let sqe = self.command(CMD_REGISTER, 0, Some(iov), idx);
-            self.push(&sqe)?;
+            self.push_register(idx)?;
         }
         Ok(true)
     }
@@ -339,7 +342,7 @@ pub fn backing_close(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
 }
 
 /// Asks the scheduler for a short time slice (`ns`, EEVDF custom slice, kernel ≥ 6.12) for the
-/// calling thread, keeping its policy and niceness: a woken thread with a shorter slice than the
+/// calling thread, as a normal (`SCHED_OTHER`) thread at its current niceness: a woken thread with a shorter slice than the
 /// running task's preempts it, so a queue thread is not left waiting behind a busy task on its CPU.
 pub fn request_short_slice(ns: u64) -> io::Result<()> {
     #[repr(C)]
@@ -355,12 +358,14 @@ pub fn request_short_slice(ns: u64) -> io::Result<()> {
         sched_util_min: u32,
         sched_util_max: u32,
     }
-    const SCHED_FLAG_KEEP_PARAMS: u64 = 0x10;
+    // SAFETY: getpriority only reads the calling thread's niceness (-1 is a valid value, and
+    // the call cannot fail for the caller itself).
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         sched_policy: libc::SCHED_OTHER as u32,
         sched_flags: 0,
-        sched_nice: 0,
+        sched_nice: nice,
         sched_priority: 0,
         sched_runtime: ns,
         sched_deadline: 0,
@@ -368,7 +373,6 @@ pub fn request_short_slice(ns: u64) -> io::Result<()> {
         sched_util_min: 0,
         sched_util_max: 0,
     };
-    let _ = SCHED_FLAG_KEEP_PARAMS;
     // SAFETY: sched_setattr reads `size` bytes of a sched_attr from the pointer, valid for the call.
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
     if rc < 0 {

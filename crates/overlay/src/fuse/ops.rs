@@ -64,10 +64,7 @@ impl Fuse {
             flags: sys::OFlags::from_bits_retain(flags as _),
         };
         let (attr, fd) = self.changed(self.ovl.create_object(parent, name, obj, caller))?;
-        let fd = fd.ok_or(Errno::IO)?;
-        let fh = self.ovl.adopt_created(attr.ino, flags, fd)?;
-        let backing = self.open_mode(attr.ino, fh, true, open_backing);
-        Ok((attr, Opened { fh, backing }))
+        self.open_created(attr, fd.ok_or(Errno::IO)?, flags, open_backing)
     }
 
     /// TMPFILE in `parent` (`open(dir, O_TMPFILE)`): the unnamed file's attributes and its open
@@ -81,6 +78,17 @@ impl Fuse {
         open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
     ) -> Result<(Attr, Opened), Errno> {
         let (attr, fd) = self.ovl.create_tmpfile(parent, mode, flags, caller)?;
+        self.open_created(attr, fd, flags, open_backing)
+    }
+
+    /// The handle of a file just made (an upper file: passed through where possible).
+    fn open_created(
+        &self,
+        attr: Attr,
+        fd: std::os::fd::OwnedFd,
+        flags: i32,
+        open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
+    ) -> Result<(Attr, Opened), Errno> {
         let fh = self.ovl.adopt_created(attr.ino, flags, fd)?;
         let backing = self.open_mode(attr.ino, fh, true, open_backing);
         Ok((attr, Opened { fh, backing }))

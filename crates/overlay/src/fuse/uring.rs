@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use layerfs_sys::fuse_uring::{self, Queue};
 use layerfs_sys::{self as sys, Errno};
 
-use super::ops::PlusItem;
+use super::ops::{Opened, PlusItem};
 use super::passthrough::Backing;
 use super::wire::*;
 use super::{CACHED_OPEN_BITS, Fuse, MAX_READ, PASSTHROUGH_OPEN_BITS, TTL, caller_of};
@@ -123,6 +123,16 @@ fn serve_queue(
                 return;
             }
         }
+    }
+}
+
+/// `fuse_open_out` of an open or create: passed through with its backing's id, else cached.
+fn open_out(o: &Opened) -> Result<[u8; OPEN_OUT_LEN], Errno> {
+    match o.backing.as_deref().map(Backing::raw_id) {
+        Some(Some(id)) => Ok(open_bytes(o.fh, PASSTHROUGH_OPEN_BITS, id)),
+        // A backing registered through fuser before the rings were up: not nameable here.
+        Some(None) => Err(Errno::IO),
+        None => Ok(open_bytes(o.fh, CACHED_OPEN_BITS, 0)),
     }
 }
 
@@ -273,13 +283,7 @@ impl Fuse {
             }
             OPEN => {
                 let o = self.open_file(ino, u32_at(op, 0) as i32, open_backing)?;
-                let bytes = match o.backing.as_deref().map(Backing::raw_id) {
-                    Some(Some(id)) => open_bytes(o.fh, PASSTHROUGH_OPEN_BITS, id),
-                    // A backing registered through fuser before the rings were up: not nameable.
-                    Some(None) => return Err(Errno::IO),
-                    None => open_bytes(o.fh, CACHED_OPEN_BITS, 0),
-                };
-                put(buf, 0, &bytes);
+                put(buf, 0, &open_out(&o)?);
                 Ok(OPEN_OUT_LEN)
             }
             CREATE | TMPFILE => {
@@ -293,11 +297,7 @@ impl Fuse {
                     // The name the kernel sends ("/") names nothing.
                     self.create_tmp_file(ino, mode, flags, c, open_backing)?
                 };
-                let open = match o.backing.as_deref().map(Backing::raw_id) {
-                    Some(Some(id)) => open_bytes(o.fh, PASSTHROUGH_OPEN_BITS, id),
-                    Some(None) => return Err(Errno::IO),
-                    None => open_bytes(o.fh, CACHED_OPEN_BITS, 0),
-                };
+                let open = open_out(&o)?;
                 put(buf, 0, &entry_bytes(Some(&attr)));
                 put(buf, ENTRY_LEN, &open);
                 Ok(ENTRY_LEN + OPEN_OUT_LEN)
