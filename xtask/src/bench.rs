@@ -163,6 +163,7 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
                 .unwrap_or_else(|| workspace.join("target"))
                 .join("release/layerfs")
         }),
+        base: opts.base_bin.clone(),
     };
     let timeout = Duration::from_secs(opts.timeout_secs);
     let workloads = select_workloads(opts)?;

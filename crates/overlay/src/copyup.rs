@@ -90,11 +90,7 @@ impl Overlay {
             // A hard-link group with an upper inode: link it, copy nothing.
             sys::link_fd(group.as_fd(), work, &tmp).and_then(|()| sys::open_path(work, &tmp))
         } else {
-            self.build_copy(lower_fd.as_fd(), &st, work, &tmp, data)
-                .inspect(|fd| {
-                    // Best effort: symlinks and special files may refuse user.* xattrs.
-                    let _ = xattr::set(fd.as_fd(), self.origin_xattr(), &node.ino.to_le_bytes(), 0);
-                })
+            self.build_copy(lower_fd.as_fd(), &st, work, &tmp, data, node.ino)
         };
         let fd = match built {
             Ok(fd) => Arc::new(fd),
@@ -169,7 +165,8 @@ impl Overlay {
         })
     }
 
-    /// Builds the copy of `src` as `work/tmp`: everything but the rename.
+    /// Builds the copy of `src` as `work/tmp`, with `origin` (the node's inode number, or a
+    /// hard-link group's key) in its origin xattr (best effort): everything but the rename.
     pub(crate) fn build_copy(
         &self,
         src: BorrowedFd<'_>,
@@ -177,15 +174,22 @@ impl Overlay {
         work: BorrowedFd<'_>,
         tmp: &Component,
         data: CopyData,
+        origin: u64,
     ) -> OvlResult<OwnedFd> {
         let kind = sys::file_type(st);
         let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
         // The copy's data, still open for writing, when there is any to make durable.
-        let mut copied = None;
-        let fd = match kind {
+        let mut copied = false;
+        let mut input = None;
+        // Regular files and directories get their metadata through an fd open for I/O (the
+        // copy's, the source's), symlinks and special files through the `/proc` magic link of
+        // their `O_PATH` fd: the fd form costs no path walk.
+        let (fd, meta) = match kind {
             FileType::Directory => {
                 sys::mkdir_at(work, tmp, Mode::from_raw_mode(0o700))?;
-                sys::open_path_dir(work, tmp)?
+                let meta =
+                    sys::open_at(work, tmp, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+                (sys::open_path_dir(work, tmp)?, Some(meta))
             }
             FileType::RegularFile => {
                 let out = sys::open_at(
@@ -196,41 +200,60 @@ impl Overlay {
                 )?;
                 let fd = sys::open_path(work, tmp)?;
                 if data == CopyData::All && st.st_size > 0 {
-                    let input = sys::reopen(src, OFlags::RDONLY)?;
-                    sys::copy::copy_data(input.as_fd(), out.as_fd(), st.st_size as u64)?;
-                    copied = Some(out);
+                    let opened = sys::reopen(src, OFlags::RDONLY)?;
+                    sys::copy::copy_data(opened.as_fd(), out.as_fd(), st.st_size as u64)?;
+                    input = Some(opened);
+                    copied = true;
                 }
-                fd
+                (fd, Some(out))
             }
             FileType::Symlink => {
                 let target = sys::readlink_fd(src)?;
                 sys::symlink_at(&target, work, tmp)?;
-                sys::open_path(work, tmp)?
+                (sys::open_path(work, tmp)?, None)
             }
             FileType::Fifo
             | FileType::Socket
             | FileType::CharacterDevice
             | FileType::BlockDevice => {
                 sys::mknod_at(work, tmp, kind, mode, st.st_rdev)?;
-                sys::open_path(work, tmp)?
+                (sys::open_path(work, tmp)?, None)
             }
             FileType::Unknown => return Err(Errno::IO),
         };
-        copy_xattrs(src, fd.as_fd(), self.layers.encoding)?;
+        let source = match (&input, kind) {
+            (Some(i), _) => XattrFd::Opened(i.as_fd()),
+            (None, FileType::Directory) => XattrFd::Dir(src),
+            (None, _) => XattrFd::Path(src),
+        };
+        let target = match &meta {
+            Some(m) => XattrFd::Opened(m.as_fd()),
+            None => XattrFd::Path(fd.as_fd()),
+        };
+        copy_xattrs(source, target, self.layers.encoding)?;
+        // Best effort: symlinks and special files may refuse user.* xattrs.
+        let _ = target.set(self.origin_xattr(), &origin.to_le_bytes());
+        let chmod = |mode| match &meta {
+            Some(m) => sys::chmod_open(m.as_fd(), mode),
+            None => sys::chmod_fd(fd.as_fd(), mode),
+        };
         if kind != FileType::Symlink {
-            sys::chmod_fd(fd.as_fd(), mode)?;
+            chmod(mode)?;
         }
         sys::chown_fd(fd.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
         // chown drops set-id bits: put them back.
         if kind != FileType::Symlink && st.st_mode & 0o6000 != 0 {
-            sys::chmod_fd(fd.as_fd(), mode)?;
+            chmod(mode)?;
         }
         let times = Timestamps {
             last_access: sys::atime_of(st),
             last_modification: sys::mtime_of(st),
         };
-        sys::utimes_fd(fd.as_fd(), &times)?;
-        if let Some(out) = copied {
+        match &meta {
+            Some(m) => sys::utimes_open(m.as_fd(), &times)?,
+            None => sys::utimes_fd(fd.as_fd(), &times)?,
+        }
+        if copied && let Some(out) = meta {
             self.sync_copy(out)?;
         }
         Ok(fd)
@@ -275,7 +298,7 @@ impl Overlay {
             last_access: sys::atime_of(&dir_st),
             last_modification: sys::mtime_of(&dir_st),
         };
-        sys::utimes_fd(dir, &times)
+        sys::utimes_dir(dir, &times)
     }
 
     /// Removes a `.wh.NAME` file in `dir` if there is one.
@@ -294,14 +317,48 @@ impl Overlay {
     }
 }
 
+/// How a copy-up reaches an object's xattrs: by an fd open for I/O, by a directory's `O_PATH`
+/// fd (`listxattrat`/`getxattrat` of `"."`), or by the `/proc` magic link of any `O_PATH` fd.
+#[derive(Clone, Copy)]
+pub(crate) enum XattrFd<'a> {
+    Opened(BorrowedFd<'a>),
+    Dir(BorrowedFd<'a>),
+    Path(BorrowedFd<'a>),
+}
+
+impl XattrFd<'_> {
+    fn list(self) -> sys::SysResult<Vec<Vec<u8>>> {
+        match self {
+            XattrFd::Opened(fd) => xattr::list_open(fd),
+            XattrFd::Dir(fd) => xattr::list_dir(fd),
+            XattrFd::Path(fd) => xattr::list(fd),
+        }
+    }
+
+    fn get(self, name: &std::ffi::OsStr) -> sys::SysResult<Vec<u8>> {
+        match self {
+            XattrFd::Opened(fd) => xattr::get_open(fd, name),
+            XattrFd::Dir(fd) => xattr::get_dir(fd, name),
+            XattrFd::Path(fd) => xattr::get(fd, name),
+        }
+    }
+
+    fn set(self, name: &std::ffi::OsStr, value: &[u8]) -> sys::SysResult<()> {
+        match self {
+            XattrFd::Opened(fd) => xattr::set_open(fd, name, value, 0),
+            XattrFd::Dir(fd) | XattrFd::Path(fd) => xattr::set(fd, name, value, 0),
+        }
+    }
+}
+
 /// Copies every non-private xattr of `src` to `dst`. Attributes the target refuses (e.g. `user.*`
 /// on a symlink) are skipped, as the kernel does.
 pub(crate) fn copy_xattrs(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
+    src: XattrFd<'_>,
+    dst: XattrFd<'_>,
     enc: format::Encoding,
 ) -> OvlResult<()> {
-    let names = match xattr::list(src) {
+    let names = match src.list() {
         Ok(n) => n,
         Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::ACCESS) => return Ok(()),
         Err(e) => return Err(e),
@@ -311,10 +368,10 @@ pub(crate) fn copy_xattrs(
             continue;
         }
         let name = std::ffi::OsStr::from_bytes(&name);
-        let Ok(value) = xattr::get(src, name) else {
+        let Ok(value) = src.get(name) else {
             continue;
         };
-        match xattr::set(dst, name, &value, 0) {
+        match dst.set(name, &value) {
             Ok(()) => {}
             Err(Errno::OPNOTSUPP | Errno::PERM | Errno::INVAL | Errno::ACCESS) => {}
             Err(e) => return Err(e),

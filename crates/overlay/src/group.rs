@@ -91,9 +91,8 @@ impl Overlay {
         let work = self.layers.work()?;
         let tmp = self.tmp_name();
         let built = self
-            .build_copy(src, st, work, &tmp, CopyData::All)
+            .build_copy(src, st, work, &tmp, CopyData::All, key)
             .and_then(|fd| {
-                let _ = xattr::set(fd.as_fd(), self.origin_xattr(), &key.to_le_bytes(), 0);
                 self.set_group_count(fd.as_fd(), st.st_nlink)?;
                 match sys::rename_at(work, &tmp, index, &entry_name(key)?, RenameFlags::NOREPLACE) {
                     Ok(()) => Ok(Some(fd)),

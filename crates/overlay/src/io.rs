@@ -7,13 +7,13 @@ use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use layerfs_sys::{self as sys, Component, Errno, FileType, OFlags};
+use layerfs_sys::{self as sys, Component, Errno, FileType, Mode, OFlags};
 
 use crate::copyup::CopyData;
 use crate::handles::{DirEntry, FileHandle, Listing};
 use crate::layers::LayerIdx;
 use crate::node::Node;
-use crate::overlay::{Attr, Overlay, OvlResult};
+use crate::overlay::{Attr, ObjectAt, Overlay, OvlResult};
 
 /// Flags kept when a file is (re)opened for a handle.
 fn io_flags(flags: OFlags) -> OFlags {
@@ -43,22 +43,27 @@ impl Overlay {
             return Err(Errno::ISDIR);
         }
         let trunc = flags.contains(OFlags::TRUNC);
-        if wants_write(flags) || trunc {
+        let (layer, at) = if wants_write(flags) || trunc {
             if !self.layers.has_upper() {
                 return Err(Errno::ROFS);
             }
-            self.copy_up(
-                &node,
-                if trunc {
-                    CopyData::Nothing
-                } else {
-                    CopyData::All
-                },
-            )?;
-        }
-        let (layer, top) = self.object(&node)?;
+            let data = if trunc {
+                CopyData::Nothing
+            } else {
+                CopyData::All
+            };
+            (LayerIdx::UPPER, ObjectAt::Fd(self.copy_up(&node, data)?))
+        } else {
+            self.object_at(&node)?
+        };
         let keep = io_flags(flags);
-        let fd = sys::reopen(top.as_fd(), keep | (flags & OFlags::TRUNC))?;
+        let open = keep | (flags & OFlags::TRUNC);
+        // A file reachable by name is opened by name: one `openat`, where an `O_PATH` fd would
+        // need a second open through its `/proc` magic link.
+        let fd = match at {
+            ObjectAt::Fd(fd) => sys::reopen(fd.as_fd(), open)?,
+            ObjectAt::Named(dir, name) => sys::open_at(dir.as_fd(), &name, open, Mode::empty())?,
+        };
         let fh = self.handles.insert(FileHandle::new(node, keep, layer, fd));
         Ok((fh, layer))
     }

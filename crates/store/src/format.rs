@@ -180,12 +180,12 @@ pub fn dir_mark(dir: BorrowedFd<'_>) -> DirMark {
 /// name), its redirect target. One `listxattr`; a value is read only for a name that is there,
 /// so a directory without overlay xattrs (the usual case) costs one call however many are asked.
 pub fn dir_xattrs(dir: BorrowedFd<'_>, redirect: Option<&OsStr>) -> (DirMark, Option<Vec<u8>>) {
-    let names = xattr::list(dir).unwrap_or_default();
+    let names = xattr::list_dir(dir).unwrap_or_default();
     let has = |name: &OsStr| names.iter().any(|n| n.as_slice() == name.as_bytes());
     let mut mark = DirMark::Plain;
     for name in ["trusted.overlay.opaque", "user.overlay.opaque"].map(OsStr::new) {
         if has(name) {
-            match xattr::get(dir, name).as_deref() {
+            match xattr::get_dir(dir, name).as_deref() {
                 Ok(b"y") => {
                     mark = DirMark::Opaque;
                     break;
@@ -200,7 +200,7 @@ pub fn dir_xattrs(dir: BorrowedFd<'_>, redirect: Option<&OsStr>) -> (DirMark, Op
     }
     let target = redirect
         .filter(|r| mark != DirMark::Opaque && has(r))
-        .and_then(|r| xattr::get(dir, r).ok());
+        .and_then(|r| xattr::get_dir(dir, r).ok());
     (mark, target)
 }
 

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStringExt;
 
-use rustix::fs::{self as rfs, Dir, FileType, Mode, OFlags};
+use rustix::fs::{self as rfs, FileType, Mode, OFlags, RawDir};
 
 use crate::SysResult;
 
@@ -27,18 +27,29 @@ pub fn read_all(dir: BorrowedFd<'_>) -> SysResult<Vec<Entry>> {
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let mut entries = Vec::new();
-    for entry in Dir::new(fd)? {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name == b"." || name == b".." {
-            continue;
+    // One buffer of 32 KiB per thread: a directory of a few hundred entries is one `getdents`
+    // (and the one that says it ended), where a growing buffer took five.
+    READ_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let mut entries = Vec::new();
+        let mut dir = RawDir::new(&fd, &mut buf[..]);
+        while let Some(entry) = dir.next() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            entries.push(Entry {
+                name: OsString::from_vec(name.to_vec()),
+                kind: entry.file_type(),
+                ino: entry.ino(),
+            });
         }
-        entries.push(Entry {
-            name: OsString::from_vec(name.to_vec()),
-            kind: entry.file_type(),
-            ino: entry.ino(),
-        });
-    }
-    Ok(entries)
+        Ok(entries)
+    })
+}
+
+std::thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<std::mem::MaybeUninit<u8>>> =
+        std::cell::RefCell::new(vec![std::mem::MaybeUninit::uninit(); 32 << 10]);
 }

@@ -259,6 +259,22 @@ pub fn utimes_fd(fd: BorrowedFd<'_>, times: &Timestamps) -> SysResult<()> {
     rfs::utimensat(CWD, proc_path(fd).as_c_str(), times, AtFlags::empty())
 }
 
+/// `fchmod` of an fd opened for I/O (not `O_PATH`): no walk of the `/proc` magic link.
+pub fn chmod_open(fd: BorrowedFd<'_>, mode: Mode) -> SysResult<()> {
+    rfs::fchmod(fd, mode)
+}
+
+/// `futimens` of an fd opened for I/O (not `O_PATH`).
+pub fn utimes_open(fd: BorrowedFd<'_>, times: &Timestamps) -> SysResult<()> {
+    rfs::futimens(fd, times)
+}
+
+/// Sets the times of the directory `dir` itself (`O_PATH` fds included), by `"."`: no walk of the
+/// `/proc` magic link.
+pub fn utimes_dir(dir: BorrowedFd<'_>, times: &Timestamps) -> SysResult<()> {
+    rfs::utimensat(dir, c".", times, AtFlags::empty())
+}
+
 /// Sets times of `dir/name` without following a symlink.
 pub fn utimes_at(dir: BorrowedFd<'_>, name: &Component, times: &Timestamps) -> SysResult<()> {
     rfs::utimensat(dir, name.as_c_str(), times, AtFlags::SYMLINK_NOFOLLOW)

@@ -49,7 +49,7 @@ pub fn get_at(dir: BorrowedFd<'_>, path: &Component, name: &OsStr) -> SysResult<
 /// Like [`get_at`], for the directory `dir` itself (`O_PATH` fds refuse the fd-only form).
 pub fn get_dir(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
     get_at_path(dir, c".", name).or_else(|e| match e {
-        Errno::NOSYS => get(dir, name),
+        Errno::NOSYS | Errno::NOTDIR => get(dir, name),
         e => Err(e),
     })
 }
@@ -111,6 +111,11 @@ fn getxattrat(dir: BorrowedFd<'_>, path: &CStr, name: &CStr, buf: &mut [u8]) -> 
             std::mem::size_of::<XattrArgs>(),
         )
     };
+    syscall_len(rc)
+}
+
+/// A length-returning raw syscall's result: the length, or the errno it set.
+fn syscall_len(rc: libc::c_long) -> SysResult<usize> {
     if rc < 0 {
         return Err(Errno::from_raw_os_error(
             std::io::Error::last_os_error()
@@ -144,17 +149,79 @@ pub fn remove(fd: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
 /// Lists xattr names (each without its NUL).
 pub fn list(fd: BorrowedFd<'_>) -> SysResult<Vec<Vec<u8>>> {
     let path = proc_path(fd);
+    list_with(|buf| match buf {
+        Some(buf) => rfs::listxattr(path.as_c_str(), buf),
+        None => rfs::listxattr_query(path.as_c_str()),
+    })
+}
+
+/// Set once the kernel answered ENOSYS to listxattrat (Linux < 6.13).
+static NO_LISTXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Like [`list`], for the directory `dir` itself: one `listxattrat(dir, ".")` (Linux ≥ 6.13), no
+/// walk of the `/proc` magic link. Falls back to [`list`] where the kernel lacks the call (or
+/// `dir` is no directory).
+pub fn list_dir(dir: BorrowedFd<'_>) -> SysResult<Vec<Vec<u8>>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !NO_LISTXATTRAT.load(Relaxed) {
+        match list_with(|buf| listxattrat(dir, c".", buf.unwrap_or(&mut []))) {
+            Err(Errno::NOSYS) => NO_LISTXATTRAT.store(true, Relaxed),
+            // Not a directory after all: the magic link names it.
+            Err(Errno::NOTDIR) => {}
+            other => return other,
+        }
+    }
+    list(dir)
+}
+
+/// Lists the xattr names of an fd opened for I/O (not `O_PATH`): `flistxattr`.
+pub fn list_open(fd: BorrowedFd<'_>) -> SysResult<Vec<Vec<u8>>> {
+    list_with(|buf| match buf {
+        Some(buf) => rfs::flistxattr(fd, buf),
+        None => rfs::flistxattr_query(fd),
+    })
+}
+
+/// Reads xattr `name` of an fd opened for I/O (not `O_PATH`): `fgetxattr`.
+pub fn get_open(fd: BorrowedFd<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
+    let name = cname(name)?;
+    loop {
+        let size = rfs::fgetxattr_query(fd, name.as_c_str())?;
+        let mut buf = vec![0u8; size];
+        match rfs::fgetxattr(fd, name.as_c_str(), &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sets xattr `name` of an fd opened for I/O (not `O_PATH`): `fsetxattr`.
+pub fn set_open(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
+    let name = cname(name)?;
+    let flags = XattrFlags::from_bits_retain(flags as _);
+    rfs::fsetxattr(fd, name.as_c_str(), value, flags)
+}
+
+/// The names from a list call: `call(None)` asks for the size, `call(Some(buf))` fills `buf`.
+fn list_with(
+    mut call: impl FnMut(Option<&mut [u8]>) -> SysResult<usize>,
+) -> SysResult<Vec<Vec<u8>>> {
     let raw = loop {
-        let size = rfs::listxattr_query(path.as_c_str())?;
+        let size = call(None)?;
         if size == 0 {
             return Ok(Vec::new());
         }
         let mut buf = vec![0u8; size];
-        match rfs::listxattr(path.as_c_str(), &mut buf[..]) {
+        match call(Some(&mut buf[..])) {
             Ok(n) => {
                 buf.truncate(n);
                 break buf;
             }
+            // It grew between the two calls: ask again.
             Err(Errno::RANGE) => continue,
             Err(e) => return Err(e),
         }
@@ -164,6 +231,27 @@ pub fn list(fd: BorrowedFd<'_>) -> SysResult<Vec<Vec<u8>>> {
         .filter(|n| !n.is_empty())
         .map(<[u8]>::to_vec)
         .collect())
+}
+
+/// The number of `listxattrat` (shared by every architecture, as [`SYS_GETXATTRAT`]).
+const SYS_LISTXATTRAT: libc::c_long = 465;
+
+/// `listxattrat(dir, path, AT_SYMLINK_NOFOLLOW, buf, len)`: the length of the name list (with an
+/// empty `buf`, the length it needs).
+fn listxattrat(dir: BorrowedFd<'_>, path: &CStr, buf: &mut [u8]) -> SysResult<usize> {
+    // SAFETY: the path is a NUL-terminated C string and `buf` is valid and writable for its length;
+    // both outlive the call, and the kernel writes at most `buf.len()` bytes.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_LISTXATTRAT,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    syscall_len(rc)
 }
 
 #[cfg(test)]
@@ -200,5 +288,45 @@ mod tests {
         );
         // user.* xattrs are not allowed on symlinks: the link itself answers, not its target.
         assert!(get_at(d.as_fd(), &l, OsStr::new("user.small")).is_err());
+    }
+
+    /// `list_dir` (an `O_PATH` directory fd) and `list_open` (an fd open for I/O) list what the
+    /// magic-link `list` lists; `set_open` and `get_open` write and read through an open fd; a
+    /// non-directory handed to `list_dir` is listed too.
+    #[test]
+    fn the_fd_forms_agree_with_the_magic_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("f"), b"x").expect("write");
+        let d = crate::open_root(dir.path()).expect("open dir");
+        let f = Component::new("f").expect("name");
+        let opened = crate::open_at(
+            d.as_fd(),
+            &f,
+            rustix::fs::OFlags::RDWR,
+            crate::Mode::empty(),
+        )
+        .expect("open f");
+        let fpath = crate::open_path(d.as_fd(), &f).expect("open f");
+        for name in ["user.a", "user.b"] {
+            set(d.as_fd(), OsStr::new(name), b"d", 0).expect("set on dir");
+            set_open(opened.as_fd(), OsStr::new(name), b"f", 0).expect("set_open");
+        }
+        let sorted = |mut v: Vec<Vec<u8>>| {
+            v.sort();
+            v
+        };
+        let want = vec![b"user.a".to_vec(), b"user.b".to_vec()];
+        assert_eq!(sorted(list_dir(d.as_fd()).expect("list_dir")), want);
+        assert_eq!(sorted(list(d.as_fd()).expect("list")), want);
+        assert_eq!(sorted(list_open(opened.as_fd()).expect("list_open")), want);
+        assert_eq!(
+            sorted(list_dir(fpath.as_fd()).expect("list_dir of a file")),
+            want
+        );
+        assert_eq!(get(fpath.as_fd(), OsStr::new("user.a")).expect("get"), b"f");
+        assert_eq!(
+            get_open(opened.as_fd(), OsStr::new("user.b")).expect("get_open"),
+            b"f"
+        );
     }
 }

@@ -13,7 +13,8 @@ journaled ext4 loop image, in a private mount namespace. Must run as root.
 
   --quick           about 1/10 of the data (10k files, 100 MiB file) and 3 runs: a few minutes
   --systems LIST    comma separated, column order; default layerfs,kernel,fuse-overlayfs,fuse-overlayfs-tuned
-                    (also: layerfs-devfuse, layerfs with uring=off: requests over /dev/fuse)
+                    (also: layerfs-devfuse, layerfs with uring=off: requests over /dev/fuse;
+                    layerfs-base, the binary given by --base-bin, for an interleaved A/B run)
                     (kernel is the reference of the ratios; a system whose probe mount fails is dropped)
   --runs N          measured rounds, interleaved A B C A B C ... (default 3)
   --warmup N        unrecorded rounds before them (default 1)
@@ -51,6 +52,8 @@ pub struct Opts {
     pub timeout_secs: u64,
     /// A layerfs binary to use instead of the release build.
     pub layerfs_bin: Option<PathBuf>,
+    /// The layerfs binary of the `layerfs-base` column (an A/B comparison in one interleaved run).
+    pub base_bin: Option<PathBuf>,
     /// Profile the layerfs daemon once per workload.
     pub perf: bool,
     /// Niceness for the bench and everything it starts.
@@ -75,6 +78,7 @@ impl Opts {
             .unwrap_or_else(|| PathBuf::from("/var/tmp/layerfs-bench"));
         let mut timeout_secs = 600;
         let mut layerfs_bin = None;
+        let mut base_bin = None;
         let mut perf = false;
         let mut nice = None;
         let mut report = None;
@@ -123,6 +127,7 @@ impl Opts {
                 }
                 "--base" => base = PathBuf::from(value()?),
                 "--layerfs-bin" => layerfs_bin = Some(std::path::absolute(value()?)?),
+                "--base-bin" => base_bin = Some(std::path::absolute(value()?)?),
                 "--timeout" => timeout_secs = number(flag, &value()?)? as u64,
                 "--halt-poll-ns" => halt_poll_ns = Some(number(flag, &value()?)? as u64),
                 _ => bail!("unknown argument {arg:?}\n{USAGE}"),
@@ -140,6 +145,9 @@ impl Opts {
         if !base.is_absolute() {
             bail!("--base must be an absolute path");
         }
+        if systems.contains(&System::LayerfsBase) != base_bin.is_some() {
+            bail!("--systems layerfs-base and --base-bin BIN go together");
+        }
         let runs = runs.unwrap_or(3);
         if runs == 0 {
             bail!("--runs must be at least 1");
@@ -154,6 +162,7 @@ impl Opts {
             base,
             timeout_secs,
             layerfs_bin,
+            base_bin,
             perf,
             nice,
             report,

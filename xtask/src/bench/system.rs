@@ -24,6 +24,8 @@ pub enum System {
     FuseOverlayfsTuned,
     /// layerfs with `uring=off`: requests over `/dev/fuse` (not in the default set).
     LayerfsDevFuse,
+    /// Another layerfs binary (`--base-bin`), for an A/B comparison (not in the default set).
+    LayerfsBase,
 }
 
 impl System {
@@ -43,17 +45,23 @@ impl System {
             System::FuseOverlayfs => "fuse-overlayfs",
             System::FuseOverlayfsTuned => "fuse-overlayfs-tuned",
             System::LayerfsDevFuse => "layerfs-devfuse",
+            System::LayerfsBase => "layerfs-base",
         }
     }
 
     /// Runs this project's daemon.
     pub fn is_layerfs(self) -> bool {
-        matches!(self, System::Layerfs | System::LayerfsDevFuse)
+        matches!(
+            self,
+            System::Layerfs | System::LayerfsDevFuse | System::LayerfsBase
+        )
     }
 
     /// Parses a `--systems` item.
     pub fn parse(s: &str) -> Result<System> {
-        let all = System::ALL.into_iter().chain([System::LayerfsDevFuse]);
+        let all = System::ALL
+            .into_iter()
+            .chain([System::LayerfsDevFuse, System::LayerfsBase]);
         all.clone().find(|x| x.name() == s).with_context(|| {
             let known: Vec<_> = all.map(|x| x.name()).collect();
             format!("unknown system {s:?} (known: {})", known.join(", "))
@@ -93,6 +101,10 @@ impl System {
                 c = Command::new(&bins.layerfs);
                 c.arg("layerfs").arg(&dirs.mnt).args(["-o", &opts]);
             }
+            System::LayerfsBase => {
+                c = Command::new(bins.base.as_ref().unwrap_or(&bins.layerfs));
+                c.arg("layerfs").arg(&dirs.mnt).args(["-o", &opts]);
+            }
             System::FuseOverlayfs | System::FuseOverlayfsTuned => {
                 c = Command::new("fuse-overlayfs");
                 c.args(["-o", &opts]).arg(&dirs.mnt);
@@ -107,6 +119,8 @@ impl System {
 pub struct Bins {
     /// The release build of layerfs.
     pub layerfs: PathBuf,
+    /// The `layerfs-base` binary (`--base-bin`).
+    pub base: Option<PathBuf>,
 }
 
 /// The per-run directories of one system: `<run>/<system>/{u,w,m}`.

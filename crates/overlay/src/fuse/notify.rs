@@ -11,7 +11,10 @@ impl Fuse {
     /// which the kernel cannot know from the request itself. Attribute-only invalidations take no
     /// inode lock in the kernel, so they are safe while serving a request.
     pub(super) fn changed<T>(&self, result: T) -> T {
-        let changed = crate::copyup::take_changed_attrs();
+        let mut changed = crate::copyup::take_changed_attrs();
+        // Nested copy-ups name a directory twice (as the parent of one, as the copy of the next).
+        changed.sort_unstable();
+        changed.dedup();
         if let Some(n) = self.notifier.get() {
             for ino in changed {
                 let _ = n.inval_inode(INodeNo(ino), -1, 0);
