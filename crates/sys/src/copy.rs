@@ -29,6 +29,8 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> SysResul
     }
     let mut method = CopyMethod::CopyRange;
     let mut pos = 0u64;
+    // Where the copy's written data ends.
+    let mut end = 0u64;
     while pos < len {
         // Skip holes: find the next data extent.
         let data = match rfs::seek(src, SeekFrom::Data(pos)) {
@@ -58,10 +60,14 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> SysResul
             }
             off += copied as u64;
         }
+        end = end.max(off);
         pos = hole.max(off);
     }
-    // A trailing hole: give the copy its full size.
-    rfs::ftruncate(dst, len)?;
+    // A trailing hole (or a source that shrank): give the copy its full size. A copy that
+    // reached it needs no call.
+    if end < len {
+        rfs::ftruncate(dst, len)?;
+    }
     Ok(method)
 }
 
