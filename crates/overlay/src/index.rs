@@ -11,7 +11,7 @@ use std::collections::hash_map::Entry as MapEntry;
 use foldhash::{HashMap, HashMapExt};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use layerfs_store::format::{self, DirMark, NameKind};
@@ -76,9 +76,6 @@ impl IndexEntry {
         }
     }
 }
-
-/// A visible name, what it is, and `(layer, d_ino)` of its lower object when that is what shows.
-pub type ListedName = (Box<[u8]>, Visible, Option<(LayerIdx, u64)>);
 
 /// The merged index of a directory. Owned by the directory's node, guarded by its state lock.
 #[derive(Debug, Default)]
@@ -239,24 +236,26 @@ impl DirIndex {
         out
     }
 
-    /// Visible names, sorted, each with the `(layer, d_ino)` of its lower object when the lower
-    /// object is what the view shows (for `d_ino` without opening it).
-    pub fn visible_sorted_with_lower(&self) -> Vec<ListedName> {
-        let mut out: Vec<_> = self
-            .entries
-            .iter()
-            .filter_map(|(n, e)| {
-                let v = e.visible()?;
-                let lower = e
-                    .lower
-                    .as_ref()
-                    .filter(|_| !v.layer.is_upper())
-                    .map(|l| (l.layer, l.ino));
-                Some((n.clone(), v, lower))
-            })
-            .collect();
-        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        out
+    /// Calls `f(name, visible, lower)` for each visible name, in no order, with the
+    /// `(layer, d_ino)` of its lower object when the lower object is what the view shows (for
+    /// `d_ino` without opening it).
+    pub fn for_each_visible(&self, mut f: impl FnMut(&[u8], Visible, Option<(LayerIdx, u64)>)) {
+        for (n, e) in &self.entries {
+            let Some(v) = e.visible() else {
+                continue;
+            };
+            let lower = e
+                .lower
+                .as_ref()
+                .filter(|_| !v.layer.is_upper())
+                .map(|l| (l.layer, l.ino));
+            f(n, v, lower);
+        }
+    }
+
+    /// How many names the index holds (visible or not): a listing's capacity.
+    pub fn capacity_hint(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -296,50 +295,45 @@ fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
     // `.wh.NAME` files: they may name an entry of this same dir, resolved at the end.
     let mut wh_files = Vec::new();
     let mut opaque = mark == DirMark::Opaque;
-    for entry in sys::dir::read_all(fd)? {
-        let name = entry.name.as_bytes();
+    sys::dir::for_each(fd, |name, mut kind, ino| {
         match format::classify_name(name) {
             NameKind::OpaqueMarker => {
                 opaque = true;
-                continue;
+                return Ok(());
             }
             NameKind::WhiteoutFor(target) => {
                 wh_files.push(Box::<[u8]>::from(target));
-                continue;
+                return Ok(());
             }
-            NameKind::Meta | NameKind::Invalid => continue,
+            NameKind::Meta | NameKind::Invalid => return Ok(()),
             NameKind::Plain => {}
         }
-        let mut kind = entry.kind;
         let needs_stat = matches!(kind, FileType::Unknown | FileType::CharacterDevice)
             || (mark == DirMark::HasXWhiteouts && kind == FileType::RegularFile);
         if needs_stat {
             let comp = Component::new(OsStr::from_bytes(name))?;
             let st = match sys::stat_at(fd, &comp) {
                 Ok(st) => st,
-                Err(sys::Errno::NOENT) => continue,
+                Err(sys::Errno::NOENT) => return Ok(()),
                 Err(e) => return Err(e),
             };
             kind = sys::file_type(&st);
             if format::is_chardev_whiteout(&st) {
                 items.push((name.into(), Item::Whiteout));
-                continue;
+                return Ok(());
             }
             if mark == DirMark::HasXWhiteouts && kind == FileType::RegularFile && st.st_size == 0 {
                 let f = sys::open_path(fd, &comp)?;
                 if format::is_xwhiteout(f.as_fd(), &st) {
                     items.push((name.into(), Item::Whiteout));
-                    continue;
+                    return Ok(());
                 }
             }
         }
-        // The name moves into the listing (read with its exact length: no copy).
-        let ino = entry.ino;
-        items.push((
-            entry.name.into_vec().into_boxed_slice(),
-            Item::Entry(kind, ino),
-        ));
-    }
+        // Straight from the getdents buffer into the listing: one allocation per name.
+        items.push((name.into(), Item::Entry(kind, ino)));
+        Ok(())
+    })?;
     if !wh_files.is_empty() {
         let named: std::collections::HashSet<&[u8]> = items.iter().map(|(n, _)| &**n).collect();
         let mut extra: Vec<Box<[u8]>> = wh_files

@@ -266,33 +266,32 @@ impl Overlay {
         Ok(Some((list, pos, node)))
     }
 
-    /// The merged entries of `dir`, `.` and `..` first.
+    /// The merged entries of `dir`, `.` and `..` first, then the names sorted.
     fn list(&self, dir: &Arc<Node>) -> OvlResult<Vec<DirEntry>> {
-        let names = self.with_index(dir, |idx| idx.visible_sorted_with_lower())?;
         let (parent, _) = dir.location();
-        let mut entries = Vec::with_capacity(names.len() + 2);
-        entries.push(DirEntry {
-            name: ".".into(),
-            ino: dir.ino,
-            kind: FileType::Directory,
-        });
         let parent_ino = if parent == 0 { dir.ino } else { parent };
-        entries.push(DirEntry {
-            name: "..".into(),
-            ino: parent_ino,
-            kind: FileType::Directory,
-        });
-        for (name, vis, lower) in names {
-            let name = OsString::from_vec(name.into_vec());
-            // A lower object's d_ino is known from the listing; an upper one (which may carry an
-            // origin) is worked out when the entry is sent.
-            let ino = lower.map_or(0, |(layer, ino)| self.layers.xino(layer, ino));
-            entries.push(DirEntry {
-                name,
-                ino,
-                kind: vis.kind,
+        let mut entries = self.with_index(dir, |idx| {
+            let mut entries = Vec::with_capacity(idx.capacity_hint() + 2);
+            for (name, ino) in [(".", dir.ino), ("..", parent_ino)] {
+                entries.push(DirEntry {
+                    name: name.into(),
+                    ino,
+                    kind: FileType::Directory,
+                });
+            }
+            idx.for_each_visible(|name, vis, lower| {
+                // A lower object's d_ino is known from the listing; an upper one (which may
+                // carry an origin) is worked out when the entry is sent.
+                let ino = lower.map_or(0, |(layer, ino)| self.layers.xino(layer, ino));
+                entries.push(DirEntry {
+                    name: OsString::from_vec(name.to_vec()),
+                    ino,
+                    kind: vis.kind,
+                });
             });
-        }
+            entries
+        })?;
+        entries[2..].sort_unstable_by(|a, b| a.name.cmp(&b.name));
         Ok(entries)
     }
 

@@ -21,6 +21,25 @@ pub struct Entry {
 
 /// All entries of the directory `dir`, without `.` and `..`, in `getdents` order.
 pub fn read_all(dir: BorrowedFd<'_>) -> SysResult<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for_each(dir, |name, kind, ino| {
+        entries.push(Entry {
+            name: OsString::from_vec(name.to_vec()),
+            kind,
+            ino,
+        });
+        Ok(())
+    })?;
+    Ok(entries)
+}
+
+/// Calls `f(name, d_type, d_ino)` for each entry of the directory `dir` but `.` and `..`, in
+/// `getdents` order, straight from the `getdents` buffer (nothing is collected); stops at the
+/// first error `f` returns.
+pub fn for_each(
+    dir: BorrowedFd<'_>,
+    mut f: impl FnMut(&[u8], FileType, u64) -> SysResult<()>,
+) -> SysResult<()> {
     let fd = rfs::openat(
         dir,
         c".",
@@ -28,28 +47,38 @@ pub fn read_all(dir: BorrowedFd<'_>) -> SysResult<Vec<Entry>> {
         Mode::empty(),
     )?;
     // One buffer of 32 KiB per thread: a directory of a few hundred entries is one `getdents`
-    // (and the one that says it ended), where a growing buffer took five.
+    // (and the one that says it ended), where a growing buffer took five. `f` must not read a
+    // directory itself (the buffer is borrowed): a nested call gets a buffer of its own.
     READ_BUF.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        let mut entries = Vec::new();
-        let mut dir = RawDir::new(&fd, &mut buf[..]);
+        let mut own;
+        let mut borrowed;
+        let buf: &mut [std::mem::MaybeUninit<u8>] = match buf.try_borrow_mut() {
+            Ok(b) => {
+                borrowed = b;
+                &mut borrowed[..]
+            }
+            Err(_) => {
+                own = vec![std::mem::MaybeUninit::uninit(); BUF_LEN];
+                &mut own[..]
+            }
+        };
+        let mut dir = RawDir::new(&fd, buf);
         while let Some(entry) = dir.next() {
             let entry = entry?;
             let name = entry.file_name().to_bytes();
             if name == b"." || name == b".." {
                 continue;
             }
-            entries.push(Entry {
-                name: OsString::from_vec(name.to_vec()),
-                kind: entry.file_type(),
-                ino: entry.ino(),
-            });
+            f(name, entry.file_type(), entry.ino())?;
         }
-        Ok(entries)
+        Ok(())
     })
 }
 
+/// The size of a `getdents` buffer.
+const BUF_LEN: usize = 32 << 10;
+
 std::thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<std::mem::MaybeUninit<u8>>> =
-        std::cell::RefCell::new(vec![std::mem::MaybeUninit::uninit(); 32 << 10]);
+        std::cell::RefCell::new(vec![std::mem::MaybeUninit::uninit(); BUF_LEN]);
 }
