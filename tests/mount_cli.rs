@@ -540,7 +540,9 @@ fn layer_filesystems_unmount_while_mounted() {
 
 /// Where the kernel has FUSE over io_uring (the fuse module's `enable_uring` parameter, which the
 /// daemon turns on as root), requests are taken from per-CPU io_uring queues; `-o uring=off`
-/// keeps them on `/dev/fuse`. Both transports serve the same tree and the same changes.
+/// keeps them on `/dev/fuse`. Both transports serve the same tree and the same changes. On the
+/// rings, READ answers are committed as a SCHED_IDLE thread (the daemon runs as root here),
+/// unless `-o idle_commit=off`.
 #[test]
 fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
     if !can_mount("requests_come_from_io_uring_queues_where_the_kernel_has_them") {
@@ -556,7 +558,15 @@ fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
             std::fs::write(dp.join(format!("f{f:02}")), format!("{d}/{f}\n")).expect("write");
         }
     }
-    for (side, option) in [("on", None), ("off", Some("uring=off"))] {
+    // Larger than what an open puts in the page cache by itself: reading it takes READs.
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(lower.join("big"), &big).expect("write big");
+    let sides = [
+        ("on", None),
+        ("noidle", Some("idle_commit=off")),
+        ("off", Some("uring=off")),
+    ];
+    for (side, option) in sides {
         let (upper, work) = fix.upper_work(side);
         let mnt = fix.mountpoint(side);
         let mut args = vec!["mount", "--lower", s(&lower), "--upper", s(&upper)];
@@ -567,7 +577,7 @@ fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
         args.push(s(&mnt));
         let (ok, err) = layerfs(&args);
         assert!(ok, "mount ({side}): {err}");
-        let script = "ls -lR . | grep -c '^-' && cat d3/f07 && echo new > d1/n && echo more >> d2/f01 \
+        let script = "ls -lR d* | grep -c '^-' && cat d3/f07 && echo new > d1/n && echo more >> d2/f01 \
                       && mv d4 d5 && rm d0/f00 && cat d1/n d2/f01 && ls d5 | wc -l";
         let out = sh_ok(&mnt, script);
         assert_eq!(
@@ -575,16 +585,26 @@ fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
             ["100", "3/7", "new", "2/1", "more", "20"],
             "{side}: {out}"
         );
+        assert!(
+            std::fs::read(mnt.join("big")).expect("read big") == big,
+            "{side}: big"
+        );
         let stats = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
         let stats: serde_json::Value =
             serde_json::from_slice(&stats.stdout).expect("stats prints JSON");
         let uring = stats["uring_requests"].as_u64().expect("uring_requests");
         eprintln!("uring {side}: {stats}");
-        if option.is_none() && kernel_has_uring {
+        let idle = stats["idle_commits"].as_u64().expect("idle_commits");
+        if side != "off" && kernel_has_uring {
             assert!(
                 uring >= 100,
                 "{uring} requests from io_uring queues: the mount did not use them"
             );
+            if side == "on" {
+                assert!(idle > 0, "READs of big, yet no idle commit");
+            } else {
+                assert_eq!(idle, 0, "idle_commit=off, yet {idle} idle commits");
+            }
         } else {
             assert_eq!(
                 uring, 0,

@@ -52,6 +52,8 @@ struct Plan {
     threads: Option<usize>,
     /// `uring=off`: requests over `/dev/fuse` only, even where the kernel offers io_uring.
     no_uring: bool,
+    /// `idle_commit=off`: io_uring answers committed at the thread's normal policy.
+    no_idle_commit: bool,
     /// The store container this mount serves, and the store's root.
     container: Option<(String, Option<PathBuf>)>,
 }
@@ -211,6 +213,13 @@ fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
                     v => bail!("uring={v}: use uring=on or uring=off"),
                 }
             }
+            "idle_commit" => {
+                plan.no_idle_commit = match need(value)? {
+                    "on" | "1" => false,
+                    "off" | "0" => true,
+                    v => bail!("idle_commit={v}: use idle_commit=on or idle_commit=off"),
+                }
+            }
             "threads" => {
                 plan.threads = Some(need(value)?.parse().context("threads=N needs a number")?)
             }
@@ -311,6 +320,7 @@ fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
         default_permissions: plan.default_permissions,
         threads: plan.threads.unwrap_or_else(default_threads),
         uring: !plan.no_uring,
+        idle_commit: !plan.no_idle_commit,
         extra: {
             let mut e = plan.extra.clone();
             // As root, devices and set-id bits work as on a kernel overlay mount unless the

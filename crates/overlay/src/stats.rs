@@ -33,6 +33,8 @@ pub struct Stats {
     /// Requests taken from io_uring queues ([`crate::fuse`]'s `uring` module) rather than
     /// `/dev/fuse`.
     pub uring_requests: AtomicU64,
+    /// io_uring answers committed as a `SCHED_IDLE` thread (`fuse/idle.rs`).
+    pub idle_commits: AtomicU64,
     /// Directories that gave up their fds ([`crate::dirfds`]).
     pub dir_fd_evictions: AtomicU64,
     /// Directories that reopened them.
@@ -58,6 +60,7 @@ pub struct StatsSnapshot {
     pub reads: u64,
     #[serde(default)]
     pub uring_requests: u64,
+    pub idle_commits: u64,
     pub dir_fd_evictions: u64,
     pub dir_fd_restores: u64,
     pub nodes: u64,
@@ -83,6 +86,7 @@ impl Stats {
             passthrough_opens: r(&self.passthrough_opens),
             reads: r(&self.reads),
             uring_requests: r(&self.uring_requests),
+            idle_commits: r(&self.idle_commits),
             dir_fd_evictions: r(&self.dir_fd_evictions),
             dir_fd_restores: r(&self.dir_fd_restores),
             nodes: nodes as u64,

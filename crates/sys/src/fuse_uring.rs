@@ -241,6 +241,18 @@ impl Queue {
         Ok(true)
     }
 
+    /// Submits the answers pushed so far without waiting for requests (the next
+    /// [`Queue::wait`] waits).
+    pub fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// How many entries were registered again after the kernel refused them, and the errno of
     /// the last refusal.
     pub fn rearmed(&self) -> (u64, i32) {
@@ -342,9 +354,35 @@ pub fn backing_close(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
 }
 
 /// Asks the scheduler for a short time slice (`ns`, EEVDF custom slice, kernel ≥ 6.12) for the
-/// calling thread, as a normal (`SCHED_OTHER`) thread at its current niceness: a woken thread with a shorter slice than the
-/// running task's preempts it, so a queue thread is not left waiting behind a busy task on its CPU.
-pub fn request_short_slice(ns: u64) -> io::Result<()> {
+/// calling thread, as a normal (`SCHED_OTHER`) thread at its current niceness: a woken thread with
+/// a shorter slice than the running task's preempts it, so a queue thread is not left waiting
+/// behind a busy task on its CPU. Returns the niceness, for [`set_policy`].
+pub fn request_short_slice(ns: u64) -> io::Result<i32> {
+    // SAFETY: getpriority only reads the calling thread's niceness (-1 is a valid value, and
+    // the call cannot fail for the caller itself).
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    set_policy(0, Policy::Normal { nice, slice_ns: ns })?;
+    Ok(nice)
+}
+
+/// The calling thread's id, for [`set_policy`] from another thread.
+pub fn gettid() -> i32 {
+    rustix::thread::gettid().as_raw_nonzero().get()
+}
+
+/// A scheduling policy for [`set_policy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// `SCHED_OTHER` at niceness `nice`, with an EEVDF slice of `slice_ns` (0: the default).
+    Normal { nice: i32, slice_ns: u64 },
+    /// `SCHED_IDLE`: runs only when nothing else wants the CPU, and a CPU that runs nothing
+    /// else counts as idle to the scheduler's wakeup placement.
+    Idle,
+}
+
+/// `sched_setattr` of thread `tid` of this process (0: the calling thread). Going back from
+/// [`Policy::Idle`] to a normal policy needs `CAP_SYS_NICE` (or a fitting `RLIMIT_NICE`).
+pub fn set_policy(tid: i32, policy: Policy) -> io::Result<()> {
     #[repr(C)]
     struct SchedAttr {
         size: u32,
@@ -358,23 +396,24 @@ pub fn request_short_slice(ns: u64) -> io::Result<()> {
         sched_util_min: u32,
         sched_util_max: u32,
     }
-    // SAFETY: getpriority only reads the calling thread's niceness (-1 is a valid value, and
-    // the call cannot fail for the caller itself).
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let (sched_policy, sched_nice, sched_runtime) = match policy {
+        Policy::Normal { nice, slice_ns } => (libc::SCHED_OTHER as u32, nice, slice_ns),
+        Policy::Idle => (libc::SCHED_IDLE as u32, 0, 0),
+    };
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
-        sched_policy: libc::SCHED_OTHER as u32,
+        sched_policy,
         sched_flags: 0,
-        sched_nice: nice,
+        sched_nice,
         sched_priority: 0,
-        sched_runtime: ns,
+        sched_runtime,
         sched_deadline: 0,
         sched_period: 0,
         sched_util_min: 0,
         sched_util_max: 0,
     };
     // SAFETY: sched_setattr reads `size` bytes of a sched_attr from the pointer, valid for the call.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &attr as *const SchedAttr, 0) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -25,6 +25,7 @@ use crate::namespace::{Caller, NewObject};
 use crate::overlay::{Attr, Overlay};
 
 mod convert;
+mod idle;
 use convert::{bare_attr, errno, file_attr, kind_of_sys, set_time};
 mod notify;
 mod ops;
@@ -52,6 +53,9 @@ pub struct MountOptions {
     pub extra: Vec<MountOption>,
     /// Serve requests from io_uring queues where the kernel allows (`uring=off` turns it off).
     pub uring: bool,
+    /// Commit io_uring answers as a `SCHED_IDLE` thread where the daemon may (`idle_commit=off`
+    /// turns it off; see `fuse/idle.rs`).
+    pub idle_commit: bool,
 }
 
 /// The `fuser::Filesystem` of a mount. Clones share everything but the end-of-session signal:
@@ -142,7 +146,7 @@ pub fn serve(
     };
     let background = session.spawn()?;
     if let Some(dev) = dev {
-        match uring::start(rings, dev) {
+        match uring::start(rings, dev, opts.idle_commit) {
             Ok(()) => tracing::info!("requests are served from io_uring queues"),
             Err(e) => {
                 tracing::warn!("io_uring queues not registered ({e}): requests go over /dev/fuse")

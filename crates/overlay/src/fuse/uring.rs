@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use layerfs_sys::fuse_uring::{self, Queue};
 use layerfs_sys::{self as sys, Errno};
 
+use super::idle::IdleCommits;
 use super::ops::{Opened, PlusItem};
 use super::passthrough::Backing;
 use super::wire::*;
@@ -40,16 +41,22 @@ const PAYLOAD: usize = MAX_READ as usize + 4096;
 /// Starts the serving threads of every queue of the connection `dev` and waits until each has
 /// registered its entry. An error leaves the session on `/dev/fuse` (the kernel uses the rings
 /// only once every queue has registered).
-pub(super) fn start(fuse: Fuse, dev: OwnedFd) -> std::io::Result<()> {
+pub(super) fn start(fuse: Fuse, dev: OwnedFd, idle_commit: bool) -> std::io::Result<()> {
     let dev = Arc::new(dev);
     let cpus = fuse_uring::possible_cpus();
+    let idle = if idle_commit {
+        IdleCommits::start(cpus * THREADS_PER_CPU, SLICE_NS)
+    } else {
+        None
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     for cpu in 0..cpus {
         for n in 0..THREADS_PER_CPU {
             let (fuse, dev, tx) = (fuse.clone(), dev.clone(), tx.clone());
+            let idle = idle.clone().map(|ic| (ic, cpu * THREADS_PER_CPU + n));
             std::thread::Builder::new()
                 .name(format!("uring-{cpu}.{n}"))
-                .spawn(move || serve_queue(fuse, dev, cpu, tx))?;
+                .spawn(move || serve_queue(fuse, dev, cpu, idle, tx))?;
         }
     }
     drop(tx);
@@ -66,16 +73,23 @@ pub(super) fn start(fuse: Fuse, dev: OwnedFd) -> std::io::Result<()> {
 }
 
 /// One serving thread of queue `cpu`: registers, reports `Ok(pinned)` or the error, then serves
-/// until the connection ends.
+/// until the connection ends. With `idle` (the connection's idle windows and this thread's slot)
+/// its answers are committed as a `SCHED_IDLE` thread.
 fn serve_queue(
     fuse: Fuse,
     dev: Arc<OwnedFd>,
     cpu: usize,
+    idle: Option<(Arc<IdleCommits>, usize)>,
     registered: std::sync::mpsc::Sender<std::io::Result<bool>>,
 ) {
     let pinned = fuse_uring::pin_to_cpu(cpu).unwrap_or(false);
-    if let Err(e) = fuse_uring::request_short_slice(SLICE_NS) {
-        tracing::debug!("io_uring queue {cpu}: no short time slice: {e}");
+    match fuse_uring::request_short_slice(SLICE_NS) {
+        Ok(nice) => {
+            if let Some((ic, slot)) = &idle {
+                ic.adopt(*slot, nice);
+            }
+        }
+        Err(e) => tracing::debug!("io_uring queue {cpu}: no short time slice: {e}"),
     }
     let qid = u16::try_from(cpu).unwrap_or(u16::MAX);
     let mut q = match Queue::register(dev.as_fd(), qid, 1, PAYLOAD) {
@@ -107,9 +121,11 @@ fn serve_queue(
                 return;
             }
         }
+        let mut wakes_reader = false;
         for &idx in &ready {
             let (req, payload, len) = q.entry(idx);
             let h = InHeader::parse(req.in_header);
+            wakes_reader |= h.opcode == READ;
             let (error, n) = match fuse.answer(&h, req.op_in, payload, len, &dev) {
                 Ok(n) => (0, n),
                 Err(e) => (-e.raw_os_error(), 0),
@@ -119,6 +135,17 @@ fn serve_queue(
             out[4..8].copy_from_slice(&error.to_ne_bytes());
             out[8..].copy_from_slice(&h.unique.to_ne_bytes());
             if let Err(e) = q.answer(idx, &out, n) {
+                tracing::warn!("io_uring queue {cpu}: {e}; its thread stops");
+                return;
+            }
+        }
+        // A READ's answer goes out now, as a SCHED_IDLE thread (the next `wait` only waits).
+        if let Some((ic, slot)) = idle.as_ref().filter(|_| wakes_reader) {
+            let (sent, was_idle) = ic.commit(*slot, || q.submit());
+            if was_idle {
+                fuse.ovl.stats.idle_commits.fetch_add(1, Relaxed);
+            }
+            if let Err(e) = sent {
                 tracing::warn!("io_uring queue {cpu}: {e}; its thread stops");
                 return;
             }
