@@ -585,6 +585,17 @@ fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
             ["100", "3/7", "new", "2/1", "more", "20"],
             "{side}: {out}"
         );
+        // Single pages far apart (a random reader): small READs, whose answers go out idle.
+        {
+            let f = std::fs::File::open(mnt.join("big")).expect("open big");
+            rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random).expect("fadvise");
+            for off in [0u64, 200_000, 400_000, 600_000, 800_000] {
+                let mut page = [0u8; 4096];
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut page, off).expect("pread");
+                let at = off as usize;
+                assert!(page[..] == big[at..at + 4096], "{side}: big at {off}");
+            }
+        }
         assert!(
             std::fs::read(mnt.join("big")).expect("read big") == big,
             "{side}: big"
@@ -601,7 +612,7 @@ fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
                 "{uring} requests from io_uring queues: the mount did not use them"
             );
             if side == "on" {
-                assert!(idle > 0, "READs of big, yet no idle commit");
+                assert!(idle > 0, "small READs of big, yet no idle commit");
             } else {
                 assert_eq!(idle, 0, "idle_commit=off, yet {idle} idle commits");
             }

@@ -1,5 +1,5 @@
-//! Idle commits: a queue thread sends the answer to a READ as a `SCHED_IDLE` thread, so that the
-//! reader it wakes stays on its CPU.
+//! Idle commits: a queue thread sends the answer to a small READ as a `SCHED_IDLE` thread, so that
+//! the reader it wakes stays on its CPU.
 //!
 //! An answer wakes its caller from inside the queue thread's `io_uring_enter`, while that thread
 //! still runs on the caller's CPU. The scheduler then sees a busy CPU there and an idle one
@@ -13,8 +13,10 @@
 //! CPU on 43 % of the reads (`perf stat -e cpu-migrations`), and ran twice as fast with idle
 //! commits (docs/benchmarks.md). It costs two `sched_setattr` calls per commit, which lost time
 //! where callers stay put: committing every answer idle made the volatile copy-up and untar
-//! slower. So only READ answers (page-cache fills, whose readers wait on the page lock) are
-//! committed idle.
+//! slower. And a thread left idle is off the CPU until its CPU has nothing else to run: after a
+//! readahead READ the reader goes on copying the pages before it, while the idle thread holds the
+//! next READ (sequential reads got slower). So only small READs (a reader waiting for a page or
+//! two, `IDLE_READ_MAX` in `uring.rs`) are committed idle.
 //!
 //! The thread goes back to its normal policy right after the commit. In between it may be
 //! preempted, and a `SCHED_IDLE` thread behind a busy task waits for a long time; its entry is

@@ -31,6 +31,11 @@ use crate::overlay::Attr;
 /// Serving threads (each with a ring of one entry) per CPU.
 pub(super) const THREADS_PER_CPU: usize = 2;
 
+/// READs up to this size have their answer committed idle ([`IdleCommits`]): a reader waiting
+/// for a page or two. Larger ones are readahead, whose reader is still busy with the pages before
+/// and would keep an idle thread (holding the next READ) off the CPU.
+const IDLE_READ_MAX: u32 = 16 * 1024;
+
 /// The time slice the serving threads ask for (the kernel's minimum custom slice).
 const SLICE_NS: u64 = 100_000;
 
@@ -125,7 +130,7 @@ fn serve_queue(
         for &idx in &ready {
             let (req, payload, len) = q.entry(idx);
             let h = InHeader::parse(req.in_header);
-            wakes_reader |= h.opcode == READ;
+            wakes_reader |= h.opcode == READ && u32_at(req.op_in, 16) <= IDLE_READ_MAX;
             let (error, n) = match fuse.answer(&h, req.op_in, payload, len, &dev) {
                 Ok(n) => (0, n),
                 Err(e) => (-e.raw_os_error(), 0),
@@ -139,7 +144,7 @@ fn serve_queue(
                 return;
             }
         }
-        // A READ's answer goes out now, as a SCHED_IDLE thread (the next `wait` only waits).
+        // A small READ's answer goes out now, as a SCHED_IDLE thread (the next `wait` only waits).
         if let Some((ic, slot)) = idle.as_ref().filter(|_| wakes_reader) {
             let (sent, was_idle) = ic.commit(*slot, || q.submit());
             if was_idle {
