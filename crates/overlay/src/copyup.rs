@@ -320,7 +320,7 @@ impl Overlay {
 /// How a copy-up reaches an object's xattrs: by an fd open for I/O, by a directory's `O_PATH`
 /// fd (`listxattrat`/`getxattrat` of `"."`), or by the `/proc` magic link of any `O_PATH` fd.
 #[derive(Clone, Copy)]
-pub(crate) enum XattrFd<'a> {
+enum XattrFd<'a> {
     Opened(BorrowedFd<'a>),
     Dir(BorrowedFd<'a>),
     Path(BorrowedFd<'a>),
@@ -353,11 +353,7 @@ impl XattrFd<'_> {
 
 /// Copies every non-private xattr of `src` to `dst`. Attributes the target refuses (e.g. `user.*`
 /// on a symlink) are skipped, as the kernel does.
-pub(crate) fn copy_xattrs(
-    src: XattrFd<'_>,
-    dst: XattrFd<'_>,
-    enc: format::Encoding,
-) -> OvlResult<()> {
+fn copy_xattrs(src: XattrFd<'_>, dst: XattrFd<'_>, enc: format::Encoding) -> OvlResult<()> {
     let names = match src.list() {
         Ok(n) => n,
         Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::ACCESS) => return Ok(()),

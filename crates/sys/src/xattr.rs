@@ -18,19 +18,10 @@ fn cname(name: &OsStr) -> SysResult<CString> {
 pub fn get(fd: BorrowedFd<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
     let path = proc_path(fd);
     let name = cname(name)?;
-    loop {
-        let size = rfs::getxattr_query(path.as_c_str(), name.as_c_str())?;
-        let mut buf = vec![0u8; size];
-        match rfs::getxattr(path.as_c_str(), name.as_c_str(), &mut buf[..]) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            // It grew between the two calls: ask again.
-            Err(Errno::RANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    sized(|buf| match buf {
+        Some(buf) => rfs::getxattr(path.as_c_str(), name.as_c_str(), buf),
+        None => rfs::getxattr_query(path.as_c_str(), name.as_c_str()),
+    })
 }
 
 /// Set once the kernel answered ENOSYS to getxattrat (Linux < 6.13).
@@ -185,18 +176,10 @@ pub fn list_open(fd: BorrowedFd<'_>) -> SysResult<Vec<Vec<u8>>> {
 /// Reads xattr `name` of an fd opened for I/O (not `O_PATH`): `fgetxattr`.
 pub fn get_open(fd: BorrowedFd<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
     let name = cname(name)?;
-    loop {
-        let size = rfs::fgetxattr_query(fd, name.as_c_str())?;
-        let mut buf = vec![0u8; size];
-        match rfs::fgetxattr(fd, name.as_c_str(), &mut buf[..]) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(Errno::RANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    sized(|buf| match buf {
+        Some(buf) => rfs::fgetxattr(fd, name.as_c_str(), buf),
+        None => rfs::fgetxattr_query(fd, name.as_c_str()),
+    })
 }
 
 /// Sets xattr `name` of an fd opened for I/O (not `O_PATH`): `fsetxattr`.
@@ -207,10 +190,18 @@ pub fn set_open(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> S
 }
 
 /// The names from a list call: `call(None)` asks for the size, `call(Some(buf))` fills `buf`.
-fn list_with(
-    mut call: impl FnMut(Option<&mut [u8]>) -> SysResult<usize>,
-) -> SysResult<Vec<Vec<u8>>> {
-    let raw = loop {
+fn list_with(call: impl FnMut(Option<&mut [u8]>) -> SysResult<usize>) -> SysResult<Vec<Vec<u8>>> {
+    Ok(sized(call)?
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+/// The bytes of a get or list call: `call(None)` asks for the size, `call(Some(buf))` fills
+/// `buf`; asked again if the value grew between the two.
+fn sized(mut call: impl FnMut(Option<&mut [u8]>) -> SysResult<usize>) -> SysResult<Vec<u8>> {
+    loop {
         let size = call(None)?;
         if size == 0 {
             return Ok(Vec::new());
@@ -219,18 +210,12 @@ fn list_with(
         match call(Some(&mut buf[..])) {
             Ok(n) => {
                 buf.truncate(n);
-                break buf;
+                return Ok(buf);
             }
-            // It grew between the two calls: ask again.
             Err(Errno::RANGE) => continue,
             Err(e) => return Err(e),
         }
-    };
-    Ok(raw
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect())
+    }
 }
 
 /// The number of `listxattrat` (shared by every architecture, as [`SYS_GETXATTRAT`]).
