@@ -15,6 +15,8 @@ pub struct Stats {
     pub readdirs: AtomicU64,
     /// READDIRPLUS requests.
     pub readdirpluses: AtomicU64,
+    /// READDIRPLUS entries sent without attributes (`fuse/plus.rs`).
+    pub bare_entries: AtomicU64,
     /// Directory indexes built.
     pub index_builds: AtomicU64,
     /// Objects copied up.
@@ -49,6 +51,8 @@ pub struct StatsSnapshot {
     pub getattrs: u64,
     pub readdirs: u64,
     pub readdirpluses: u64,
+    #[serde(default)]
+    pub bare_entries: u64,
     pub index_builds: u64,
     pub copy_ups: u64,
     pub fsyncs: u64,
@@ -78,6 +82,7 @@ impl Stats {
             getattrs: r(&self.getattrs),
             readdirs: r(&self.readdirs),
             readdirpluses: r(&self.readdirpluses),
+            bare_entries: r(&self.bare_entries),
             index_builds: r(&self.index_builds),
             copy_ups: r(&self.copy_ups),
             fsyncs: r(&self.fsyncs),

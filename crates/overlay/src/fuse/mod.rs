@@ -32,6 +32,7 @@ mod ops;
 use ops::PlusItem;
 mod passthrough;
 use passthrough::{Backing, Passthrough};
+mod plus;
 mod uring;
 mod wire;
 
@@ -74,6 +75,8 @@ pub struct Fuse {
     uring: Arc<AtomicBool>,
     /// Ask for io_uring at INIT (the mount did not turn it off).
     want_uring: bool,
+    /// Which READDIRPLUS entries carry attributes, per caller (its own lock).
+    plus: Arc<plus::PlusPolicy>,
 }
 
 impl Fuse {
@@ -87,6 +90,7 @@ impl Fuse {
             no_opendir: Arc::default(),
             uring: Arc::default(),
             want_uring: false,
+            plus: Arc::default(),
         }
     }
 }
@@ -98,6 +102,7 @@ impl Clone for Fuse {
             pt: self.pt.clone(),
             ended: None,
             notifier: self.notifier.clone(),
+            plus: self.plus.clone(),
             no_opendir: self.no_opendir.clone(),
             uring: self.uring.clone(),
             want_uring: self.want_uring,
@@ -594,10 +599,13 @@ impl Filesystem for Fuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let filled = self.fill_dir_plus(ino.0, offset, |off, name, item| {
+        // Every entry carries attributes here: fuser's reply cannot send a node id of 0 with a
+        // `d_ino` (see `fuse/plus.rs`).
+        let filled = self.fill_dir_plus(ino.0, offset, None, |off, name, item| {
             let (ino, attr) = match item {
                 PlusItem::Dot(target) => (target, bare_attr(target, FileType::Directory)),
                 PlusItem::Entry(a) => (a.ino, file_attr(a)),
+                PlusItem::Bare(ino, kind) => (ino, bare_attr(ino, kind_of_sys(kind))),
             };
             reply.add(INodeNo(ino), off, name, &TTL, &attr, Generation(0))
         });

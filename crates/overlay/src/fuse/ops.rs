@@ -10,7 +10,7 @@ use layerfs_sys::{self as sys, Errno};
 
 use super::Fuse;
 use super::passthrough::{Backing, OwnedFdRef};
-use crate::handles::Listings;
+use crate::handles::{DirEntry, Listings};
 use crate::namespace::{Caller, NewObject};
 use crate::overlay::Attr;
 
@@ -28,6 +28,9 @@ pub(super) enum PlusItem<'a> {
     Dot(u64),
     /// A named entry with its attributes (the kernel takes a reference).
     Entry(&'a Attr),
+    /// A named entry without attributes: its `d_ino` and type (node id 0: the kernel lists it
+    /// and takes no reference).
+    Bare(u64, sys::FileType),
 }
 
 impl Fuse {
@@ -94,6 +97,15 @@ impl Fuse {
         Ok((attr, Opened { fh, backing }))
     }
 
+    /// The `d_ino` of listed entry `e` of `dir` (known from the listing for a lower object, worked
+    /// out for an upper one); `None` if it is gone.
+    fn d_ino(&self, dir: &crate::node::Node, e: &DirEntry) -> Result<Option<u64>, Errno> {
+        if e.ino != 0 {
+            return Ok(Some(e.ino));
+        }
+        self.ovl.entry_ino(dir, &e.name)
+    }
+
     /// READDIR of directory `ino` from `offset`: `add(ino, next offset, type, name)` for each
     /// entry until it answers `true` (the reader's buffer is full).
     pub(super) fn fill_dir(
@@ -107,13 +119,8 @@ impl Fuse {
             return Ok(());
         };
         for (i, e) in list.entries.iter().enumerate().skip(pos) {
-            let ino = if e.ino != 0 {
-                e.ino
-            } else {
-                match self.ovl.entry_ino(&dir, &e.name)? {
-                    Some(ino) => ino,
-                    None => continue,
-                }
+            let Some(ino) = self.d_ino(&dir, e)? else {
+                continue;
             };
             if add(ino, Listings::offset(list.id, i + 1), e.kind, &e.name) {
                 break;
@@ -124,17 +131,21 @@ impl Fuse {
 
     /// READDIRPLUS of directory `ino` from `offset`: `add(next offset, name, item)` for each
     /// entry until it answers `true` (full). An entry that went into the answer counts as a
-    /// lookup of its node.
+    /// lookup of its node. With the caller's `pid`, non-directories go without attributes when
+    /// [`super::plus::PlusPolicy`] says the caller does not look at them.
     pub(super) fn fill_dir_plus(
         &self,
         ino: u64,
         offset: u64,
+        pid: Option<u32>,
         mut add: impl FnMut(u64, &OsStr, PlusItem<'_>) -> bool,
     ) -> Result<(), Errno> {
         self.ovl.stats.readdirpluses.fetch_add(1, Relaxed);
         let Some((list, pos, dir)) = self.ovl.listing(ino, offset)? else {
             return Ok(());
         };
+        let lean = pid.map_or(0, |pid| self.plus.lean(pid, ino, offset));
+        let mut bare = 0;
         for (i, e) in list.entries.iter().enumerate().skip(pos) {
             let off = Listings::offset(list.id, i + 1);
             if e.name == "." || e.name == ".." {
@@ -144,6 +155,16 @@ impl Fuse {
                 }
                 continue;
             }
+            if bare < lean && e.kind != sys::FileType::Directory {
+                let Some(ino) = self.d_ino(&dir, e)? else {
+                    continue;
+                };
+                if add(off, &e.name, PlusItem::Bare(ino, e.kind)) {
+                    break;
+                }
+                bare += 1;
+                continue;
+            }
             let Some((node, a)) = self.ovl.dir_entry_plus(&dir, &e.name)? else {
                 continue;
             };
@@ -151,6 +172,14 @@ impl Fuse {
                 break;
             }
             self.ovl.entry_sent(&node);
+        }
+        self.ovl.stats.bare_entries.fetch_add(bare as u64, Relaxed);
+        if let Some(pid) = pid
+            && lean > 0
+            && bare == 0
+            && offset == 0
+        {
+            self.plus.nothing_left_out(pid, ino);
         }
         Ok(())
     }

@@ -205,6 +205,12 @@ impl Fuse {
             LOOKUP => {
                 let [name] = strings::<1>(args)?;
                 let found = self.ovl.lookup(ino, name)?;
+                if found
+                    .as_ref()
+                    .is_some_and(|a| a.st.st_mode & libc::S_IFMT != libc::S_IFDIR)
+                {
+                    self.plus.looked_at(h.pid, ino);
+                }
                 put(buf, 0, &entry_bytes(found.as_ref()));
                 Ok(ENTRY_LEN)
             }
@@ -427,7 +433,7 @@ impl Fuse {
             READDIRPLUS => {
                 let size = (u32_at(op, 16) as usize).min(buf.len());
                 let mut at = 0;
-                self.fill_dir_plus(ino, u64_at(op, 8), |next, name, item| {
+                self.fill_dir_plus(ino, u64_at(op, 8), Some(h.pid), |next, name, item| {
                     let name = name.as_bytes();
                     if at + ENTRY_LEN + dirent_len(name) > size {
                         return true;
@@ -439,6 +445,7 @@ impl Fuse {
                             libc::S_IFDIR,
                         ),
                         PlusItem::Entry(a) => (a.ino, entry_bytes(Some(a)), a.st.st_mode),
+                        PlusItem::Bare(ino, kind) => (ino, entry_bytes(None), dtype(kind) << 12),
                     };
                     put(buf, at, &e);
                     put_dirent(buf, at + ENTRY_LEN, nodeid, next, mode >> 12, name);

@@ -87,6 +87,8 @@ pub(super) struct InHeader {
     pub(super) uid: u32,
     /// The caller's fsgid.
     pub(super) gid: u32,
+    /// The caller's thread id.
+    pub(super) pid: u32,
 }
 
 impl InHeader {
@@ -97,6 +99,7 @@ impl InHeader {
             nodeid: u64_at(b, 16),
             uid: u32_at(b, 24),
             gid: u32_at(b, 28),
+            pid: u32_at(b, 32),
         }
     }
 }
