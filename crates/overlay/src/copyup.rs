@@ -78,7 +78,9 @@ impl Overlay {
         // The data copy runs before the parent's lock is taken: a large copy stalls nobody else.
         let work = self.layers.work()?;
         let tmp = self.tmp_name();
-        let group = if kind == FileType::Directory {
+        // A hard-link group is made of lower objects with more than one link (which never
+        // change); a node served from its group's index entry sees that inode's count instead.
+        let group = if kind == FileType::Directory || (st.st_nlink < 2 && !node.read().group) {
             None
         } else {
             self.ensure_group_entry(node.ino, lower_fd.as_fd(), &st)?
@@ -106,7 +108,7 @@ impl Overlay {
             let _ = crate::layers::remove_tree(work, &tmp);
             Arc::new(sys::open_path(parent_upper.as_fd(), &name)?)
         } else {
-            if let Err(e) = self.publish(work, &tmp, parent_upper.as_fd(), &name) {
+            if let Err(e) = self.publish(work, &tmp, parent_upper.as_fd(), &name, existing) {
                 let _ = crate::layers::remove_tree(work, &tmp);
                 return Err(e);
             }
@@ -147,14 +149,14 @@ impl Overlay {
         }
         let dir_up = self.copy_up(dir, CopyData::All)?;
         let _op = dir.op_lock();
-        let entry = self.entry_locked(dir, name)?;
-        if matches!(entry.and_then(|e| e.upper), Some(UpperSlot::Present(_))) {
+        let there = self.entry_locked(dir, name)?.and_then(|e| e.upper);
+        if matches!(there, Some(UpperSlot::Present(_))) {
             return Ok(());
         }
         let work = self.layers.work()?;
         let tmp = self.tmp_name();
         sys::link_fd(upper.as_fd(), work, &tmp)?;
-        if let Err(e) = self.publish(work, &tmp, dir_up.as_fd(), name) {
+        if let Err(e) = self.publish(work, &tmp, dir_up.as_fd(), name, there) {
             let _ = sys::unlink_at(work, &tmp, false);
             return Err(e);
         }
@@ -201,7 +203,8 @@ impl Overlay {
                 let fd = sys::open_path(work, tmp)?;
                 if data == CopyData::All && st.st_size > 0 {
                     let opened = sys::reopen(src, OFlags::RDONLY)?;
-                    sys::copy::copy_data(opened.as_fd(), out.as_fd(), st.st_size as u64)?;
+                    let no_clone = self.layers.no_clone(st.st_dev);
+                    sys::copy::copy_data(opened.as_fd(), out.as_fd(), st, no_clone)?;
                     input = Some(opened);
                     copied = true;
                 }
@@ -270,17 +273,21 @@ impl Overlay {
         Ok(())
     }
 
-    /// Renames `work/tmp` to `dir/name`, replacing a whiteout there if any, and puts `dir`'s times
-    /// back as they were.
+    /// Renames `work/tmp` to `dir/name`, replacing a whiteout there if any (`there`: what the
+    /// directory's index shows in the upper under `name`), and puts `dir`'s times back as they
+    /// were.
     pub(crate) fn publish(
         &self,
         work: BorrowedFd<'_>,
         tmp: &Component,
         dir: BorrowedFd<'_>,
         name: &Component,
+        there: Option<UpperSlot>,
     ) -> OvlResult<()> {
         let dir_st = sys::stat_fd(dir)?;
-        self.clear_unprivileged_whiteout(dir, name)?;
+        if there == Some(UpperSlot::Whiteout) {
+            self.clear_unprivileged_whiteout(dir, name)?;
+        }
         match sys::rename_at(work, tmp, dir, name, RenameFlags::NOREPLACE) {
             Ok(()) => {}
             Err(Errno::EXIST) => {

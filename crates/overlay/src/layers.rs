@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use layerfs_store::format::Encoding;
 use layerfs_sys::{self as sys, Component, Errno, Mode, SysResult};
@@ -57,6 +58,9 @@ pub struct Layers {
     pub encoding: Encoding,
     /// How a copy-up makes its data durable before the rename (chosen from the upper's filesystem).
     pub sync: SyncPolicy,
+    /// Per filesystem (`st_dev`) of a layer: set once a copy-up from it into the upper found that
+    /// `FICLONE` cannot work (see [`sys::copy::copy_data`]). The last slot stands for any other.
+    no_clone: Vec<(u64, AtomicBool)>,
 }
 
 /// Bits of `st_ino` left for the backing filesystem's inode number when layers span filesystems.
@@ -156,6 +160,10 @@ impl Layers {
                 }
             })
             .collect();
+        let mut fs_devs = present;
+        fs_devs.sort_unstable();
+        fs_devs.dedup();
+        fs_devs.push(u64::MAX);
         Ok(Layers {
             roots,
             work,
@@ -163,7 +171,22 @@ impl Layers {
             xino_tag,
             encoding: Encoding::for_this_process(),
             sync,
+            no_clone: fs_devs
+                .into_iter()
+                .map(|d| (d, AtomicBool::new(false)))
+                .collect(),
         })
+    }
+
+    /// Whether copies from filesystem `dev` into the upper are known not to reflink (set by
+    /// [`sys::copy::copy_data`]).
+    pub fn no_clone(&self, dev: u64) -> &AtomicBool {
+        let i = self
+            .no_clone
+            .iter()
+            .position(|(d, _)| *d == dev)
+            .unwrap_or(self.no_clone.len() - 1);
+        &self.no_clone[i].1
     }
 
     /// Number of layers including the (possibly absent) upper slot.

@@ -2,10 +2,11 @@
 //! (server-side, sparse-aware on most filesystems), else plain read/write.
 
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use rustix::fs::{self as rfs, SeekFrom};
 
-use crate::{Errno, SysResult};
+use crate::{Errno, Stat, SysResult};
 
 /// How a copy was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,27 +19,49 @@ pub enum CopyMethod {
     ReadWrite,
 }
 
-/// Copies all of `src` (opened for reading) into the empty file `dst` (opened for writing),
-/// keeping holes where `SEEK_DATA`/`SEEK_HOLE` shows them. Returns how it copied.
-pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> SysResult<CopyMethod> {
+/// Copies all of `src` (opened for reading, stat `st`) into the empty file `dst` (opened for
+/// writing), keeping holes where `SEEK_DATA`/`SEEK_HOLE` shows them. Returns how it copied.
+///
+/// `no_clone` is set once `FICLONE` says the two filesystems cannot share extents (ext4, or two
+/// filesystems), and then not tried again. A source whose blocks cover its size has no hole to
+/// look for.
+pub fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    st: &Stat,
+    no_clone: &AtomicBool,
+) -> SysResult<CopyMethod> {
+    let len = st.st_size as u64;
     if len == 0 {
         return Ok(CopyMethod::CopyRange);
     }
-    if rfs::ioctl_ficlone(dst, src).is_ok() {
-        return Ok(CopyMethod::Reflink);
+    if !no_clone.load(Relaxed) {
+        match rfs::ioctl_ficlone(dst, src) {
+            Ok(()) => return Ok(CopyMethod::Reflink),
+            Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::NOTTY) => no_clone.store(true, Relaxed),
+            Err(_) => {}
+        }
     }
+    let dense = (st.st_blocks as u64).saturating_mul(512) >= len;
     let mut method = CopyMethod::CopyRange;
     let mut pos = 0u64;
     // Where the copy's written data ends.
     let mut end = 0u64;
     while pos < len {
         // Skip holes: find the next data extent.
-        let data = match rfs::seek(src, SeekFrom::Data(pos)) {
-            Ok(off) => off,
-            Err(Errno::NXIO) => break,
-            Err(_) => pos,
+        let (data, hole) = if dense {
+            (pos, len)
+        } else {
+            let data = match rfs::seek(src, SeekFrom::Data(pos)) {
+                Ok(off) => off,
+                Err(Errno::NXIO) => break,
+                Err(_) => pos,
+            };
+            (
+                data,
+                rfs::seek(src, SeekFrom::Hole(data)).unwrap_or(len).min(len),
+            )
         };
-        let hole = rfs::seek(src, SeekFrom::Hole(data)).unwrap_or(len).min(len);
         let mut off = data;
         while off < hole {
             let chunk = (hole - off).min(1 << 30) as usize;
@@ -93,9 +116,14 @@ mod tests {
         src.write_all(b"hello").unwrap();
         src.seek(std::io::SeekFrom::Start(3 << 20)).unwrap();
         src.write_all(b"world").unwrap();
-        let len = src.metadata().unwrap().len();
+        let st = crate::stat_fd(src.as_fd()).unwrap();
+        assert!(
+            (st.st_blocks as u64) * 512 < st.st_size as u64,
+            "the source has a hole"
+        );
         let mut dst = tempfile::tempfile().unwrap();
-        copy_data(src.as_fd(), dst.as_fd(), len).unwrap();
+        let no_clone = AtomicBool::new(false);
+        copy_data(src.as_fd(), dst.as_fd(), &st, &no_clone).unwrap();
         let mut a = Vec::new();
         let mut b = Vec::new();
         src.rewind().unwrap();
@@ -103,5 +131,27 @@ mod tests {
         dst.read_to_end(&mut b).unwrap();
         assert_eq!(a.len(), b.len());
         assert!(a == b);
+        let copy = crate::stat_fd(dst.as_fd()).unwrap();
+        assert!(copy.st_blocks <= st.st_blocks + 8, "the hole was kept");
+    }
+
+    /// A source without holes is copied without looking for them; a filesystem that refused a
+    /// reflink is not asked again.
+    #[test]
+    fn copies_a_dense_file_and_remembers_no_reflink() {
+        let mut src = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        src.write_all(&data).unwrap();
+        src.sync_all().unwrap();
+        let st = crate::stat_fd(src.as_fd()).unwrap();
+        let no_clone = AtomicBool::new(false);
+        for _ in 0..2 {
+            let mut dst = tempfile::tempfile().unwrap();
+            let how = copy_data(src.as_fd(), dst.as_fd(), &st, &no_clone).unwrap();
+            let mut b = Vec::new();
+            dst.read_to_end(&mut b).unwrap();
+            assert!(b == data);
+            assert_eq!(no_clone.load(Relaxed), how != CopyMethod::Reflink);
+        }
     }
 }
