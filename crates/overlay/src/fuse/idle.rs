@@ -1,5 +1,5 @@
-//! Idle commits: a queue thread sends the answer to a small READ as a `SCHED_IDLE` thread, so that
-//! the reader it wakes stays on its CPU.
+//! Idle commits: a queue thread sends a quick answer (a small READ, a lookup, attributes, an
+//! xattr) as a `SCHED_IDLE` thread, so that the caller it wakes stays on its CPU.
 //!
 //! An answer wakes its caller from inside the queue thread's `io_uring_enter`, while that thread
 //! still runs on the caller's CPU. The scheduler then sees a busy CPU there and an idle one
@@ -11,17 +11,19 @@
 //!
 //! It pays where callers move: 4 KiB random reads of a lower file moved the reader to the other
 //! CPU on 43 % of the reads (`perf stat -e cpu-migrations`), and ran twice as fast with idle
-//! commits (docs/benchmarks.md). It costs two `sched_setattr` calls per commit, which lost time
-//! where callers stay put: committing every answer idle made the volatile copy-up and untar
-//! slower. And a thread left idle is off the CPU until its CPU has nothing else to run: after a
-//! readahead READ the reader goes on copying the pages before it, while the idle thread holds the
-//! next READ (sequential reads got slower). So only small READs (a reader waiting for a page or
-//! two, `IDLE_READ_MAX` in `uring.rs`) are committed idle.
+//! commits; `ls -l` of 50k files (two GETXATTRs each) took a fifth less time (docs/benchmarks.md).
+//! It costs two `sched_setattr` calls per commit, which lost time where the work behind the
+//! answer is long anyway: committing every answer idle made copy-up slower. And a thread left
+//! idle is off the CPU until its CPU has nothing else to run: after a readahead READ the reader
+//! goes on copying the pages before it, while the idle thread holds the next READ (sequential
+//! reads got slower), and a listing's reader goes on with the entries it has. So only quick reads
+//! of metadata and small READs are committed idle (`commit_idle` in `uring.rs`).
 //!
 //! The thread goes back to its normal policy right after the commit. In between it may be
 //! preempted, and a `SCHED_IDLE` thread behind a busy task waits for a long time; its entry is
 //! already offered to the kernel for the next request. A watchdog thread bounds that: a thread
-//! that has not left its idle window within [`STARVED`] is put back to normal from outside.
+//! that has not left its idle window within [`STARVED`] is put back to normal from outside, at
+//! the watchdog's next look ([`POLL_BUSY`]).
 //! Leaving `SCHED_IDLE` needs `CAP_SYS_NICE`: without it (a rootless daemon) idle commits stay
 //! off, which is checked on a throwaway thread before any queue thread uses them.
 
@@ -34,8 +36,11 @@ use layerfs_sys::fuse_uring::{self, Policy};
 /// How long a thread may stay in its idle window before the watchdog puts it back to normal.
 const STARVED: Duration = Duration::from_millis(1);
 
-/// How often the watchdog looks while requests come, and while none came for a second.
-const POLL_BUSY: Duration = Duration::from_millis(1);
+/// How often the watchdog looks while requests come, and while none came for a second. Every
+/// look wakes a CPU: with a look each millisecond, `tar c` of 100k files was slower in every
+/// round once lookups and attributes were committed idle. A starved window is rare (a busy task
+/// on the caller's CPU), and the CPU's other queue thread serves meanwhile.
+const POLL_BUSY: Duration = Duration::from_millis(5);
 const POLL_QUIET: Duration = Duration::from_millis(10);
 
 /// The idle windows of a connection's queue threads.

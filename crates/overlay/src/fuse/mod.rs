@@ -54,8 +54,8 @@ pub struct MountOptions {
     pub extra: Vec<MountOption>,
     /// Serve requests from io_uring queues where the kernel allows (`uring=off` turns it off).
     pub uring: bool,
-    /// Commit the io_uring answers to small READs as a `SCHED_IDLE` thread where the daemon may
-    /// (`idle_commit=off` turns it off; see `fuse/idle.rs`).
+    /// Commit quick io_uring answers (small READs, lookups, attributes, xattrs) as a `SCHED_IDLE`
+    /// thread where the daemon may (`idle_commit=off` turns it off; see `fuse/idle.rs`).
     pub idle_commit: bool,
 }
 

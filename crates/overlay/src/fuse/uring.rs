@@ -36,6 +36,20 @@ pub(super) const THREADS_PER_CPU: usize = 2;
 /// and would keep an idle thread (holding the next READ) off the CPU.
 const IDLE_READ_MAX: u32 = 16 * 1024;
 
+/// Whether the answer to a request is committed as a `SCHED_IDLE` thread (`fuse/idle.rs`): the
+/// quick reads of metadata a caller waits for (a lookup, attributes, an xattr: `ls -l` makes two
+/// GETXATTRs per file, `du` a LOOKUP), and READs of at most [`IDLE_READ_MAX`]. Not requests that
+/// change things or take long (a copy-up's OPEN): there the two `sched_setattr` calls cost more
+/// than they save. Not listings either: a reader that goes on with the entries it has keeps the
+/// idle thread, with the next request, off the CPU.
+fn commit_idle(opcode: u32, op: &[u8]) -> bool {
+    match opcode {
+        LOOKUP | GETATTR | READLINK | STATFS | GETXATTR | LISTXATTR | ACCESS => true,
+        READ => u32_at(op, 16) <= IDLE_READ_MAX,
+        _ => false,
+    }
+}
+
 /// The time slice the serving threads ask for (the kernel's minimum custom slice).
 const SLICE_NS: u64 = 100_000;
 
@@ -130,7 +144,7 @@ fn serve_queue(
         for &idx in &ready {
             let (req, payload, len) = q.entry(idx);
             let h = InHeader::parse(req.in_header);
-            wakes_reader |= h.opcode == READ && u32_at(req.op_in, 16) <= IDLE_READ_MAX;
+            wakes_reader |= commit_idle(h.opcode, req.op_in);
             let (error, n) = match fuse.answer(&h, req.op_in, payload, len, &dev) {
                 Ok(n) => (0, n),
                 Err(e) => (-e.raw_os_error(), 0),
@@ -144,7 +158,7 @@ fn serve_queue(
                 return;
             }
         }
-        // A small READ's answer goes out now, as a SCHED_IDLE thread (the next `wait` only waits).
+        // A quick answer goes out now, as a SCHED_IDLE thread (the next `wait` only waits).
         if let Some((ic, slot)) = idle.as_ref().filter(|_| wakes_reader) {
             let (sent, was_idle) = ic.commit(*slot, || q.submit());
             if was_idle {
