@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::{
     Fixture, Impl, Layers, Mount, can_mount_layerfs, have_program, layerfs_bin, output,
-    pids_mentioning, sh_ok, skip, spawn,
+    pids_mentioning, sh_ok, skip, spawn, stats,
 };
 
 /// Files copied up per power-cut run (in [`DIRS`] directories).
@@ -237,13 +237,6 @@ impl Drop for CutExt4 {
     fn drop(&mut self) {
         self.tear_down();
     }
-}
-
-/// The daemon's counters (`user.layerfs.stats` of the mount root).
-fn stats(mnt: &Path) -> serde_json::Value {
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = rustix::fs::getxattr(mnt, "user.layerfs.stats", &mut buf[..]).expect("read stats");
-    serde_json::from_slice(&buf[..n]).expect("stats are JSON")
 }
 
 /// One power-cut run: copy every lower file up by an append on a layerfs mounted with

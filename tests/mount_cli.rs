@@ -8,7 +8,7 @@ use std::process::Command;
 use crate::dual::layers_for;
 use crate::util::{
     Fixture, Impl, Layers, Mount, SnapOpts, assert_same_tree, can_mount, is_mounted, layerfs_bin,
-    output, sh_ok, snapshot,
+    output, sh_ok, snapshot, stats,
 };
 
 /// Runs `layerfs ARGS…`; returns (success, stderr).
@@ -168,8 +168,7 @@ fn helper_form_and_mount_t_fuse_layerfs() {
         std::fs::read_to_string(mnt.join("top")).expect("read"),
         "top\n"
     );
-    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let stats = stats(&mnt);
     assert!(
         stats["passthrough_opens"].as_u64() >= Some(1),
         "a lower file of a read-only mount was not passed through: {stats}"
@@ -244,11 +243,13 @@ fn walk_costs_one_readdirplus_per_directory() {
     mount_one(&lower, &upper, &work, &mnt);
     let listing = sh_ok(fix.path(), &format!("ls -lR {} | grep -c '^-'", s(&mnt)));
     assert_eq!(listing.trim(), (dirs * files).to_string());
-    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats prints JSON");
-    let lookups = stats["lookups"].as_u64().expect("lookups");
-    let plus = stats["readdirpluses"].as_u64().expect("readdirpluses");
-    eprintln!("walk of {} files in {dirs} dirs: {stats}", dirs * files);
+    let walk_stats = stats(&mnt);
+    let lookups = walk_stats["lookups"].as_u64().expect("lookups");
+    let plus = walk_stats["readdirpluses"].as_u64().expect("readdirpluses");
+    eprintln!(
+        "walk of {} files in {dirs} dirs: {walk_stats}",
+        dirs * files
+    );
     assert!(
         plus >= dirs as u64,
         "expected READDIRPLUS per directory, got {plus}"
@@ -266,13 +267,18 @@ fn walk_costs_one_readdirplus_per_directory() {
     mount_one(&lower, &upper, &work, &mnt);
     let found = sh_ok(fix.path(), &format!("find {} -type f | wc -l", s(&mnt)));
     assert_eq!(found.trim(), (dirs * files).to_string());
-    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats prints JSON");
-    eprintln!("find over {} files in {dirs} dirs: {stats}", dirs * files);
-    let uring = stats["uring_requests"].as_u64().expect("uring_requests") > 0;
+    let found_stats = stats(&mnt);
+    eprintln!(
+        "find over {} files in {dirs} dirs: {found_stats}",
+        dirs * files
+    );
+    let uring = found_stats["uring_requests"]
+        .as_u64()
+        .expect("uring_requests")
+        > 0;
     let (bare, nodes) = (
-        stats["bare_entries"].as_u64().expect("bare_entries"),
-        stats["nodes"].as_u64().expect("nodes"),
+        found_stats["bare_entries"].as_u64().expect("bare_entries"),
+        found_stats["nodes"].as_u64().expect("nodes"),
     );
     if uring {
         // Lean answers go out on the io_uring transport only; the first directory of files is
@@ -312,8 +318,7 @@ fn sequential_read_costs_one_read_per_mib() {
     let mnt = fix.mountpoint("a");
     mount_one(&lower, &upper, &work, &mnt);
     assert!(std::fs::read(mnt.join("big")).expect("read") == data);
-    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats prints JSON");
+    let stats = stats(&mnt);
     let reads = stats["reads"].as_u64().expect("reads");
     eprintln!("{reads} READs for a {mib} MiB file");
     assert!(
@@ -466,8 +471,7 @@ fn directory_fds_stay_bounded() {
     let fds = std::fs::read_dir(format!("/proc/{}/fd", pid.trim()))
         .expect("daemon fds")
         .count();
-    let out = output(Command::new(layerfs_bin()).arg("stats").arg(&sut.path)).expect("stats");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let stats = stats(&sut.path);
     eprintln!(
         "{fds} fds open with dir_fds={budget} over {} dirs: {stats}",
         dirs * 2 * 3
@@ -636,9 +640,7 @@ fn requests_come_from_io_uring_queues_where_the_kernel_has_them() {
             std::fs::read(mnt.join("big")).expect("read big") == big,
             "{side}: big"
         );
-        let stats = output(Command::new(layerfs_bin()).arg("stats").arg(&mnt)).expect("stats");
-        let stats: serde_json::Value =
-            serde_json::from_slice(&stats.stdout).expect("stats prints JSON");
+        let stats = stats(&mnt);
         let uring = stats["uring_requests"].as_u64().expect("uring_requests");
         eprintln!("uring {side}: {stats}");
         let idle = stats["idle_commits"].as_u64().expect("idle_commits");

@@ -464,3 +464,15 @@ pub fn sh_ok(cwd: &Path, script: &str) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// The daemon's counters (`layerfs stats MNT`, which reads `user.layerfs.stats` of the root).
+pub fn stats(mnt: &Path) -> serde_json::Value {
+    let out = output(Command::new(layerfs_bin()).arg("stats").arg(mnt)).expect("layerfs stats");
+    assert!(
+        out.status.success(),
+        "layerfs stats {}: {}",
+        mnt.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("layerfs stats prints JSON")
+}

@@ -78,10 +78,12 @@ impl Overlay {
         // The data copy runs before the parent's lock is taken: a large copy stalls nobody else.
         let work = self.layers.work()?;
         let tmp = self.tmp_name();
-        // A hard-link group is made of lower objects with more than one link (which never
-        // change); a node served from its group's index entry sees that inode's count instead.
-        let group = if kind == FileType::Directory || (st.st_nlink < 2 && !node.read().group) {
+        let group = if kind == FileType::Directory {
             None
+        } else if node.read().group {
+            // Served from its group's index inode (`st` is that inode's, not the lower's); index
+            // entries are never removed.
+            self.group_entry(node.ino)?
         } else {
             self.ensure_group_entry(node.ino, lower_fd.as_fd(), &st)?
         };

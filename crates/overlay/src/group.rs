@@ -72,18 +72,19 @@ impl Overlay {
     }
 
     /// The index entry of the group of lower object `src` (stat `st`, group key `key`), made now
-    /// (a full copy, published by rename) if the group has none. `None` if `src` is no hard link.
+    /// (a full copy, published by rename) if the group has none. `None` if `src` is no hard link
+    /// (a lower object's link count never changes: one with a single link has no group).
     pub(crate) fn ensure_group_entry(
         &self,
         key: u64,
         src: BorrowedFd<'_>,
         st: &Stat,
     ) -> OvlResult<Option<OwnedFd>> {
-        if let Some(fd) = self.group_entry(key)? {
-            return Ok(Some(fd));
-        }
         if st.st_nlink < 2 || sys::file_type(st) == FileType::Directory {
             return Ok(None);
+        }
+        if let Some(fd) = self.group_entry(key)? {
+            return Ok(Some(fd));
         }
         let Some(index) = self.layers.index() else {
             return Ok(None);

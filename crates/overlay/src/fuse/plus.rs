@@ -79,15 +79,21 @@ pub(super) struct PlusPolicy {
     slots: Mutex<[Slot; SLOTS]>,
 }
 
-impl Default for PlusPolicy {
-    fn default() -> Self {
-        let free = Slot {
-            pid: 0,
+impl Slot {
+    /// A caller seen for the first time (pid 0: a free slot).
+    const fn new(pid: u32) -> Slot {
+        Slot {
+            pid,
             habit: Habit::NEW,
             current: 0,
-        };
+        }
+    }
+}
+
+impl Default for PlusPolicy {
+    fn default() -> Self {
         PlusPolicy {
-            slots: Mutex::new([free; SLOTS]),
+            slots: Mutex::new([Slot::new(0); SLOTS]),
         }
     }
 }
@@ -97,11 +103,7 @@ impl PlusPolicy {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = &mut slots[pid as usize % SLOTS];
         if slot.pid != pid {
-            *slot = Slot {
-                pid,
-                habit: Habit::NEW,
-                current: 0,
-            };
+            *slot = Slot::new(pid);
         }
         f(slot)
     }
