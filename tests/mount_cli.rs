@@ -329,6 +329,87 @@ fn sequential_read_costs_one_read_per_mib() {
     assert!(ok, "umount: {err}");
 }
 
+/// A lower file of at least `direct_read` bytes is read without the page cache: every read
+/// goes to the daemon again, yet an mmap of it (shared or private) works, an fd opened before a
+/// copy-up reads the copy's new data, and an `exec` of such a file gets a cached open.
+#[test]
+fn big_lower_files_are_read_without_the_page_cache() {
+    if !can_mount("big_lower_files_are_read_without_the_page_cache") {
+        return;
+    }
+    let fix = Fixture::new("direct");
+    let lower = fix.dir("lower");
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(lower.join("big"), &data).expect("write big");
+    std::fs::write(lower.join("small"), b"small file").expect("write small");
+    std::fs::copy("/bin/true", lower.join("true")).expect("copy /bin/true");
+    let (upper, work) = fix.upper_work("a");
+    let mnt = fix.mountpoint("a");
+    let mut args = vec!["mount", "--lower", s(&lower), "--upper", s(&upper)];
+    args.extend(["--work", s(&work), "-o", "direct_read=16K", s(&mnt)]);
+    let (ok, err) = layerfs(&args);
+    assert!(ok, "mount: {err}");
+    let counter = |name: &str| stats(&mnt)[name].as_u64().expect(name);
+    for round in 0..2 {
+        let reads = counter("reads");
+        assert!(std::fs::read(mnt.join("big")).expect("read big") == data);
+        let went = counter("reads") - reads;
+        // 4 READs of 1 MiB (and the one that finds the end), the second time too: nothing cached.
+        assert!(
+            (4..=6).contains(&went),
+            "round {round}: {went} READs for 4 MiB"
+        );
+    }
+    assert_eq!(counter("direct_opens"), 2);
+    assert_eq!(
+        std::fs::read(mnt.join("small")).expect("small"),
+        b"small file"
+    );
+    assert_eq!(counter("direct_opens"), 2, "a small file was opened direct");
+    // The kernel's open of a program it runs is a cached one (an mmap of a direct open would
+    // drop the file's page cache).
+    let ran = output(&mut Command::new(mnt.join("true"))).expect("run true");
+    assert!(
+        ran.status.success(),
+        "true from the mount: {:?}",
+        ran.status
+    );
+    assert_eq!(counter("direct_opens"), 2, "exec got a direct open");
+    let script = r#"
+import mmap, os, sys
+p = os.path.join(sys.argv[1], "big")
+want = bytes(i % 253 for i in range(1 << 20))
+with open(p, "rb") as f:
+    for flags in (mmap.MAP_SHARED, mmap.MAP_PRIVATE):
+        m = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+        assert m[:1 << 20] == want, "mmap data"
+        assert m[(3 << 20) + 5] == ((3 << 20) + 5) % 253, "mmap tail"
+        m.close()
+held = os.open(p, os.O_RDONLY)
+assert os.pread(held, 4, 0) == want[:4]
+w = os.open(p, os.O_WRONLY)
+os.pwrite(w, b"NEW!", 0)
+os.close(w)
+got = os.pread(held, 4, 0)
+assert got == b"NEW!", got
+print("ok")
+"#;
+    let out = output(Command::new("python3").arg("-c").arg(script).arg(&mnt)).expect("python3");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(counter("copy_ups"), 1);
+    assert_eq!(
+        &std::fs::read(upper.join("big")).expect("upper big")[..4],
+        b"NEW!"
+    );
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "umount: {err}");
+}
+
 /// Deep paths near PATH_MAX work (every component resolved from a directory fd), and a name over
 /// 255 bytes is ENAMETOOLONG.
 #[test]

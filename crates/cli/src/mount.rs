@@ -54,6 +54,8 @@ struct Plan {
     no_uring: bool,
     /// `idle_commit=off`: io_uring answers committed at the thread's normal policy.
     no_idle_commit: bool,
+    /// `direct_read=SIZE|off`: lower files of at least SIZE are read without the page cache.
+    direct_read: Option<Option<u64>>,
     /// The store container this mount serves, and the store's root.
     container: Option<(String, Option<PathBuf>)>,
 }
@@ -220,6 +222,7 @@ fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
                     v => bail!("idle_commit={v}: use idle_commit=on or idle_commit=off"),
                 }
             }
+            "direct_read" => plan.direct_read = Some(parse_direct_read(need(value)?)?),
             "threads" => {
                 plan.threads = Some(need(value)?.parse().context("threads=N needs a number")?)
             }
@@ -227,6 +230,25 @@ fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The value of `direct_read=`: `off`, or a size in bytes with an optional K, M or G suffix.
+fn parse_direct_read(v: &str) -> anyhow::Result<Option<u64>> {
+    if v == "off" {
+        return Ok(None);
+    }
+    let (digits, shift) = match v.as_bytes().last() {
+        Some(b'K' | b'k') => (&v[..v.len() - 1], 10),
+        Some(b'M' | b'm') => (&v[..v.len() - 1], 20),
+        Some(b'G' | b'g') => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .map(Some)
+        .with_context(|| format!("direct_read={v}: use a size such as 64M, or off"))
 }
 
 /// Splits `s` on `sep`; `\` followed by `sep` stands for `sep` itself, any other backslash is kept
@@ -321,6 +343,9 @@ fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
         threads: plan.threads.unwrap_or_else(default_threads),
         uring: !plan.no_uring,
         idle_commit: !plan.no_idle_commit,
+        direct_read: plan
+            .direct_read
+            .unwrap_or(Some(layerfs_overlay::fuse::DIRECT_READ_DEFAULT)),
         extra: {
             let mut e = plan.extra.clone();
             // As root, devices and set-id bits work as on a kernel overlay mount unless the

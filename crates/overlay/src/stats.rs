@@ -30,6 +30,8 @@ pub struct Stats {
     pub opens: AtomicU64,
     /// Opens served by kernel passthrough.
     pub passthrough_opens: AtomicU64,
+    /// Opens of big lower files read without the page cache (`direct_read`).
+    pub direct_opens: AtomicU64,
     /// READ requests.
     pub reads: AtomicU64,
     /// Requests taken from io_uring queues ([`crate::fuse`]'s `uring` module) rather than
@@ -60,6 +62,7 @@ pub struct StatsSnapshot {
     pub writebacks: u64,
     pub opens: u64,
     pub passthrough_opens: u64,
+    pub direct_opens: u64,
     #[serde(default)]
     pub reads: u64,
     #[serde(default)]
@@ -89,6 +92,7 @@ impl Stats {
             writebacks: r(&self.writebacks),
             opens: r(&self.opens),
             passthrough_opens: r(&self.passthrough_opens),
+            direct_opens: r(&self.direct_opens),
             reads: r(&self.reads),
             uring_requests: r(&self.uring_requests),
             idle_commits: r(&self.idle_commits),

@@ -57,7 +57,13 @@ pub struct MountOptions {
     /// Commit quick io_uring answers (small READs, lookups, attributes, xattrs) as a `SCHED_IDLE`
     /// thread where the daemon may (`idle_commit=off` turns it off; see `fuse/idle.rs`).
     pub idle_commit: bool,
+    /// Lower files of at least this many bytes are read without the kernel page cache
+    /// (`direct_read=SIZE`; `None`: never). See [`Fuse::open_file`].
+    pub direct_read: Option<u64>,
 }
+
+/// The default of [`MountOptions::direct_read`]: 64 MiB.
+pub const DIRECT_READ_DEFAULT: u64 = 64 << 20;
 
 /// The `fuser::Filesystem` of a mount. Clones share everything but the end-of-session signal:
 /// the fuser session owns one, each io_uring thread another.
@@ -77,6 +83,8 @@ pub struct Fuse {
     want_uring: bool,
     /// Which READDIRPLUS entries carry attributes, per caller (its own lock).
     plus: Arc<plus::PlusPolicy>,
+    /// Lower files of at least this size are read without the page cache (`direct_read`).
+    direct_min: Option<u64>,
 }
 
 impl Fuse {
@@ -91,6 +99,7 @@ impl Fuse {
             uring: Arc::default(),
             want_uring: false,
             plus: Arc::default(),
+            direct_min: None,
         }
     }
 }
@@ -106,6 +115,7 @@ impl Clone for Fuse {
             no_opendir: self.no_opendir.clone(),
             uring: self.uring.clone(),
             want_uring: self.want_uring,
+            direct_min: self.direct_min,
         }
     }
 }
@@ -139,6 +149,7 @@ pub fn serve(
     let mut fs = Fuse::new(ovl);
     fs.ended = Some(ended_tx);
     fs.want_uring = opts.uring && uring::enable();
+    fs.direct_min = opts.direct_read;
     let rings = fs.clone();
     let notifier = fs.notifier.clone();
     let session = fuser::Session::new(fs, mountpoint, &cfg)?;
@@ -199,6 +210,10 @@ const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::F
 /// The two as `fuse_open_out.open_flags` bits (io_uring answers).
 const PASSTHROUGH_OPEN_BITS: u32 = PASSTHROUGH_OPEN.union(FopenFlags::FOPEN_PASSTHROUGH).bits();
 const CACHED_OPEN_BITS: u32 = CACHED_OPEN.bits();
+/// Open flags of a big lower file, read through the daemon without the page cache (the cache
+/// is still kept across opens, for what `mmap` puts there).
+const DIRECT_OPEN: FopenFlags = CACHED_OPEN.union(FopenFlags::FOPEN_DIRECT_IO);
+const DIRECT_OPEN_BITS: u32 = DIRECT_OPEN.bits();
 
 /// The caller of a request; `umask`: the one the kernel left unapplied (CREATE, MKDIR, MKNOD).
 fn caller_of(uid: u32, gid: u32, umask: u32) -> Caller {
@@ -252,6 +267,7 @@ impl Filesystem for Fuse {
             InitFlags::FUSE_POSIX_ACL,
             // The umask is ours to apply: not under a default ACL (namespace::create_object).
             InitFlags::FUSE_DONT_MASK,
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -467,6 +483,7 @@ impl Filesystem for Fuse {
                     reply.opened_passthrough(FileHandle(o.fh), PASSTHROUGH_OPEN, b)
                 }
                 Some(Backing::Raw { .. }) => reply.error(fuser::Errno::EIO),
+                None if o.direct => reply.opened(FileHandle(o.fh), DIRECT_OPEN),
                 None => reply.opened(FileHandle(o.fh), CACHED_OPEN),
             },
             Err(e) => reply.error(errno(e)),

@@ -20,7 +20,12 @@ pub(super) struct Opened {
     pub fh: u64,
     /// Kept by the passthrough state too, until the handle's RELEASE.
     pub backing: Option<Arc<Backing>>,
+    /// Served through the daemon without the kernel page cache (FOPEN_DIRECT_IO).
+    pub direct: bool,
 }
+
+/// `__FMODE_EXEC`: the open flag of the kernel's own open of a file it executes.
+const FMODE_EXEC: i32 = 0x20;
 
 /// One entry of a READDIRPLUS answer.
 pub(super) enum PlusItem<'a> {
@@ -35,8 +40,14 @@ pub(super) enum PlusItem<'a> {
 
 impl Fuse {
     /// OPEN of node `ino`: passed through for an upper file (and for any file of a read-only
-    /// mount, where nothing is ever copied up), else served through the daemon, with the data of
-    /// a small lower file put into the page cache before the answer.
+    /// mount, where nothing is ever copied up), else served through the daemon: a big lower file
+    /// without the page cache, the data of a small one put into the page cache before the answer.
+    ///
+    /// A lower file of at least `direct_read` bytes is read with FOPEN_DIRECT_IO: each read(2)
+    /// goes to the daemon (1 MiB at most per READ) and its data straight to the reader's buffer.
+    /// Through the page cache, its pages would be held twice (the lower file's and the mount's),
+    /// and filling fresh cache pages costs more than the data copy. An `exec` (open flag
+    /// `__FMODE_EXEC`) still gets a cached open: an mmap of a direct open drops the file's cache.
     pub(super) fn open_file(
         &self,
         ino: u64,
@@ -46,10 +57,32 @@ impl Fuse {
         let (fh, layer) = self.changed(self.ovl.open(ino, flags))?;
         let pass = layer.is_upper() || self.ovl.read_only();
         let backing = self.open_mode(ino, fh, pass, open_backing);
-        if backing.is_none() && !layer.is_upper() && self.sole_cached_open(ino) {
-            self.prefill(fh);
+        let mut direct = false;
+        if backing.is_none() && !layer.is_upper() {
+            direct = flags & FMODE_EXEC == 0 && self.big_enough_for_direct(fh);
+            if direct {
+                self.ovl.stats.direct_opens.fetch_add(1, Relaxed);
+            } else if self.sole_cached_open(ino) {
+                self.prefill(fh);
+            }
         }
-        Ok(Opened { fh, backing })
+        Ok(Opened {
+            fh,
+            backing,
+            direct,
+        })
+    }
+
+    /// Whether the file of handle `fh` is at least `direct_read` bytes.
+    fn big_enough_for_direct(&self, fh: u64) -> bool {
+        let Some(min) = self.direct_min else {
+            return false;
+        };
+        self.ovl
+            .file_fd(fh)
+            .ok()
+            .and_then(|fd| sys::stat_fd(std::os::fd::AsFd::as_fd(&*fd)).ok())
+            .is_some_and(|st| st.st_size as u64 >= min)
     }
 
     /// CREATE of `name` in `parent`: the new file's attributes and its open handle.
@@ -94,7 +127,14 @@ impl Fuse {
     ) -> Result<(Attr, Opened), Errno> {
         let fh = self.ovl.adopt_created(attr.ino, flags, fd)?;
         let backing = self.open_mode(attr.ino, fh, true, open_backing);
-        Ok((attr, Opened { fh, backing }))
+        Ok((
+            attr,
+            Opened {
+                fh,
+                backing,
+                direct: false,
+            },
+        ))
     }
 
     /// The `d_ino` of listed entry `e` of `dir` (known from the listing for a lower object, worked

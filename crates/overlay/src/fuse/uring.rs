@@ -24,7 +24,9 @@ use super::idle::IdleCommits;
 use super::ops::{Opened, PlusItem};
 use super::passthrough::Backing;
 use super::wire::*;
-use super::{CACHED_OPEN_BITS, Fuse, MAX_READ, PASSTHROUGH_OPEN_BITS, TTL, caller_of};
+use super::{
+    CACHED_OPEN_BITS, DIRECT_OPEN_BITS, Fuse, MAX_READ, PASSTHROUGH_OPEN_BITS, TTL, caller_of,
+};
 use crate::attrs::SetAttr;
 use crate::overlay::Attr;
 
@@ -178,6 +180,7 @@ fn open_out(o: &Opened) -> Result<[u8; OPEN_OUT_LEN], Errno> {
         Some(Some(id)) => Ok(open_bytes(o.fh, PASSTHROUGH_OPEN_BITS, id)),
         // A backing registered through fuser before the rings were up: not nameable here.
         Some(None) => Err(Errno::IO),
+        None if o.direct => Ok(open_bytes(o.fh, DIRECT_OPEN_BITS, 0)),
         None => Ok(open_bytes(o.fh, CACHED_OPEN_BITS, 0)),
     }
 }
