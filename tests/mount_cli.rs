@@ -93,6 +93,16 @@ fn mount_refuses_bad_arguments() {
             vec!["--upper".into(), s(&upper).into(), s(&mnt).into()],
             "lower",
         ),
+        (
+            vec![
+                "--lower".into(),
+                s(&lower).into(),
+                "-o".into(),
+                "direct_read=lots".into(),
+                s(&mnt).into(),
+            ],
+            "direct_read=lots",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["mount"];
