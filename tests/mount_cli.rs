@@ -313,7 +313,8 @@ fn walk_costs_one_readdirplus_per_directory() {
 }
 
 /// A sequential read of a lower file served through the daemon costs one READ per MiB: the mount
-/// raises the kernel's 128 KiB FUSE readahead to the 1 MiB READs it allows.
+/// raises the kernel's 128 KiB FUSE readahead to the 1 MiB READs it allows. Without
+/// `direct_read`, it goes through the page cache.
 #[test]
 fn sequential_read_costs_one_read_per_mib() {
     if !can_mount("sequential_read_costs_one_read_per_mib") {
@@ -335,6 +336,8 @@ fn sequential_read_costs_one_read_per_mib() {
         (mib as u64..=mib as u64 + 4).contains(&reads),
         "{reads} READs for {mib} MiB: readahead is not 1 MiB"
     );
+    // Through the page cache unless the mount asks for `direct_read`.
+    assert_eq!(stats["direct_opens"].as_u64(), Some(0));
     let (ok, err) = layerfs(&["umount", s(&mnt)]);
     assert!(ok, "umount: {err}");
 }

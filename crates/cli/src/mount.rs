@@ -54,8 +54,9 @@ struct Plan {
     no_uring: bool,
     /// `idle_commit=off`: io_uring answers committed at the thread's normal policy.
     no_idle_commit: bool,
-    /// `direct_read=SIZE|off`: lower files of at least SIZE are read without the page cache.
-    direct_read: Option<Option<u64>>,
+    /// `direct_read=SIZE`: lower files of at least SIZE are read without the page cache
+    /// (`None`, the default, or `direct_read=off`: none).
+    direct_read: Option<u64>,
     /// The store container this mount serves, and the store's root.
     container: Option<(String, Option<PathBuf>)>,
 }
@@ -222,7 +223,7 @@ fn apply_split<'a>(plan: &mut Plan, opts: &'a [String]) -> anyhow::Result<()> {
                     v => bail!("idle_commit={v}: use idle_commit=on or idle_commit=off"),
                 }
             }
-            "direct_read" => plan.direct_read = Some(parse_direct_read(need(value)?)?),
+            "direct_read" => plan.direct_read = parse_direct_read(need(value)?)?,
             "threads" => {
                 plan.threads = Some(need(value)?.parse().context("threads=N needs a number")?)
             }
@@ -343,9 +344,7 @@ fn start(mut plan: Plan) -> anyhow::Result<ExitCode> {
         threads: plan.threads.unwrap_or_else(default_threads),
         uring: !plan.no_uring,
         idle_commit: !plan.no_idle_commit,
-        direct_read: plan
-            .direct_read
-            .unwrap_or(Some(layerfs_overlay::fuse::DIRECT_READ_DEFAULT)),
+        direct_read: plan.direct_read,
         extra: {
             let mut e = plan.extra.clone();
             // As root, devices and set-id bits work as on a kernel overlay mount unless the

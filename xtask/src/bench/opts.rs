@@ -14,6 +14,7 @@ journaled ext4 loop image, in a private mount namespace. Must run as root.
   --quick           about 1/10 of the data (10k files, 100 MiB file) and 3 runs: a few minutes
   --systems LIST    comma separated, column order; default layerfs,kernel,fuse-overlayfs,fuse-overlayfs-tuned
                     (also: layerfs-devfuse, layerfs with uring=off: requests over /dev/fuse;
+                    layerfs-direct, layerfs with direct_read=64M: big lower files without the page cache;
                     layerfs-base, the binary given by --base-bin, for an interleaved A/B run)
                     (kernel is the reference of the ratios; a system whose probe mount fails is dropped)
   --runs N          measured rounds, interleaved A B C A B C ... (default 3)

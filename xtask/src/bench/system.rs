@@ -26,6 +26,9 @@ pub enum System {
     LayerfsDevFuse,
     /// Another layerfs binary (`--base-bin`), for an A/B comparison (not in the default set).
     LayerfsBase,
+    /// layerfs with `direct_read=64M`: big lower files read without the page cache (not in the
+    /// default set).
+    LayerfsDirect,
 }
 
 impl System {
@@ -46,6 +49,7 @@ impl System {
             System::FuseOverlayfsTuned => "fuse-overlayfs-tuned",
             System::LayerfsDevFuse => "layerfs-devfuse",
             System::LayerfsBase => "layerfs-base",
+            System::LayerfsDirect => "layerfs-direct",
         }
     }
 
@@ -53,15 +57,17 @@ impl System {
     pub fn is_layerfs(self) -> bool {
         matches!(
             self,
-            System::Layerfs | System::LayerfsDevFuse | System::LayerfsBase
+            System::Layerfs | System::LayerfsDevFuse | System::LayerfsBase | System::LayerfsDirect
         )
     }
 
     /// Parses a `--systems` item.
     pub fn parse(s: &str) -> Result<System> {
-        let all = System::ALL
-            .into_iter()
-            .chain([System::LayerfsDevFuse, System::LayerfsBase]);
+        let all = System::ALL.into_iter().chain([
+            System::LayerfsDevFuse,
+            System::LayerfsBase,
+            System::LayerfsDirect,
+        ]);
         all.clone().find(|x| x.name() == s).with_context(|| {
             let known: Vec<_> = all.map(|x| x.name()).collect();
             format!("unknown system {s:?} (known: {})", known.join(", "))
@@ -86,6 +92,9 @@ impl System {
         if self == System::LayerfsDevFuse {
             opts.push_str(",uring=off");
         }
+        if self == System::LayerfsDirect {
+            opts.push_str(",direct_read=64M");
+        }
         // Kernel: no fsync of copied-up files, no syncfs. fuse-overlayfs: `volatile` = `fsync=0`.
         if volatile {
             opts.push_str(",volatile");
@@ -97,7 +106,7 @@ impl System {
                 c.args(["-t", "overlay", "overlay", "-o", &opts])
                     .arg(&dirs.mnt);
             }
-            System::Layerfs | System::LayerfsDevFuse => {
+            System::Layerfs | System::LayerfsDevFuse | System::LayerfsDirect => {
                 c = Command::new(&bins.layerfs);
                 c.arg("layerfs").arg(&dirs.mnt).args(["-o", &opts]);
             }

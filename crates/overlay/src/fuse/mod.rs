@@ -58,12 +58,9 @@ pub struct MountOptions {
     /// thread where the daemon may (`idle_commit=off` turns it off; see `fuse/idle.rs`).
     pub idle_commit: bool,
     /// Lower files of at least this many bytes are read without the kernel page cache
-    /// (`direct_read=SIZE`; `None`: never). See [`Fuse::open_file`].
+    /// (`direct_read=SIZE`; `None`, the default: never). See [`Fuse::open_file`].
     pub direct_read: Option<u64>,
 }
-
-/// The default of [`MountOptions::direct_read`]: 64 MiB.
-pub const DIRECT_READ_DEFAULT: u64 = 64 << 20;
 
 /// The `fuser::Filesystem` of a mount. Clones share everything but the end-of-session signal:
 /// the fuser session owns one, each io_uring thread another.

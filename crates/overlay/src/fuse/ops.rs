@@ -43,11 +43,11 @@ impl Fuse {
     /// mount, where nothing is ever copied up), else served through the daemon: a big lower file
     /// without the page cache, the data of a small one put into the page cache before the answer.
     ///
-    /// A lower file of at least `direct_read` bytes is read with FOPEN_DIRECT_IO: each read(2)
-    /// goes to the daemon (1 MiB at most per READ) and its data straight to the reader's buffer.
-    /// Through the page cache, its pages would be held twice (the lower file's and the mount's),
-    /// and filling fresh cache pages costs more than the data copy. An `exec` (open flag
-    /// `__FMODE_EXEC`) still gets a cached open: an mmap of a direct open drops the file's cache.
+    /// With `-o direct_read=SIZE`, a lower file of at least SIZE bytes is read with
+    /// FOPEN_DIRECT_IO: each read(2) goes to the daemon (1 MiB at most per READ) and its data
+    /// straight to the reader's buffer, so its pages are not held twice (the lower file's and the
+    /// mount's) and no fresh cache pages are filled. An `exec` (open flag `__FMODE_EXEC`) still
+    /// gets a cached open: an mmap of a direct open drops the file's page cache.
     pub(super) fn open_file(
         &self,
         ino: u64,
