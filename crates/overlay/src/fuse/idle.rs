@@ -23,11 +23,12 @@
 //! preempted, and a `SCHED_IDLE` thread behind a busy task waits for a long time; its entry is
 //! already offered to the kernel for the next request. A watchdog thread bounds that: a thread
 //! that has not left its idle window within [`STARVED`] is put back to normal from outside, at
-//! the watchdog's next look ([`POLL_BUSY`]).
+//! the watchdog's next look ([`POLL_BUSY`]). After a quiet second the watchdog sleeps until the
+//! next window opens, so an idle mount wakes no CPU.
 //! Leaving `SCHED_IDLE` needs `CAP_SYS_NICE`: without it (a rootless daemon) idle commits stay
 //! off, which is checked on a throwaway thread before any queue thread uses them.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -36,12 +37,14 @@ use layerfs_sys::fuse_uring::{self, Policy};
 /// How long a thread may stay in its idle window before the watchdog puts it back to normal.
 const STARVED: Duration = Duration::from_millis(1);
 
-/// How often the watchdog looks while requests come, and while none came for a second. Every
-/// look wakes a CPU: with a look each millisecond, `tar c` of 100k files was slower in every
-/// round once lookups and attributes were committed idle. A starved window is rare (a busy task
-/// on the caller's CPU), and the CPU's other queue thread serves meanwhile.
+/// How often the watchdog looks while windows open. Every look wakes a CPU: with a look each
+/// millisecond, `tar c` of 100k files was slower in every round once lookups and attributes were
+/// committed idle. A starved window is rare (a busy task on the caller's CPU), and the CPU's
+/// other queue thread serves meanwhile.
 const POLL_BUSY: Duration = Duration::from_millis(5);
-const POLL_QUIET: Duration = Duration::from_millis(10);
+/// After this long without a window (and none open), the watchdog sleeps until the next one
+/// opens: an idle mount wakes nobody.
+const QUIET: Duration = Duration::from_secs(1);
 
 /// The idle windows of a connection's queue threads.
 pub(super) struct IdleCommits {
@@ -53,6 +56,9 @@ pub(super) struct IdleCommits {
     broken: AtomicBool,
     /// The queue threads' time slice.
     slice_ns: u64,
+    /// The watchdog, and whether it sleeps until a window opens (then the next one wakes it).
+    watchdog: std::sync::OnceLock<std::thread::Thread>,
+    parked: AtomicBool,
 }
 
 /// One queue thread.
@@ -85,13 +91,18 @@ impl IdleCommits {
             last_open: AtomicU64::new(0),
             broken: AtomicBool::new(false),
             slice_ns,
+            watchdog: std::sync::OnceLock::new(),
+            parked: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&ic);
         let spawned = std::thread::Builder::new()
             .name("uring-watchdog".into())
             .spawn(move || watchdog(weak));
         match spawned {
-            Ok(_) => Some(ic),
+            Ok(handle) => {
+                let _ = ic.watchdog.set(handle.thread().clone());
+                Some(ic)
+            }
             Err(e) => {
                 tracing::info!("idle commits off: no watchdog thread: {e}");
                 None
@@ -117,8 +128,16 @@ impl IdleCommits {
             return (commit(), false);
         }
         let now = self.now();
-        self.last_open.store(now, Relaxed);
+        // SeqCst with the watchdog's `parked` store and `last_open` load: either it sees this
+        // window, or this sees it parked.
+        self.last_open.store(now, Ordering::SeqCst);
         s.open_since.store(now + 1, Relaxed);
+        if self.parked.load(Ordering::SeqCst)
+            && self.parked.swap(false, Ordering::SeqCst)
+            && let Some(w) = self.watchdog.get()
+        {
+            w.unpark();
+        }
         let idle = fuse_uring::set_policy(0, Policy::Idle).is_ok();
         let r = commit();
         if idle {
@@ -143,11 +162,13 @@ impl IdleCommits {
     }
 
     /// Puts back to normal every thread whose window has been open for longer than [`STARVED`];
-    /// returns how long to sleep until the next look.
-    fn rescue(&self) -> Duration {
+    /// returns how long to sleep until the next look (`None`: until a window opens).
+    fn rescue(&self) -> Option<Duration> {
         let now = self.now();
+        let mut open = false;
         for s in &self.slots {
             let since = s.open_since.load(Relaxed);
+            open |= since != 0;
             if since != 0 && overdue(now, since - 1) {
                 let normal = Policy::Normal {
                     nice: s.nice.load(Relaxed),
@@ -156,7 +177,16 @@ impl IdleCommits {
                 let _ = fuse_uring::set_policy(s.tid.load(Relaxed), normal);
             }
         }
-        poll_interval(now, self.last_open.load(Relaxed))
+        poll_interval(now, self.last_open.load(Relaxed), open)
+    }
+}
+
+impl Drop for IdleCommits {
+    /// Lets a parked watchdog see that the queue threads are gone.
+    fn drop(&mut self) {
+        if let Some(w) = self.watchdog.get() {
+            w.unpark();
+        }
     }
 }
 
@@ -165,13 +195,11 @@ fn overdue(now: u64, since: u64) -> bool {
     now.saturating_sub(since) > STARVED.as_nanos() as u64
 }
 
-/// How long the watchdog sleeps: briefly while windows open, longer after a quiet second.
-fn poll_interval(now: u64, last_open: u64) -> Duration {
-    if now.saturating_sub(last_open) < Duration::from_secs(1).as_nanos() as u64 {
-        POLL_BUSY
-    } else {
-        POLL_QUIET
-    }
+/// How long the watchdog sleeps: briefly while windows open; once none is open and none
+/// opened for [`QUIET`], until the next one opens (`None`).
+fn poll_interval(now: u64, last_open: u64, open: bool) -> Option<Duration> {
+    let quiet = now.saturating_sub(last_open) >= QUIET.as_nanos() as u64;
+    (open || !quiet).then_some(POLL_BUSY)
 }
 
 /// Looks after the windows until the queue threads are gone.
@@ -181,8 +209,21 @@ fn watchdog(ic: Weak<IdleCommits>) {
             return;
         };
         let pause = ic.rescue();
+        let mut missed = false;
+        if pause.is_none() {
+            ic.parked.store(true, Ordering::SeqCst);
+            // A window opened since the look: look again at once (its opener may have seen
+            // the flag still down, and then wakes nobody).
+            let last = ic.last_open.load(Ordering::SeqCst);
+            missed = ic.now().saturating_sub(last) < QUIET.as_nanos() as u64;
+        }
         drop(ic);
-        std::thread::sleep(pause);
+        match pause {
+            Some(p) => std::thread::sleep(p),
+            None if missed => {}
+            // Until the next window's opener, or the end of the queue threads (`Drop`), wakes it.
+            None => std::thread::park(),
+        }
     }
 }
 
@@ -204,10 +245,10 @@ fn can_leave_idle(slice_ns: u64) -> bool {
 mod tests {
     use super::*;
 
-    /// A window counts as starved only past the limit; the watchdog looks often only while
-    /// windows opened within the last second.
+    /// A window counts as starved only past the limit; the watchdog looks while windows are
+    /// open or opened within the last second, and else sleeps until one opens.
     #[test]
-    fn the_watchdog_rescues_late_and_slows_down_when_quiet() {
+    fn the_watchdog_rescues_late_and_sleeps_when_quiet() {
         let ms = |n: u64| n * 1_000_000;
         assert!(!overdue(ms(10), ms(10)));
         assert!(!overdue(ms(10), ms(9)));
@@ -216,8 +257,13 @@ mod tests {
             !overdue(ms(1), ms(5)),
             "a window opened after `now` was read"
         );
-        assert_eq!(poll_interval(ms(1500), ms(1000)), POLL_BUSY);
-        assert_eq!(poll_interval(ms(2500), ms(1000)), POLL_QUIET);
+        assert_eq!(poll_interval(ms(1500), ms(1000), false), Some(POLL_BUSY));
+        assert_eq!(poll_interval(ms(2500), ms(1000), false), None);
+        assert_eq!(
+            poll_interval(ms(2500), ms(1000), true),
+            Some(POLL_BUSY),
+            "a window still open (its thread starved since) is looked after"
+        );
     }
 
     /// The calling thread goes to SCHED_IDLE for the commit and is normal again after it (as
