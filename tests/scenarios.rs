@@ -112,6 +112,30 @@ fn scenario_mv_lower_dir() {
     d.assert_cross_mounts("scenario_mv_lower_dir", &scen_opts());
 }
 
+/// A lower directory moved onto a non-empty directory of the upper: refused on both, with the
+/// same traces. The kernel overlay copies the source up and sets its redirect before the upper's
+/// rename refuses, and that rename (with RENAME_WHITEOUT, on ext4) still moves the old parent's
+/// mtime.
+#[test]
+fn scenario_failed_move_of_a_lower_dir() {
+    if !can_mount("scenario_failed_move_of_a_lower_dir") {
+        return;
+    }
+    let d = Dual::new("mvfail");
+    let out = d.run(
+        "mkdir full && echo x > full/x && python3 -c '
+import errno, os
+try:
+    os.rename(\"etc/conf.d\", \"full\")
+except OSError as e:
+    print(errno.errorcode[e.errno])'",
+    );
+    assert_eq!(out.trim(), "ENOTEMPTY");
+    d.assert_same("after a refused move", &scen_opts());
+    assert_eq!(read(&d, "etc/conf.d/x.conf"), "x\n");
+    d.assert_cross_mounts("scenario_failed_move_of_a_lower_dir", &scen_opts());
+}
+
 #[test]
 fn scenario_git() {
     if !can_mount("scenario_git") {

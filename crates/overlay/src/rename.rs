@@ -149,12 +149,17 @@ impl Overlay {
                 let probe = self
                     .probe(&newdir, &newname, &dst_entry)?
                     .ok_or(Errno::NOENT)?;
-                if !self.child_index(&probe)?.is_empty_merged() {
+                if self.child_index(&probe)?.is_empty_merged() {
+                    if probe.vis.layer.is_upper() {
+                        crate::layers::remove_children(
+                            probe.fd.as_ref().ok_or(Errno::IO)?.as_fd(),
+                        )?;
+                    }
+                } else if !probe.vis.layer.is_upper() || !probe.lower_dirs.is_empty() {
                     return Err(Errno::NOTEMPTY);
                 }
-                if probe.vis.layer.is_upper() {
-                    crate::layers::remove_children(probe.fd.as_ref().ok_or(Errno::IO)?.as_fd())?;
-                }
+                // A non-empty directory of the upper only: as on the kernel overlay, the
+                // upper's own rename refuses it (below), after the redirect is set.
             }
         }
         // A whiteout at the target must go before a directory can take its place.
@@ -177,12 +182,16 @@ impl Overlay {
         if whiteout_needed && kernel_wh {
             rflags |= RenameFlags::WHITEOUT;
         }
+        // The redirect goes on before the rename, as the kernel overlay sets it: a rename the
+        // upper refuses (a non-empty target) leaves the same traces on both.
+        if let Some(path) = &src_redirect {
+            self.set_redirect(dir_up.as_fd(), &name, path)?;
+        }
         sys::rename_at(dir_up.as_fd(), &name, newdir_up.as_fd(), &newname, rflags)?;
         if whiteout_needed && !kernel_wh {
             format::write_whiteout(dir_up.as_fd(), &name, self.layers.encoding)?;
         }
-        if let Some(path) = &src_redirect {
-            self.set_redirect(newdir_up.as_fd(), &newname, path)?;
+        if src_redirect.is_some() {
             src.write().pinned = true;
         } else if src_is_dir && dst_entry.lower.is_some() {
             self.make_opaque(newdir_up.as_fd(), &newname)?;
