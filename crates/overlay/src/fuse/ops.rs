@@ -40,8 +40,8 @@ pub(super) enum PlusItem<'a> {
 
 impl Fuse {
     /// OPEN of node `ino`: passed through for an upper file (and for any file of a read-only
-    /// mount, where nothing is ever copied up), else served through the daemon: a big lower file
-    /// without the page cache, the data of a small one put into the page cache before the answer.
+    /// mount, where nothing is ever copied up), else served through the daemon, with the data of
+    /// a small lower file put into the page cache before the answer.
     ///
     /// With `-o direct_read=SIZE`, a lower file of at least SIZE bytes is read with
     /// FOPEN_DIRECT_IO: each read(2) goes to the daemon (1 MiB at most per READ) and its data
