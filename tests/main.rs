@@ -9,11 +9,12 @@
 //! Modules: `util` (fixture, mounts), `snapshot` (trees compared by), `opgen` (seeded lowers and op sequences), `fsops` (runs
 //! one op, renders its outcome), `differential` (the fuzzer and shrinker), `dual` (two mounts over the
 //! standard lowers), `scenarios` (real programs), `interop` (uppers across implementations),
-//! `diff_expect` (`layerfs diff` line by line), `posix` (POSIX corner cases a pjdfstest run showed), `cli` (the mount command line), `durability` (power cut
+//! `diff_expect` (`layerfs diff` line by line), `posix` (POSIX corner cases a pjdfstest run showed), `cli` (the mount command line), `data_path` (reads and mmap through the mount), `durability` (power cut
 //! and killed daemon during copy-up).
 //! Divergences found so far: `tests/DIVERGENCES.md`.
 
 mod cli;
+mod data_path;
 mod diff_expect;
 mod differential;
 mod dual;
