@@ -2,12 +2,13 @@
 //! xattrs of the overlay format are invisible and cannot be set through the mount.
 
 use std::ffi::OsStr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use layerfs_sys::{self as sys, Errno, FileType, Mode, Timespec, Timestamps, xattr};
+use layerfs_sys::{self as sys, Component, Errno, FileType, Mode, Timespec, Timestamps, xattr};
 
 use crate::copyup::CopyData;
+use crate::node::Node;
 use crate::overlay::{Attr, ObjectAt, Overlay, OvlResult};
 
 /// Reading this xattr of the mount root returns the daemon's counters as JSON.
@@ -67,6 +68,12 @@ impl Overlay {
     /// SETATTR.
     pub fn setattr(&self, ino: u64, a: SetAttr) -> OvlResult<Attr> {
         let node = self.node(ino)?;
+        if a.size.is_none()
+            && let (place, ObjectAt::Named(dir, name)) = self.object_at(&node)?
+            && place.is_upper()
+        {
+            return self.setattr_named(&node, dir.as_fd(), &name, &a);
+        }
         let data = if a.size == Some(0) {
             CopyData::Nothing
         } else {
@@ -99,6 +106,39 @@ impl Overlay {
             sys::utimes_fd(fd, &times)?;
         }
         self.attr(&node)
+    }
+
+    /// SETATTR without a size of an upper non-directory reachable by name: calls on its name in
+    /// its directory, no fd opened and no `/proc` walk. The kernel holds the inode locked, so no
+    /// rename or unlink moves the name meanwhile.
+    fn setattr_named(
+        &self,
+        node: &Node,
+        dir: BorrowedFd<'_>,
+        name: &Component,
+        a: &SetAttr,
+    ) -> OvlResult<Attr> {
+        let kind = sys::file_type(&sys::stat_at(dir, name)?);
+        if a.uid.is_some() || a.gid.is_some() || a.changes_nothing() {
+            sys::chown_at(dir, name, a.uid, a.gid)?;
+        }
+        if let Some(mode) = a.mode
+            && kind != FileType::Symlink
+        {
+            sys::chmod_at(dir, name, Mode::from_raw_mode(mode & 0o7777))?;
+        }
+        if !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit)) {
+            let times = Timestamps {
+                last_access: timespec(a.atime),
+                last_modification: timespec(a.mtime),
+            };
+            sys::utimes_at(dir, name, &times)?;
+        }
+        let st = sys::stat_at(dir, name)?;
+        if st.st_nlink <= 1 && !node.read().group {
+            return Ok(self.attr_from(node, st, None));
+        }
+        self.attr(node)
     }
 
     /// GETXATTR. Private names answer `ENODATA`.

@@ -126,6 +126,10 @@ impl Overlay {
             return Ok(());
         }
         let parent = self.dir_fd_in(dir, vis.layer)?;
+        // Most objects have one link: a stat by name settles it without opening anything.
+        if sys::stat_at(parent.as_fd(), name)?.st_nlink < 2 {
+            return Ok(());
+        }
         let fd = sys::open_path(parent.as_fd(), name)?;
         let st = sys::stat_fd(fd.as_fd())?;
         if st.st_nlink < 2 {

@@ -52,7 +52,12 @@ impl Overlay {
             } else {
                 CopyData::All
             };
-            (LayerIdx::UPPER, ObjectAt::Fd(self.copy_up(&node, data)?))
+            let copy = self.copy_up(&node, data)?;
+            // Opened by name below, like any upper file, where the name reaches it.
+            match self.object_at(&node)? {
+                (place, at @ ObjectAt::Named(..)) if place.is_upper() => (place, at),
+                _ => (LayerIdx::UPPER, ObjectAt::Fd(copy)),
+            }
         } else {
             self.object_at(&node)?
         };

@@ -80,6 +80,18 @@ fn set_inherited_acls(fd: BorrowedFd<'_>, inh: &acl::Inherited) -> OvlResult<()>
     Ok(())
 }
 
+/// Owner and set-id bits (`setid`, which the chown clears) of a file just created, through the
+/// fd it was created with.
+fn finish_new_file(io: BorrowedFd<'_>, uid: u32, gid: u32, setid: u32) -> OvlResult<()> {
+    sys::chown_open(io, Some(uid), Some(gid))?;
+    if setid != 0 {
+        // The permission bits stay as made: under a default ACL they hold its mask.
+        let perms = sys::stat_fd(io)?.st_mode & 0o1777;
+        sys::chmod_open(io, Mode::from_raw_mode(perms | setid))?;
+    }
+    Ok(())
+}
+
 /// A directory ready for a change: its upper fd, its op lock, and the entry of the name.
 pub(crate) struct Prepared<'a> {
     pub upper: Arc<OwnedFd>,
@@ -221,22 +233,30 @@ impl Overlay {
             NewObject::Dir { .. } => dir_st.st_mode & 0o2000,
             NewObject::Symlink { .. } => 0,
         };
-        let fd = match self
-            .finish_new(
-                target_dir,
-                &target_name,
-                kind,
-                caller.uid,
-                gid,
-                setid,
-                over_whiteout,
-            )
-            .and_then(|fd| {
-                if let Some(inh) = &inherited {
-                    set_inherited_acls(fd.as_fd(), inh)?;
-                }
-                Ok(fd)
-            }) {
+        // A file is finished through the fd it was created with; anything else through an
+        // `O_PATH` fd, which the node then keeps.
+        let finished = match &io_fd {
+            Some(io) => finish_new_file(io.as_fd(), caller.uid, gid, setid).map(|()| None),
+            None => self
+                .finish_new(
+                    target_dir,
+                    &target_name,
+                    kind,
+                    caller.uid,
+                    gid,
+                    setid,
+                    over_whiteout,
+                )
+                .map(Some),
+        }
+        .and_then(|fd| {
+            if let Some(inh) = &inherited {
+                let target = fd.as_ref().or(io_fd.as_ref()).ok_or(Errno::IO)?;
+                set_inherited_acls(target.as_fd(), inh)?;
+            }
+            Ok(fd)
+        });
+        let fd = match finished {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = crate::layers::remove_tree(target_dir, &target_name);
@@ -254,14 +274,18 @@ impl Overlay {
         if let Some(idx) = dir.write().index.as_mut() {
             idx.set_upper(name.as_bytes(), kind_slot);
         }
-        let fd = Arc::new(fd);
-        let st = sys::stat_fd(fd.as_fd())?;
+        let fd = fd.map(Arc::new);
+        let st = match (&fd, &io_fd) {
+            (Some(fd), _) => sys::stat_fd(fd.as_fd())?,
+            (None, Some(io)) => sys::stat_fd(io.as_fd())?,
+            (None, None) => return Err(Errno::IO),
+        };
         let probe = crate::overlay::Probe {
             vis: crate::index::Visible {
                 layer: crate::layers::LayerIdx::UPPER,
                 kind,
             },
-            fd: Some(fd),
+            fd,
             ino: self.layers.xino(crate::layers::LayerIdx::UPPER, st.st_ino),
             st,
             lower_dirs: Vec::new(),

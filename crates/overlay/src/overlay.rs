@@ -283,9 +283,11 @@ impl Overlay {
             return Ok(None);
         };
         let parent_fd = self.dir_fd_in(dir, vis.layer)?;
-        // A lower non-directory with one link needs no fd: one fstatat says all (the common case
-        // of a walk). Anything else is opened.
-        let single = if !vis.layer.is_upper() && vis.kind != FileType::Directory {
+        // A non-directory with one link needs no fd: one fstatat says all (the common case of a
+        // walk), and for an upper one a `getxattrat` reads its origin. Anything else is opened.
+        // Names are stable meanwhile: the kernel holds `dir` locked against creates, unlinks and
+        // renames in it while it looks up or lists, and a copy-up never replaces an upper entry.
+        let single = if vis.kind != FileType::Directory {
             let st = sys::stat_at(parent_fd.as_fd(), name)?;
             (sys::file_type(&st) != FileType::Directory && st.st_nlink <= 1).then_some(st)
         } else {
@@ -361,7 +363,11 @@ impl Overlay {
             self.layers
                 .xino(vis.layer, sys::stat_at(parent_fd.as_fd(), name)?.st_ino)
         } else {
-            self.ino_of(vis, fd.as_deref(), &st, &lower_dirs)?
+            let origin = match fd.as_deref() {
+                Some(fd) => Origin::Fd(fd.as_fd()),
+                None => Origin::Named(parent_fd.as_fd(), name),
+            };
+            self.ino_of(vis, origin, &st, &lower_dirs)?
         };
         Ok(Some(Probe {
             vis,
@@ -463,7 +469,7 @@ impl Overlay {
     fn ino_of(
         &self,
         vis: Visible,
-        fd: Option<&OwnedFd>,
+        origin: Origin<'_>,
         st: &Stat,
         lower_dirs: &[(LayerIdx, Arc<OwnedFd>)],
     ) -> OvlResult<u64> {
@@ -472,7 +478,11 @@ impl Overlay {
                 let lst = sys::stat_fd(lfd.as_fd())?;
                 return Ok(self.layers.xino(*layer, lst.st_ino));
             }
-            if let Some(Ok(v)) = fd.map(|fd| xattr::get(fd.as_fd(), self.origin_xattr()))
+            let value = match origin {
+                Origin::Fd(fd) => xattr::get(fd, self.origin_xattr()),
+                Origin::Named(dir, name) => xattr::get_at(dir, name, self.origin_xattr()),
+            };
+            if let Ok(v) = value
                 && let Ok(bytes) = <[u8; 8]>::try_from(v.as_slice())
             {
                 return Ok(u64::from_le_bytes(bytes));
@@ -713,6 +723,14 @@ impl Overlay {
     pub fn read_only(&self) -> bool {
         !self.layers.has_upper()
     }
+}
+
+/// Where [`Overlay::ino_of`] reads an upper object's origin xattr: its fd, or its name in its
+/// directory (no fd opened, no `/proc` walk).
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    Fd(BorrowedFd<'a>),
+    Named(BorrowedFd<'a>, &'a Component),
 }
 
 fn unreachable_component() -> Component {

@@ -248,6 +248,30 @@ pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysRe
     )
 }
 
+/// `fchown` of an fd opened for I/O (not `O_PATH`).
+pub fn chown_open(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
+    let uid = uid.map(rustix::process::Uid::from_raw);
+    let gid = gid.map(rustix::process::Gid::from_raw);
+    rfs::fchown(fd, uid, gid)
+}
+
+/// Changes owner of `dir/name` (a symlink itself, never its target).
+pub fn chown_at(
+    dir: BorrowedFd<'_>,
+    name: &Component,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> SysResult<()> {
+    let uid = uid.map(rustix::process::Uid::from_raw);
+    let gid = gid.map(rustix::process::Gid::from_raw);
+    rfs::chownat(dir, name.as_c_str(), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// Changes the permission bits of `dir/name` (not for symlinks: `fchmodat` follows them).
+pub fn chmod_at(dir: BorrowedFd<'_>, name: &Component, mode: Mode) -> SysResult<()> {
+    rfs::chmodat(dir, name.as_c_str(), mode, AtFlags::empty())
+}
+
 /// Changes the permission bits of the object behind `fd` (not for symlinks).
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: Mode) -> SysResult<()> {
     rfs::chmodat(CWD, proc_path(fd).as_c_str(), mode, AtFlags::empty())
