@@ -317,6 +317,14 @@ pub fn uring_enabled() -> bool {
         .is_ok_and(|s| s.trim() == "Y")
 }
 
+/// Whether this process may make an io_uring with the entry size the queues use (the
+/// `kernel.io_uring_disabled` sysctl, seccomp and the like may refuse it).
+pub fn ring_allowed() -> io::Result<()> {
+    IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+        .build(1)
+        .map(drop)
+}
+
 /// `FUSE_DEV_IOC_BACKING_OPEN`: registers `fd` as a passthrough backing file of the connection
 /// `dev` and returns its id.
 pub fn backing_open(dev: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<u32> {

@@ -167,7 +167,10 @@ pub fn serve(
         match uring::start(rings, dev, opts.idle_commit) {
             Ok(()) => tracing::info!("requests are served from io_uring queues"),
             Err(e) => {
-                tracing::warn!("io_uring queues not registered ({e}): requests go over /dev/fuse")
+                tracing::warn!(
+                    "io_uring queues not registered ({e}): requests go over /dev/fuse, served by \
+                     one thread (mount with -o uring=off for more)"
+                )
             }
         }
     }

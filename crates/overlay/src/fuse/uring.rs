@@ -518,6 +518,10 @@ impl Fuse {
 /// the daemon may (root): it is off by default on most kernels, and only connections that ask for
 /// io_uring at INIT use it.
 pub(super) fn enable() -> bool {
+    if let Err(e) = fuse_uring::ring_allowed() {
+        tracing::info!("io_uring not available ({e}): requests go over /dev/fuse");
+        return false;
+    }
     if fuse_uring::uring_enabled() {
         return true;
     }
