@@ -2,7 +2,9 @@
 //! the wake-up of a daemon thread on another CPU.
 //!
 //! One process stats `N` distinct names that exist (each a LOOKUP) and then `N` that do not (each a
-//! negative LOOKUP) in a fresh mount; the figure is the mean time per `stat`. Mounts: kernel
+//! negative LOOKUP) in a fresh mount, then reads an absent xattr of one file `10 × N` times (each
+//! a GETXATTR: the bare round trip, the daemon's work being one `getxattrat`); the figure is the
+//! mean time per call. Mounts: kernel
 //! overlayfs (no round trip: the floor), layerfs with the scheduler placing daemon and caller
 //! freely, both pinned to CPU 0, and daemon on CPU 0 with the caller on CPU 1; each layerfs setup
 //! with requests from io_uring queues (the default where the kernel has them) and over `/dev/fuse`
@@ -117,36 +119,38 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let me = std::env::current_exe()?;
-    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); Setup::ALL.len()];
+    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); Setup::ALL.len()];
     for _ in 0..rounds {
         for (i, setup) in Setup::ALL.into_iter().enumerate() {
             results[i].push(one(setup, &bin, &me, &base, n)?);
         }
     }
     println!(
-        "stat of {n} existing and {n} missing names, one process, fresh mount; median of {rounds} rounds (µs per stat); \
-         guest_halt_poll_ns: {}",
-        crate::bench::host::halt_poll_ns().map_or("-".to_string(), |ns| ns.to_string())
+        "stat of {n} existing and {n} missing names, then {reads} reads of an absent xattr, one process, fresh mount; median of {rounds} rounds (µs per call); \
+         guest_halt_poll_ns: {halt}",
+        reads = n * XATTR_READS,
+        halt = crate::bench::host::halt_poll_ns().map_or("-".to_string(), |ns| ns.to_string()),
     );
-    println!("| setup | existing | missing |\n|---|---|---|");
+    println!("| setup | existing | missing | getxattr |\n|---|---|---|---|");
     for (setup, r) in Setup::ALL.into_iter().zip(&results) {
-        let med = |f: fn(&(f64, f64)) -> f64| {
+        let med = |f: fn(&(f64, f64, f64)) -> f64| {
             let mut v: Vec<f64> = r.iter().map(f).collect();
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
         println!(
-            "| {} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} |",
             setup.name(),
             med(|x| x.0),
-            med(|x| x.1)
+            med(|x| x.1),
+            med(|x| x.2)
         );
     }
     Ok(())
 }
 
 /// One measurement: mounts, runs the probe with the setup's CPUs, unmounts.
-fn one(setup: Setup, bin: &Path, me: &Path, base: &Path, n: usize) -> Result<(f64, f64)> {
+fn one(setup: Setup, bin: &Path, me: &Path, base: &Path, n: usize) -> Result<(f64, f64, f64)> {
     let t = Duration::from_secs(60);
     let (upper, work, mnt) = (base.join("upper"), base.join("work"), base.join("mnt"));
     for d in [&upper, &work] {
@@ -197,8 +201,8 @@ fn one(setup: Setup, bin: &Path, me: &Path, base: &Path, n: usize) -> Result<(f6
         let out = cmd::run(&mut c, "latency probe", t)?;
         let text = out.stdout;
         let mut nums = text.split_whitespace().map(str::parse::<f64>);
-        match (nums.next(), nums.next()) {
-            (Some(Ok(a)), Some(Ok(b))) => Ok((a, b)),
+        match (nums.next(), nums.next(), nums.next()) {
+            (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => Ok((a, b, c)),
             _ => bail!("latency probe printed {text:?}"),
         }
     })();
@@ -206,7 +210,11 @@ fn one(setup: Setup, bin: &Path, me: &Path, base: &Path, n: usize) -> Result<(f6
     result
 }
 
-/// `xtask latency-probe MNT N`: stats `MNT/d/f0..N` then `MNT/d/g0..N`; prints µs per stat of each.
+/// Reads of an absent xattr per name of the stat rounds.
+const XATTR_READS: usize = 10;
+
+/// `xtask latency-probe MNT N`: stats `MNT/d/f0..N` then `MNT/d/g0..N`, then reads the absent
+/// xattr `user.absent` of `MNT/d/f0` `10 × N` times; prints µs per call of each.
 pub fn probe(args: &[String]) -> Result<()> {
     let (Some(mnt), Some(n)) = (args.first(), args.get(1)) else {
         bail!("usage: xtask latency-probe MNT N");
@@ -222,6 +230,15 @@ pub fn probe(args: &[String]) -> Result<()> {
     };
     let existing = per("f");
     let missing = per("g");
-    println!("{existing:.2} {missing:.2}");
+    let dirf = std::fs::File::open(&dir)?;
+    let f0 = layerfs_sys::Component::new(std::ffi::OsStr::new("f0"))?;
+    let name = std::ffi::OsStr::new("user.absent");
+    let reads = n * XATTR_READS;
+    let start = Instant::now();
+    for _ in 0..reads {
+        let _ = layerfs_sys::xattr::get_at(std::os::fd::AsFd::as_fd(&dirf), &f0, name);
+    }
+    let getxattr = start.elapsed().as_secs_f64() * 1e6 / reads as f64;
+    println!("{existing:.2} {missing:.2} {getxattr:.2}");
     Ok(())
 }
