@@ -15,11 +15,12 @@
 //! It costs two `sched_setattr` calls per commit, which lost time on a copy-up's OPEN: committing
 //! every answer idle made copy-up slower. And a thread left idle is off the CPU until its CPU has
 //! nothing else to run: after a readahead READ the reader goes on copying the pages before it,
-//! while the idle thread holds the next READ (sequential reads got slower), and a listing's reader
-//! goes on with the entries it has. So answers to metadata reads and changes and small READs are
-//! committed idle, not OPEN, listings or big READs (`commit_idle` in `uring.rs`): `rm -rf` of 20k
-//! small files (an UNLINK and a GETATTR of the parent each) took 1.60-1.65 s against 1.69-1.94 s
-//! once UNLINKs, CREATEs, SETATTRs and the like were committed idle too (docs/benchmarks.md).
+//! while the idle thread holds the next READ (sequential reads got slower). So answers to
+//! metadata reads and changes, listings, read-only OPENs and small READs are committed idle, not
+//! OPENs for writing or big READs (`commit_idle` in `uring.rs`): `rm -rf` of 20k small files (an
+//! UNLINK and a GETATTR of the parent each) took 1.60-1.65 s against 1.69-1.94 s once UNLINKs,
+//! CREATEs, SETATTRs and the like were committed idle too, and `du -s` of 100k files 0.87-0.92 s
+//! against 1.36-1.47 s once listings were (docs/benchmarks.md).
 //!
 //! The thread goes back to its normal policy right after the commit. In between it may be
 //! preempted, and a `SCHED_IDLE` thread behind a busy task waits for a long time; its entry is

@@ -39,18 +39,21 @@ pub(super) const THREADS_PER_CPU: usize = 2;
 const IDLE_READ_MAX: u32 = 16 * 1024;
 
 /// Whether the answer to a request is committed as a `SCHED_IDLE` thread (`fuse/idle.rs`): the
-/// answers a caller waits for that are quick or change names and attributes (a lookup,
-/// attributes, an xattr, a create, a chmod, an unlink: `ls -l` makes two GETXATTRs per file,
-/// `tar x` a CREATE and three SETATTRs), READs of at most [`IDLE_READ_MAX`], and read-only OPENs.
-/// Not an OPEN for writing: with idle commits a copy-up's OPEN was slower (appending a byte to
-/// 10k lower files, durable copy-ups: 3.51 / 3.29 s against 3.14 / 2.89 s). Not listings: a reader that goes on
-/// with the entries it has keeps the idle thread, with the next request, off the CPU. Not what
-/// nobody waits for (RELEASE, FORGET).
+/// answers a caller waits for that are quick, change names and attributes, or list (a lookup,
+/// attributes, an xattr, a create, a chmod, an unlink, a listing: `ls -l` makes two GETXATTRs per
+/// file, `tar x` a CREATE and three SETATTRs), READs of at most [`IDLE_READ_MAX`], and read-only
+/// OPENs. Listings were left out once, for a reader that goes on with the entries it has and
+/// keeps the idle thread off the CPU; with two threads per queue `du -s` of 100k files took
+/// 0.87-0.92 s with them against 1.36-1.47 s without (docs/benchmarks.md). Not an OPEN for
+/// writing: with idle commits a copy-up's OPEN was slower (appending a byte to 10k lower files,
+/// durable copy-ups: 3.51 / 3.29 s against 3.14 / 2.89 s). Not what nobody waits for (RELEASE,
+/// FORGET).
 fn commit_idle(opcode: u32, op: &[u8]) -> bool {
     match opcode {
         LOOKUP | GETATTR | READLINK | STATFS | GETXATTR | LISTXATTR | ACCESS => true,
         SETATTR | CREATE | MKNOD | MKDIR | SYMLINK | LINK | UNLINK | RMDIR | RENAME | RENAME2
         | SETXATTR | REMOVEXATTR | TMPFILE => true,
+        READDIR | READDIRPLUS => true,
         READ => u32_at(op, 16) <= IDLE_READ_MAX,
         // A read-only open never copies up.
         OPEN => {
