@@ -42,8 +42,8 @@ const IDLE_READ_MAX: u32 = 16 * 1024;
 /// answers a caller waits for that are quick, change names and attributes, or list (a lookup,
 /// attributes, an xattr, a create, a chmod, an unlink, a listing: `ls -l` makes two GETXATTRs per
 /// file, `tar x` a CREATE and three SETATTRs), READs of at most [`IDLE_READ_MAX`], and read-only
-/// OPENs. Listings were left out once, for a reader that goes on with the entries it has and
-/// keeps the idle thread off the CPU; with two threads per queue `du -s` of 100k files took
+/// OPENs. Listings were left out once, on the reasoning that a reader that goes on with the
+/// entries it has keeps the idle thread off the CPU; measured, `du -s` of 100k files took
 /// 0.87-0.92 s with them against 1.36-1.47 s without (docs/benchmarks.md). Not an OPEN for
 /// writing: with idle commits a copy-up's OPEN was slower (appending a byte to 10k lower files,
 /// durable copy-ups: 3.51 / 3.29 s against 3.14 / 2.89 s). Not what nobody waits for (RELEASE,
