@@ -48,7 +48,8 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Kernel-side permission checks (root's default).
     pub default_permissions: bool,
-    /// Request threads.
+    /// Threads reading `/dev/fuse` when requests come from there (`uring=off`, or a kernel
+    /// without FUSE over io_uring); with io_uring queues one thread reads it (FORGETs only).
     pub threads: usize,
     /// Generic options passed through (`ro`, `nodev`, `suid`, …).
     pub extra: Vec<MountOption>,
