@@ -143,9 +143,9 @@ pub fn serve(
     };
     let want_uring = opts.uring && uring::enable();
     // With io_uring queues, `/dev/fuse` carries only FORGETs and INTERRUPTs: one thread reads
-    // them, and FORGETs that come while it is busy arrive as one BATCH_FORGET. With more
-    // threads, every FORGET woke one of them (`rm -rf` of 20k files: a quarter of all CPU
-    // samples in those threads).
+    // them, and FORGETs that come while it waits ([`FORGET_PACE`]) arrive as one BATCH_FORGET.
+    // With four threads every FORGET woke one of them (`rm -rf` of 20k files: a quarter of all
+    // CPU samples in those threads).
     cfg.n_threads = Some(if want_uring { 1 } else { opts.threads.max(1) });
     cfg.clone_fd = true;
     let (ended_tx, ended) = std::sync::mpsc::channel();
