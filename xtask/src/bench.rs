@@ -4,7 +4,8 @@
 //! private mount namespace (`unshare -m --propagation private`), so that no other process can capture a bench
 //! mount (a captured FUSE mount keeps its daemon alive after our unmount). Inside: take `<base>/lock`, mount
 //! the ext4 loop image, build the data set once, drop every system whose probe mount fails, then for each
-//! workload run the rounds interleaved (A B C A B C ...), each run on a fresh mount with fresh upper and work
+//! workload run the rounds interleaved, the order turned by one each round (A B C, B C A, C A B, ...),
+//! each run on a fresh mount with fresh upper and work
 //! dirs and the lower data re-warmed, and write the markdown report (and raw JSON under `<base>/results`).
 //!
 //! Request-count hook: if `layerfs stats MNT` exits 0, its output is recorded before and after each layerfs
@@ -229,7 +230,13 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
     let mut records = Vec::new();
     'all: for w in &workloads {
         for round in (1..=opts.warmup + opts.runs).map(|r| r as isize - opts.warmup as isize) {
-            for &sys in &systems {
+            // The order turns by one each round (A B C, B C A, C A B, ...): the system that runs
+            // first after the previous round's last one does not pay for its leftovers every
+            // time (a 1 GiB file of the round before still being freed slowed the first
+            // `seq-write` of a round 1.4-3×).
+            let turn = round.rem_euclid(systems.len().max(1) as isize) as usize;
+            let order = systems[turn..].iter().chain(&systems[..turn]);
+            for &sys in order {
                 if STOP.load(Ordering::SeqCst) {
                     header.push("- **interrupted**: partial results".to_string());
                     break 'all;

@@ -17,7 +17,7 @@ journaled ext4 loop image, in a private mount namespace. Must run as root.
                     layerfs-direct, layerfs with direct_read=64M: big lower files without the page cache;
                     layerfs-base, the binary given by --base-bin, for an interleaved A/B run)
                     (kernel is the reference of the ratios; a system whose probe mount fails is dropped)
-  --runs N          measured rounds, interleaved A B C A B C ... (default 3)
+  --runs N          measured rounds, interleaved, the order turned each round: A B C, B C A, ... (default 3)
   --warmup N        unrecorded rounds before them (default 1)
   --workloads LIST  comma separated workload names (default all; see the table in the output)
   --out FILE        markdown report (default docs/benchmarks.md in the workspace)

@@ -239,7 +239,7 @@ pub fn markdown(header: &[String], systems: &[System], runs: usize, records: &[R
     let names: Vec<&str> = systems.iter().map(|s| s.name()).collect();
     let _ = writeln!(
         out,
-        "\nMedian seconds over {runs} interleaved rounds; (×) = median over the rounds of the ratio to \
+        "\nMedian seconds over {runs} interleaved rounds (the order turned by one each round); (×) = median over the rounds of the ratio to \
          kernel overlayfs in the same round (lower is better); \
          (!) = a count was wrong in some round (see the failures at the end): the figure is not comparable.\n"
     );
