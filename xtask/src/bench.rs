@@ -232,8 +232,8 @@ fn inside(opts: &Opts, workspace: &Path) -> Result<()> {
         for round in (1..=opts.warmup + opts.runs).map(|r| r as isize - opts.warmup as isize) {
             // The order turns by one each round (A B C, B C A, C A B, ...): the system that runs
             // first after the previous round's last one does not pay for its leftovers every
-            // time (a 1 GiB file of the round before still being freed slowed the first
-            // `seq-write` of a round 1.4-3×).
+            // time (the first `seq-write` of a round was 1.4-3× slower, most likely while the
+            // 1 GiB file of the round before was being freed).
             let turn = round.rem_euclid(systems.len().max(1) as isize) as usize;
             let order = systems[turn..].iter().chain(&systems[..turn]);
             for &sys in order {
