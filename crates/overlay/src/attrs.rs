@@ -2,13 +2,12 @@
 //! xattrs of the overlay format are invisible and cannot be set through the mount.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
-use layerfs_sys::{self as sys, Component, Errno, FileType, Mode, Timespec, Timestamps, xattr};
+use layerfs_sys::{self as sys, Errno, FileType, Mode, Timespec, Timestamps, xattr};
 
 use crate::copyup::CopyData;
-use crate::node::Node;
 use crate::overlay::{Attr, ObjectAt, Overlay, OvlResult};
 
 /// Reading this xattr of the mount root returns the daemon's counters as JSON.
@@ -64,81 +63,91 @@ fn timespec(t: SetTime) -> Timespec {
     }
 }
 
+/// The calls of a SETATTR on an upper object: on its `O_PATH` fd, or on its name in its
+/// directory.
+impl ObjectAt {
+    fn stat(&self) -> sys::SysResult<sys::Stat> {
+        match self {
+            ObjectAt::Fd(fd) => sys::stat_fd(fd.as_fd()),
+            ObjectAt::Named(dir, name) => sys::stat_at(dir.as_fd(), name),
+        }
+    }
+
+    fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> sys::SysResult<()> {
+        match self {
+            ObjectAt::Fd(fd) => sys::chown_fd(fd.as_fd(), uid, gid),
+            ObjectAt::Named(dir, name) => sys::chown_at(dir.as_fd(), name, uid, gid),
+        }
+    }
+
+    /// Not for symlinks.
+    fn chmod(&self, mode: Mode) -> sys::SysResult<()> {
+        match self {
+            ObjectAt::Fd(fd) => sys::chmod_fd(fd.as_fd(), mode),
+            ObjectAt::Named(dir, name) => sys::chmod_at(dir.as_fd(), name, mode),
+        }
+    }
+
+    /// Regular files only.
+    fn truncate(&self, size: u64) -> sys::SysResult<()> {
+        match self {
+            ObjectAt::Fd(fd) => sys::truncate_fd(fd.as_fd(), size),
+            ObjectAt::Named(dir, name) => sys::truncate_at(dir.as_fd(), name, size),
+        }
+    }
+
+    fn utimes(&self, times: &Timestamps) -> sys::SysResult<()> {
+        match self {
+            ObjectAt::Fd(fd) => sys::utimes_fd(fd.as_fd(), times),
+            ObjectAt::Named(dir, name) => sys::utimes_at(dir.as_fd(), name, times),
+        }
+    }
+}
+
 impl Overlay {
-    /// SETATTR.
+    /// SETATTR. An upper non-directory reachable by name is changed through its name in its
+    /// directory (no fd opened, no `/proc` walk: the kernel holds the inode locked, so no rename
+    /// or unlink moves the name meanwhile); anything else through the `O_PATH` fd of its upper
+    /// object, copied up first.
     pub fn setattr(&self, ino: u64, a: SetAttr) -> OvlResult<Attr> {
         let node = self.node(ino)?;
-        if a.size.is_none()
-            && let (place, ObjectAt::Named(dir, name)) = self.object_at(&node)?
-            && place.is_upper()
-        {
-            return self.setattr_named(&node, dir.as_fd(), &name, &a);
-        }
-        let data = if a.size == Some(0) {
-            CopyData::Nothing
-        } else {
-            CopyData::All
+        let upper = match self.object_at(&node)? {
+            (place, at @ ObjectAt::Named(..)) if place.is_upper() => at,
+            _ => {
+                let data = if a.size == Some(0) {
+                    CopyData::Nothing
+                } else {
+                    CopyData::All
+                };
+                ObjectAt::Fd(self.copy_up(&node, data)?)
+            }
         };
-        let upper = self.copy_up(&node, data)?;
-        let fd = upper.as_fd();
-        let kind = sys::file_type(&sys::stat_fd(fd)?);
+        let kind = sys::file_type(&upper.stat()?);
         // An empty SETATTR still changes ctime: kernel overlayfs hands `ATTR_CTIME` to the
         // upper, and a chown to (-1, -1) is how the upper's ctime moves to now.
         if a.uid.is_some() || a.gid.is_some() || a.changes_nothing() {
-            sys::chown_fd(fd, a.uid, a.gid)?;
+            upper.chown(a.uid, a.gid)?;
         }
         if let Some(mode) = a.mode
             && kind != FileType::Symlink
         {
-            sys::chmod_fd(fd, Mode::from_raw_mode(mode & 0o7777))?;
+            upper.chmod(Mode::from_raw_mode(mode & 0o7777))?;
         }
         if let Some(size) = a.size {
-            if kind == FileType::Directory {
-                return Err(Errno::ISDIR);
+            match kind {
+                FileType::Directory => return Err(Errno::ISDIR),
+                FileType::RegularFile => upper.truncate(size)?,
+                _ => return Err(Errno::INVAL),
             }
-            sys::truncate_fd(fd, size)?;
         }
         if !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit)) {
             let times = Timestamps {
                 last_access: timespec(a.atime),
                 last_modification: timespec(a.mtime),
             };
-            sys::utimes_fd(fd, &times)?;
+            upper.utimes(&times)?;
         }
         self.attr(&node)
-    }
-
-    /// SETATTR without a size of an upper non-directory reachable by name: calls on its name in
-    /// its directory, no fd opened and no `/proc` walk. The kernel holds the inode locked, so no
-    /// rename or unlink moves the name meanwhile.
-    fn setattr_named(
-        &self,
-        node: &Node,
-        dir: BorrowedFd<'_>,
-        name: &Component,
-        a: &SetAttr,
-    ) -> OvlResult<Attr> {
-        let kind = sys::file_type(&sys::stat_at(dir, name)?);
-        if a.uid.is_some() || a.gid.is_some() || a.changes_nothing() {
-            sys::chown_at(dir, name, a.uid, a.gid)?;
-        }
-        if let Some(mode) = a.mode
-            && kind != FileType::Symlink
-        {
-            sys::chmod_at(dir, name, Mode::from_raw_mode(mode & 0o7777))?;
-        }
-        if !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit)) {
-            let times = Timestamps {
-                last_access: timespec(a.atime),
-                last_modification: timespec(a.mtime),
-            };
-            sys::utimes_at(dir, name, &times)?;
-        }
-        let st = sys::stat_at(dir, name)?;
-        if st.st_nlink <= 1 && !node.read().group {
-            return Ok(self.attr_from(node, st, None));
-        }
-        self.attr(node)
     }
 
     /// GETXATTR. Private names answer `ENODATA`.

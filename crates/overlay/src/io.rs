@@ -52,11 +52,14 @@ impl Overlay {
             } else {
                 CopyData::All
             };
-            let copy = self.copy_up(&node, data)?;
-            // Opened by name below, like any upper file, where the name reaches it.
+            if !node.read().in_upper() {
+                self.copy_up(&node, data)?;
+            }
+            // Opened below like any upper file: by name where the name reaches it.
             match self.object_at(&node)? {
-                (place, at @ ObjectAt::Named(..)) if place.is_upper() => (place, at),
-                _ => (LayerIdx::UPPER, ObjectAt::Fd(copy)),
+                (place, at) if place.is_upper() => (place, at),
+                // Never a lower object for writing.
+                _ => return Err(Errno::IO),
             }
         } else {
             self.object_at(&node)?

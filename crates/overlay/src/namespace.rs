@@ -274,12 +274,8 @@ impl Overlay {
         if let Some(idx) = dir.write().index.as_mut() {
             idx.set_upper(name.as_bytes(), kind_slot);
         }
+        let st = sys::stat_fd(fd.as_ref().or(io_fd.as_ref()).ok_or(Errno::IO)?.as_fd())?;
         let fd = fd.map(Arc::new);
-        let st = match (&fd, &io_fd) {
-            (Some(fd), _) => sys::stat_fd(fd.as_fd())?,
-            (None, Some(io)) => sys::stat_fd(io.as_fd())?,
-            (None, None) => return Err(Errno::IO),
-        };
         let probe = crate::overlay::Probe {
             vis: crate::index::Visible {
                 layer: crate::layers::LayerIdx::UPPER,

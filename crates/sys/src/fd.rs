@@ -235,10 +235,20 @@ pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &Component) -> Sys
     }
 }
 
+/// The ids of a chown (`None`: unchanged).
+fn ids(
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> (Option<rustix::process::Uid>, Option<rustix::process::Gid>) {
+    (
+        uid.map(rustix::process::Uid::from_raw),
+        gid.map(rustix::process::Gid::from_raw),
+    )
+}
+
 /// Changes owner of the object behind `fd` (symlinks included, never their target).
 pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
-    let uid = uid.map(rustix::process::Uid::from_raw);
-    let gid = gid.map(rustix::process::Gid::from_raw);
+    let (uid, gid) = ids(uid, gid);
     rfs::chownat(
         fd,
         c"",
@@ -250,8 +260,7 @@ pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysRe
 
 /// `fchown` of an fd opened for I/O (not `O_PATH`).
 pub fn chown_open(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
-    let uid = uid.map(rustix::process::Uid::from_raw);
-    let gid = gid.map(rustix::process::Gid::from_raw);
+    let (uid, gid) = ids(uid, gid);
     rfs::fchown(fd, uid, gid)
 }
 
@@ -262,8 +271,7 @@ pub fn chown_at(
     uid: Option<u32>,
     gid: Option<u32>,
 ) -> SysResult<()> {
-    let uid = uid.map(rustix::process::Uid::from_raw);
-    let gid = gid.map(rustix::process::Gid::from_raw);
+    let (uid, gid) = ids(uid, gid);
     rfs::chownat(dir, name.as_c_str(), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
 }
 
@@ -302,6 +310,12 @@ pub fn utimes_dir(dir: BorrowedFd<'_>, times: &Timestamps) -> SysResult<()> {
 /// Sets times of `dir/name` without following a symlink.
 pub fn utimes_at(dir: BorrowedFd<'_>, name: &Component, times: &Timestamps) -> SysResult<()> {
     rfs::utimensat(dir, name.as_c_str(), times, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// Truncates the regular file `dir/name` to `size` (opened by name, never through a symlink).
+pub fn truncate_at(dir: BorrowedFd<'_>, name: &Component, size: u64) -> SysResult<()> {
+    let file = open_at(dir, name, OFlags::WRONLY, Mode::empty())?;
+    rfs::ftruncate(&file, size)
 }
 
 /// Truncates the regular file behind `fd` to `size`.
