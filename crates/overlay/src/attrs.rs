@@ -122,21 +122,27 @@ impl Overlay {
                 ObjectAt::Fd(self.copy_up(&node, data)?)
             }
         };
-        let kind = sys::file_type(&upper.stat()?);
+        // The type matters to a chmod (never through a symlink) and a truncate only: a chown or
+        // a change of times (most SETATTRs of `tar x`) needs no stat first.
+        let kind = if a.mode.is_some() || a.size.is_some() {
+            Some(sys::file_type(&upper.stat()?))
+        } else {
+            None
+        };
         // An empty SETATTR still changes ctime: kernel overlayfs hands `ATTR_CTIME` to the
         // upper, and a chown to (-1, -1) is how the upper's ctime moves to now.
         if a.uid.is_some() || a.gid.is_some() || a.changes_nothing() {
             upper.chown(a.uid, a.gid)?;
         }
         if let Some(mode) = a.mode
-            && kind != FileType::Symlink
+            && kind != Some(FileType::Symlink)
         {
             upper.chmod(Mode::from_raw_mode(mode & 0o7777))?;
         }
         if let Some(size) = a.size {
             match kind {
-                FileType::Directory => return Err(Errno::ISDIR),
-                FileType::RegularFile => upper.truncate(size)?,
+                Some(FileType::Directory) => return Err(Errno::ISDIR),
+                Some(FileType::RegularFile) => upper.truncate(size)?,
                 _ => return Err(Errno::INVAL),
             }
         }

@@ -99,6 +99,15 @@ pub(crate) struct Prepared<'a> {
     pub entry: IndexEntry,
 }
 
+/// The object at a name about to be removed.
+#[derive(Default)]
+pub(crate) struct AtName {
+    /// Its node, if the kernel knows the object under this name.
+    pub node: Option<Arc<Node>>,
+    /// It has a single link, so it is in no hard-link group (nothing to count down).
+    pub single_link: bool,
+}
+
 impl Overlay {
     /// Copies `dir` up, takes its op lock, and reads the entry of `name`.
     pub(crate) fn prepare<'a>(
@@ -441,13 +450,46 @@ impl Overlay {
         name: &Component,
         entry: &IndexEntry,
     ) -> OvlResult<Option<Arc<Node>>> {
-        let Some(probe) = self.probe(dir, name, entry)? else {
-            return Ok(None);
+        Ok(self.at_name(dir, name, entry)?.node)
+    }
+
+    /// What removing `name` from `dir` needs to know of the object there.
+    pub(crate) fn at_name(
+        &self,
+        dir: &Node,
+        name: &Component,
+        entry: &IndexEntry,
+    ) -> OvlResult<AtName> {
+        let Some(vis) = entry.visible() else {
+            return Ok(AtName::default());
         };
-        Ok(self
-            .nodes
-            .get(probe.ino)
-            .filter(|n| n.read().is_at(dir.ino, name)))
+        let node_at = |ino| {
+            self.nodes
+                .get(ino)
+                .filter(|n| n.read().is_at(dir.ino, name))
+        };
+        if vis.layer.is_upper() && vis.kind != FileType::Directory {
+            // A file made in the upper has the upper inode number as its node id: when the kernel
+            // knows it, one stat finds it, without reading the origin a copied-up file has.
+            let parent = self.dir_fd_in(dir, vis.layer)?;
+            let st = sys::stat_at(parent.as_fd(), name)?;
+            if st.st_nlink <= 1
+                && let Some(node) = node_at(self.layers.xino(LayerIdx::UPPER, st.st_ino))
+            {
+                return Ok(AtName {
+                    node: Some(node),
+                    single_link: true,
+                });
+            }
+        }
+        let Some(probe) = self.probe(dir, name, entry)? else {
+            return Ok(AtName::default());
+        };
+        Ok(AtName {
+            node: node_at(probe.ino),
+            // The stat of the name itself, unless it was replaced by a group's (more links).
+            single_link: !probe.group && probe.st.st_nlink <= 1,
+        })
     }
 
     /// Bookkeeping after the name `dir/name` of `child` went away: the node is unlinked once it
@@ -477,9 +519,14 @@ impl Overlay {
         if vis.kind == FileType::Directory {
             return Err(Errno::ISDIR);
         }
-        let child = self.existing_child(&dir, &name, &p.entry)?;
+        let AtName {
+            node: child,
+            single_link,
+        } = self.at_name(&dir, &name, &p.entry)?;
         let child_obj = child.as_ref().and_then(|c| self.object(c).ok());
-        self.group_unlinked(&dir, &name, &p.entry)?;
+        if !single_link {
+            self.group_unlinked(&dir, &name, &p.entry)?;
+        }
         self.remove_entry(&dir, &p, &name, false)?;
         if let Some(child) = child {
             self.name_removed(&child, dir.ino, &name, child_obj);

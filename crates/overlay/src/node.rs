@@ -379,7 +379,10 @@ impl NodeTable {
                 .fetch_add(u64::from(e.lookups), Ordering::Relaxed);
         }
         let node = Arc::new(node);
-        t.full.insert(node.ino, node.clone());
+        let replaced = t.full.insert(node.ino, node.clone());
+        drop(t);
+        // Its fds close outside the table lock (see `forget`).
+        drop(replaced);
         (node, true)
     }
 
@@ -431,12 +434,13 @@ impl NodeTable {
             return;
         }
         let mut t = self.write();
+        let mut gone = None;
         if let Some(node) = t.full.get(&ino) {
             let prev = node.lookups.load(Ordering::Relaxed);
             let left = prev.saturating_sub(n);
             node.lookups.store(left, Ordering::Relaxed);
             if left == 0 {
-                t.full.remove(&ino);
+                gone = t.full.remove(&ino);
             }
         } else if let Some(mut entry) = t.light(ino).take(&ino) {
             let left = u64::from(entry.lookups).saturating_sub(n);
@@ -445,6 +449,10 @@ impl NodeTable {
                 t.light(entry.ino).insert(entry);
             }
         }
+        drop(t);
+        // Outside the table lock: the last reference closes the node's fds, and the close of an
+        // unlinked file's last fd is where its filesystem frees it (a journaled truncate).
+        drop(gone);
     }
 
     /// Number of nodes, light ones included (for stats).
