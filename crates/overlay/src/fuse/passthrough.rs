@@ -30,6 +30,16 @@ struct PtState {
     by_fh: std::collections::HashMap<u64, (u64, Option<Arc<Backing>>)>,
 }
 
+/// What an open finds of the backing its node's other opens use.
+enum Shared {
+    /// The node has cached opens: this one is cached too.
+    Cached,
+    /// A live backing of the same inode, now shared with this handle.
+    Found(Arc<Backing>),
+    /// None yet.
+    None,
+}
+
 #[derive(Default)]
 struct InoIo {
     backing: Option<(u64, std::sync::Weak<Backing>)>,
@@ -47,47 +57,104 @@ impl Fuse {
         open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
     ) -> Option<Arc<Backing>> {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
-        if pass && self.pt.enabled.load(Relaxed) {
-            let key = self.ovl.file_fd(fh).ok().and_then(|fd| {
+        // The file and its real inode, found before the state lock is taken (no I/O under it).
+        let key = (pass && self.pt.enabled.load(Relaxed))
+            .then(|| self.ovl.file_fd(fh).ok())
+            .flatten()
+            .and_then(|fd| {
                 sys::stat_fd(std::os::fd::AsFd::as_fd(&*fd))
                     .ok()
                     .map(|s| (fd, s.st_ino))
             });
-            let io = st.by_ino.entry(ino).or_default();
-            if let (0, Some((fd, real))) = (io.cached, key) {
-                let existing = io
-                    .backing
-                    .as_ref()
-                    .filter(|(r, _)| *r == real)
-                    .and_then(|(_, w)| w.upgrade());
-                let backing = match existing {
-                    Some(b) => Some(b),
-                    None => match open_backing(&fd) {
-                        Ok(b) => {
-                            let b = Arc::new(b);
-                            io.backing = Some((real, Arc::downgrade(&b)));
-                            Some(b)
-                        }
-                        Err(e) => {
-                            self.pt.enabled.store(false, Relaxed);
-                            tracing::warn!(
-                                "kernel passthrough unavailable ({e}); serving data through the daemon"
-                            );
-                            None
-                        }
-                    },
-                };
-                if let Some(b) = backing {
-                    self.ovl.stats.passthrough_opens.fetch_add(1, Relaxed);
-                    st.by_fh.insert(fh, (ino, Some(b.clone())));
-                    return Some(b);
-                }
+        if let Some((fd, real)) = key {
+            match self.shared_backing(ino, fh, real) {
+                Shared::Cached => {}
+                Shared::Found(b) => return Some(b),
+                Shared::None => match open_backing(&fd) {
+                    // Registered there, as passthrough or cached.
+                    Ok(b) => return self.adopt_backing(ino, fh, real, Arc::new(b)),
+                    Err(e) => {
+                        self.pt.enabled.store(false, Relaxed);
+                        tracing::warn!(
+                            "kernel passthrough unavailable ({e}); serving data through the daemon"
+                        );
+                    }
+                },
             }
         }
+        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
         st.by_ino.entry(ino).or_default().cached += 1;
         st.by_fh.insert(fh, (ino, None));
         None
+    }
+
+    /// Whether handle `fh` of node `ino` (real inode `real`) can share a backing: taken if the
+    /// node has a live one for that inode; none if the node has cached opens.
+    fn shared_backing(&self, ino: u64, fh: u64, real: u64) -> Shared {
+        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
+        let io = st.by_ino.entry(ino).or_default();
+        if io.cached != 0 {
+            return Shared::Cached;
+        }
+        let existing = io
+            .backing
+            .as_ref()
+            .filter(|(r, _)| *r == real)
+            .and_then(|(_, w)| w.upgrade());
+        match existing {
+            Some(b) => {
+                self.ovl
+                    .stats
+                    .passthrough_opens
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                st.by_fh.insert(fh, (ino, Some(b.clone())));
+                Shared::Found(b)
+            }
+            None => Shared::None,
+        }
+    }
+
+    /// Records the backing `made` (opened without the lock) for handle `fh`, or, if another open
+    /// of the node registered one for the same inode meanwhile, shares that one and closes
+    /// `made`. If a cached open of the node came meanwhile, this one is registered as cached
+    /// too (the kernel does not mix them) and `None` returned.
+    fn adopt_backing(
+        &self,
+        ino: u64,
+        fh: u64,
+        real: u64,
+        made: Arc<Backing>,
+    ) -> Option<Arc<Backing>> {
+        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
+        let io = st.by_ino.entry(ino).or_default();
+        let (kept, spare) = if io.cached != 0 {
+            io.cached += 1;
+            (None, made)
+        } else {
+            let other = io
+                .backing
+                .as_ref()
+                .filter(|(r, _)| *r == real)
+                .and_then(|(_, w)| w.upgrade());
+            match other {
+                Some(b) => (Some(b), made),
+                None => {
+                    io.backing = Some((real, Arc::downgrade(&made)));
+                    (Some(made.clone()), made)
+                }
+            }
+        };
+        if kept.is_some() {
+            self.ovl
+                .stats
+                .passthrough_opens
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        st.by_fh.insert(fh, (ino, kept.clone()));
+        drop(st);
+        // Closes `made` unless it was kept (then another reference lives on in `kept`).
+        drop(spare);
+        kept
     }
 
     /// Whether node `ino` has exactly one open, a cached one.
@@ -100,15 +167,22 @@ impl Fuse {
 
     /// RELEASE: drops what handle `fh` held.
     pub(super) fn release_mode(&self, fh: u64) {
-        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((ino, backing)) = st.by_fh.remove(&fh) else {
-            return;
-        };
-        if let Some(io) = st.by_ino.get_mut(&ino) {
-            if backing.is_none() {
+        let (ino, backing) = {
+            let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Some((ino, backing)) = st.by_fh.remove(&fh) else {
+                return;
+            };
+            if backing.is_none()
+                && let Some(io) = st.by_ino.get_mut(&ino)
+            {
                 io.cached = io.cached.saturating_sub(1);
             }
-            drop(backing);
+            (ino, backing)
+        };
+        // The last handle's reference closes the backing (an ioctl), outside the lock.
+        drop(backing);
+        let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(io) = st.by_ino.get(&ino) {
             let live = io
                 .backing
                 .as_ref()
