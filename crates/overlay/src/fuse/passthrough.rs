@@ -46,6 +46,16 @@ struct InoIo {
     cached: u32,
 }
 
+impl InoIo {
+    /// The node's backing of real inode `real`, if a handle still holds it.
+    fn live_backing(&self, real: u64) -> Option<Arc<Backing>> {
+        self.backing
+            .as_ref()
+            .filter(|(r, _)| *r == real)
+            .and_then(|(_, w)| w.upgrade())
+    }
+}
+
 impl Fuse {
     /// Replies to an OPEN/CREATE of handle `fh` on node `ino`: passthrough when `pass` (an upper
     /// file, or any file of a read-only mount) and possible, else a cached open.
@@ -96,12 +106,7 @@ impl Fuse {
         if io.cached != 0 {
             return Shared::Cached;
         }
-        let existing = io
-            .backing
-            .as_ref()
-            .filter(|(r, _)| *r == real)
-            .and_then(|(_, w)| w.upgrade());
-        match existing {
+        match io.live_backing(real) {
             Some(b) => {
                 self.ovl
                     .stats
@@ -131,12 +136,7 @@ impl Fuse {
             io.cached += 1;
             (None, made)
         } else {
-            let other = io
-                .backing
-                .as_ref()
-                .filter(|(r, _)| *r == real)
-                .and_then(|(_, w)| w.upgrade());
-            match other {
+            match io.live_backing(real) {
                 Some(b) => (Some(b), made),
                 None => {
                     io.backing = Some((real, Arc::downgrade(&made)));
