@@ -162,3 +162,51 @@ fn interop_moved_dirs_in_a_rotated_upper() {
         &s.1,
     );
 }
+
+/// Whiteouts of the kernel's xattr encoding (Linux ≥ 6.7): in a lower directory marked
+/// `overlay.opaque=x`, a zero-size file with an `overlay.whiteout` xattr hides the name in the
+/// layers below, while a zero-size file without it stays a file. Looked up before any listing
+/// (layerfs then builds the directory's index from marks it read while opening the directory),
+/// listed, and written over, on both implementations.
+#[test]
+fn interop_xattr_whiteouts_in_a_lower_dir() {
+    if !can_mount("interop_xattr_whiteouts_in_a_lower_dir") {
+        return;
+    }
+    let fix = Fixture::new("xwhiteout");
+    let (l1, l2, l3) = (fix.dir("l1"), fix.dir("l2"), fix.dir("l3"));
+    for l in [&l1, &l2, &l3] {
+        std::fs::create_dir_all(l.join("d")).expect("mkdir");
+    }
+    std::fs::write(l1.join("d/gone"), b"bottom\n").expect("write");
+    std::fs::write(l1.join("d/keep"), b"keep\n").expect("write");
+    std::fs::write(l2.join("d/gone"), b"").expect("write");
+    std::fs::write(l2.join("d/empty"), b"").expect("write");
+    std::fs::write(l3.join("d/top"), b"top\n").expect("write");
+    let set = |p: &std::path::Path, name: &str, value: &[u8]| {
+        rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty()).expect("xattr")
+    };
+    set(&l2.join("d/gone"), "trusted.overlay.whiteout", b"y");
+    set(&l2.join("d"), "trusted.overlay.opaque", b"x");
+    let lowers = vec![l3, l2, l1];
+    let script = "stat -c '%n %s' d/gone d/empty d/keep d/top 2>&1; ls d; \
+                  echo new > d/gone && cat d/gone && ls d";
+    let mut outs = Vec::new();
+    for imp in [Impl::Kernel, sut()] {
+        let side = imp.to_string();
+        let m = Mount::new(
+            imp,
+            &layers_for(&fix, &lowers, &side),
+            &fix.mountpoint(&side),
+        );
+        let out = crate::util::sh(&m.path, script);
+        outs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        m.unmount();
+    }
+    assert_eq!(outs[0], outs[1], "kernel and {} differ", sut());
+    assert!(
+        outs[1].contains("No such file") && outs[1].contains("d/empty 0"),
+        "the xattr whiteout did not hide d/gone, or hid d/empty: {}",
+        outs[1]
+    );
+}

@@ -282,6 +282,7 @@ fn layer_dirs(lowers: &[(LayerIdx, OwnedFd)]) -> Vec<LayerDir<'_>> {
         .map(|(l, fd)| LayerDir {
             layer: *l,
             fd: fd.as_fd(),
+            mark: None,
         })
         .collect()
 }

@@ -169,6 +169,7 @@ impl Overlay {
                 .filter(|_| !opaque)
                 .and_then(|u| xattr::get(u.as_fd(), self.layers.encoding.redirect_xattr()).ok());
             let mut lower_dirs = Vec::with_capacity(layers.len());
+            let redirected = redirect.is_some();
             if let Some(target) = redirect {
                 self.redirect_lower_dirs(&parent, &target, None, &mut lower_dirs)?;
             } else if !opaque {
@@ -190,6 +191,8 @@ impl Overlay {
                 s.evicted = None;
                 s.upper = upper.clone();
                 s.lower_dirs = lower_dirs.clone();
+                // Parts found through a redirect had no marks read.
+                s.plain_lowers &= !redirected;
             }
             self.stats
                 .dir_fd_restores

@@ -89,6 +89,8 @@ pub struct LayerDir<'a> {
     pub layer: LayerIdx,
     /// `O_PATH` fd of the directory in that layer.
     pub fd: BorrowedFd<'a>,
+    /// Its opaque mark, if known (else read from its xattrs).
+    pub mark: Option<DirMark>,
 }
 
 /// The lower half of an entry while the index is built.
@@ -106,7 +108,7 @@ impl DirIndex {
         let mut lowers_visible = true;
         let mut upper_empty = true;
         if let Some(fd) = upper {
-            let listing = read_layer(fd)?;
+            let listing = read_layer(fd, None)?;
             if listing.opaque {
                 lowers_visible = false;
             }
@@ -126,7 +128,7 @@ impl DirIndex {
         // One lower layer under an empty upper (most directories of an image): its entries are the
         // index, and its whiteouts hide nothing.
         if let ([dir], true, true) = (lowers, upper_empty, lowers_visible) {
-            let listing = read_layer(dir.fd)?;
+            let listing = read_layer(dir.fd, dir.mark)?;
             entries.reserve(listing.items.len());
             for (name, item) in listing.items {
                 if let Item::Entry(kind, ino) = item {
@@ -145,7 +147,7 @@ impl DirIndex {
         let mut lower: HashMap<Box<[u8]>, LowerBuild> = HashMap::new();
         if lowers_visible {
             for dir in lowers {
-                let listing = read_layer(dir.fd)?;
+                let listing = read_layer(dir.fd, dir.mark)?;
                 for (name, item) in listing.items {
                     match lower.entry(name) {
                         MapEntry::Vacant(v) => {
@@ -288,9 +290,9 @@ struct Listing {
 }
 
 /// One layer directory, decoded: whiteouts in every encoding, opaque marker entries, and
-/// `d_type`s filled in where the filesystem left them unknown.
-fn read_layer(fd: BorrowedFd<'_>) -> SysResult<Listing> {
-    let mark = format::dir_mark(fd);
+/// `d_type`s filled in where the filesystem left them unknown. `mark`: its opaque mark if known.
+fn read_layer(fd: BorrowedFd<'_>, mark: Option<DirMark>) -> SysResult<Listing> {
+    let mark = mark.unwrap_or_else(|| format::dir_mark(fd));
     let mut items: Vec<(Box<[u8]>, Item)> = Vec::new();
     // `.wh.NAME` files: they may name an entry of this same dir, resolved at the end.
     let mut wh_files = Vec::new();
@@ -362,10 +364,12 @@ mod tests {
             LayerDir {
                 layer: LayerIdx(1),
                 fd: f1.as_fd(),
+                mark: None,
             },
             LayerDir {
                 layer: LayerIdx(2),
                 fd: f2.as_fd(),
+                mark: None,
             },
         ]
     }

@@ -296,6 +296,7 @@ impl Overlay {
             lower_dirs: Vec::new(),
             group: false,
             pinned: false,
+            plain_lowers: false,
         };
         let (node, attr) = self.node_from_probe(&dir, &name, probe);
         self.nodes.add_lookup(&node);
@@ -569,6 +570,7 @@ impl Overlay {
             .map(|(l, fd)| LayerDir {
                 layer: *l,
                 fd: fd.as_fd(),
+                mark: probe.plain_lowers.then_some(format::DirMark::Plain),
             })
             .collect();
         DirIndex::build(upper, &lowers)

@@ -72,6 +72,9 @@ pub struct NodeState {
     pub evicted: Option<Box<[LayerIdx]>>,
     /// For a directory: its fds cannot be reopened by name (root, or reached through a redirect).
     pub pinned: bool,
+    /// For a directory: no lower part has a mark an index build must read (no `opaque=x`; an
+    /// opaque one is the last), as found when they were opened.
+    pub plain_lowers: bool,
 }
 
 impl NodeState {
@@ -90,6 +93,7 @@ impl NodeState {
             orphan: None,
             evicted: None,
             pinned: false,
+            plain_lowers: false,
         }
     }
 

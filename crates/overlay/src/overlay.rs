@@ -73,6 +73,9 @@ pub(crate) struct Probe {
     pub group: bool,
     /// A directory whose lower parts were found through a redirect: its fds stay open.
     pub pinned: bool,
+    /// A directory whose lower parts all had no mark but an opaque one (read while they were
+    /// opened), so an index build need not read them again.
+    pub plain_lowers: bool,
 }
 
 /// What becomes of the layers below a lower part of a directory.
@@ -174,11 +177,13 @@ impl Overlay {
             return Ok(());
         }
         let (upper, lowers) = self.dir_fds(dir)?;
+        let known = dir.read().plain_lowers.then_some(DirMark::Plain);
         let layer_dirs: Vec<LayerDir<'_>> = lowers
             .iter()
             .map(|(l, fd)| LayerDir {
                 layer: *l,
                 fd: fd.as_fd(),
+                mark: known,
             })
             .collect();
         let index = DirIndex::build(upper.as_ref().map(|u| u.as_fd()), &layer_dirs)?;
@@ -318,6 +323,7 @@ impl Overlay {
         };
         let mut lower_dirs = Vec::new();
         let mut pinned = false;
+        let mut plain = true;
         if kind == FileType::Directory {
             let fd = fd.as_ref().ok_or(Errno::IO)?;
             let (upper_opaque, redirect) = if vis.layer.is_upper() {
@@ -331,20 +337,32 @@ impl Overlay {
                 // A directory the kernel overlay moved: its lowers live at the redirect path.
                 self.redirect_lower_dirs(dir, &target, None, &mut lower_dirs)?;
                 pinned = true;
+                plain = false;
             } else if vis.layer.is_upper() && !upper_opaque {
                 if let Some(lower) = entry
                     .lower
                     .as_ref()
                     .filter(|l| l.kind == FileType::Directory)
                 {
-                    pinned =
-                        self.open_lower_dirs(dir, name, lower.layer, &lower.more, &mut lower_dirs)?
-                            == Below::Redirected;
+                    pinned = self.open_lower_dirs(
+                        dir,
+                        name,
+                        lower.layer,
+                        &lower.more,
+                        &mut lower_dirs,
+                        &mut plain,
+                    )? == Below::Redirected;
                 }
             } else if !vis.layer.is_upper()
                 && let Some(lower) = entry.lower.as_ref()
             {
-                pinned = match self.push_lower_dir(dir, vis.layer, fd.clone(), &mut lower_dirs)? {
+                pinned = match self.push_lower_dir(
+                    dir,
+                    vis.layer,
+                    fd.clone(),
+                    &mut lower_dirs,
+                    &mut plain,
+                )? {
                     Below::Merge => {
                         self.open_lower_dirs(
                             dir,
@@ -352,6 +370,7 @@ impl Overlay {
                             LayerIdx(u16::MAX),
                             &lower.more,
                             &mut lower_dirs,
+                            &mut plain,
                         )? == Below::Redirected
                     }
                     Below::Hidden => false,
@@ -377,6 +396,7 @@ impl Overlay {
             lower_dirs,
             group,
             pinned,
+            plain_lowers: plain,
         }))
     }
 
@@ -390,6 +410,7 @@ impl Overlay {
         first: LayerIdx,
         more: &[LayerIdx],
         out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
+        plain: &mut bool,
     ) -> OvlResult<Below> {
         let layers = std::iter::once(first)
             .filter(|l| l.0 != u16::MAX)
@@ -397,7 +418,7 @@ impl Overlay {
         for layer in layers {
             let parent = self.dir_fd_in(dir, layer)?;
             let fd = Arc::new(sys::open_path_dir(parent.as_fd(), name)?);
-            match self.push_lower_dir(dir, layer, fd, out)? {
+            match self.push_lower_dir(dir, layer, fd, out, plain)? {
                 Below::Merge => {}
                 end => return Ok(end),
             }
@@ -408,17 +429,20 @@ impl Overlay {
     /// Appends `fd`, a lower part (in `layer`) of a directory of `dir`, to `out`, and says what
     /// becomes of the layers below: an opaque part hides them; a part with a `redirect` (moved
     /// while its layer was the upper one) has its further parts where the redirect points, which
-    /// are appended here, as the kernel overlay looks them up.
+    /// are appended here, as the kernel overlay looks them up. Clears `plain` unless the part
+    /// has no mark or is opaque (then it is the last).
     fn push_lower_dir(
         &self,
         dir: &Node,
         layer: LayerIdx,
         fd: Arc<OwnedFd>,
         out: &mut Vec<(LayerIdx, Arc<OwnedFd>)>,
+        plain: &mut bool,
     ) -> OvlResult<Below> {
         let (mark, redirect) =
             format::dir_xattrs(fd.as_fd(), Some(self.layers.encoding.redirect_xattr()));
         let opaque = mark == DirMark::Opaque;
+        *plain &= mark != DirMark::HasXWhiteouts && redirect.is_none();
         out.push((layer, fd));
         if opaque {
             return Ok(Below::Hidden);
@@ -560,6 +584,7 @@ impl Overlay {
             lower_dirs: probe.lower_dirs,
             group: probe.group,
             pinned: probe.pinned,
+            plain_lowers: probe.plain_lowers,
             ..NodeState::new(dir.ino, Some(name.clone()), probe.vis.layer)
         };
         let node = Node::new(probe.ino, is_dir, state);
