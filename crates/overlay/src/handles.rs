@@ -3,7 +3,6 @@
 //! afterwards (as the kernel overlay's `ovl_real_fdget` does).
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,12 +28,19 @@ pub struct FileHandle {
 /// One entry of a directory listing snapshot.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
-    /// Name.
-    pub name: OsString,
+    /// Name (shared with the directory's index).
+    pub name: crate::index::Name,
     /// `d_ino` (= `st_ino`).
     pub ino: u64,
     /// `d_type`.
     pub kind: FileType,
+}
+
+impl DirEntry {
+    /// Its name as an `OsStr`.
+    pub fn name(&self) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(&self.name)
+    }
 }
 
 impl FileHandle {
@@ -174,7 +180,7 @@ mod tests {
         Arc::new(
             (0..n)
                 .map(|i| DirEntry {
-                    name: format!("e{i}").into(),
+                    name: format!("e{i}").as_bytes().into(),
                     ino: i as u64 + 1,
                     kind: FileType::RegularFile,
                 })

@@ -19,6 +19,10 @@ use layerfs_sys::{self as sys, Component, FileType, SysResult};
 
 use crate::layers::LayerIdx;
 
+/// A name in an index, shared with the listings made from it (a listing takes a reference, not a
+/// copy, of each name).
+pub type Name = Arc<[u8]>;
+
 /// What the upper dir holds under a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpperSlot {
@@ -80,7 +84,7 @@ impl IndexEntry {
 /// The merged index of a directory. Owned by the directory's node, guarded by its state lock.
 #[derive(Debug, Default)]
 pub struct DirIndex {
-    entries: HashMap<Box<[u8]>, IndexEntry>,
+    entries: HashMap<Name, IndexEntry>,
 }
 
 /// A layer directory to read while building an index.
@@ -104,7 +108,7 @@ enum LowerBuild {
 impl DirIndex {
     /// Reads `upper` (if any) and then `lowers` (top first) and merges them.
     pub fn build(upper: Option<BorrowedFd<'_>>, lowers: &[LayerDir<'_>]) -> SysResult<DirIndex> {
-        let mut entries: HashMap<Box<[u8]>, IndexEntry> = HashMap::new();
+        let mut entries: HashMap<Name, IndexEntry> = HashMap::new();
         let mut lowers_visible = true;
         let mut upper_empty = true;
         if let Some(fd) = upper {
@@ -144,7 +148,7 @@ impl DirIndex {
             }
             return Ok(DirIndex { entries });
         }
-        let mut lower: HashMap<Box<[u8]>, LowerBuild> = HashMap::new();
+        let mut lower: HashMap<Name, LowerBuild> = HashMap::new();
         if lowers_visible {
             for dir in lowers {
                 let listing = read_layer(dir.fd, dir.mark)?;
@@ -228,7 +232,7 @@ impl DirIndex {
     }
 
     /// Visible names with their entries, sorted by name.
-    pub fn visible_sorted(&self) -> Vec<(Box<[u8]>, Visible)> {
+    pub fn visible_sorted(&self) -> Vec<(Name, Visible)> {
         let mut out: Vec<_> = self
             .entries
             .iter()
@@ -241,7 +245,7 @@ impl DirIndex {
     /// Calls `f(name, visible, lower)` for each visible name, in no order, with the
     /// `(layer, d_ino)` of its lower object when the lower object is what the view shows (for
     /// `d_ino` without opening it).
-    pub fn for_each_visible(&self, mut f: impl FnMut(&[u8], Visible, Option<(LayerIdx, u64)>)) {
+    pub fn for_each_visible(&self, mut f: impl FnMut(&Name, Visible, Option<(LayerIdx, u64)>)) {
         for (n, e) in &self.entries {
             let Some(v) = e.visible() else {
                 continue;
@@ -285,7 +289,7 @@ enum Item {
 
 struct Listing {
     /// Each name once (a real entry beats a `.wh.` file naming it).
-    items: Vec<(Box<[u8]>, Item)>,
+    items: Vec<(Name, Item)>,
     opaque: bool,
 }
 
@@ -293,7 +297,7 @@ struct Listing {
 /// `d_type`s filled in where the filesystem left them unknown. `mark`: its opaque mark if known.
 fn read_layer(fd: BorrowedFd<'_>, mark: Option<DirMark>) -> SysResult<Listing> {
     let mark = mark.unwrap_or_else(|| format::dir_mark(fd));
-    let mut items: Vec<(Box<[u8]>, Item)> = Vec::new();
+    let mut items: Vec<(Name, Item)> = Vec::new();
     // `.wh.NAME` files: they may name an entry of this same dir, resolved at the end.
     let mut wh_files = Vec::new();
     let mut opaque = mark == DirMark::Opaque;
@@ -304,7 +308,7 @@ fn read_layer(fd: BorrowedFd<'_>, mark: Option<DirMark>) -> SysResult<Listing> {
                 return Ok(());
             }
             NameKind::WhiteoutFor(target) => {
-                wh_files.push(Box::<[u8]>::from(target));
+                wh_files.push(Name::from(target));
                 return Ok(());
             }
             NameKind::Meta | NameKind::Invalid => return Ok(()),
@@ -338,7 +342,7 @@ fn read_layer(fd: BorrowedFd<'_>, mark: Option<DirMark>) -> SysResult<Listing> {
     })?;
     if !wh_files.is_empty() {
         let named: std::collections::HashSet<&[u8]> = items.iter().map(|(n, _)| &**n).collect();
-        let mut extra: Vec<Box<[u8]>> = wh_files
+        let mut extra: Vec<Name> = wh_files
             .into_iter()
             .filter(|t| !named.contains(&**t))
             .collect();

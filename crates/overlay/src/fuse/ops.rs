@@ -143,7 +143,7 @@ impl Fuse {
         if e.ino != 0 {
             return Ok(Some(e.ino));
         }
-        self.ovl.entry_ino(dir, &e.name)
+        self.ovl.entry_ino(dir, e.name())
     }
 
     /// READDIR of directory `ino` from `offset`: `add(ino, next offset, type, name)` for each
@@ -162,7 +162,7 @@ impl Fuse {
             let Some(ino) = self.d_ino(&dir, e)? else {
                 continue;
             };
-            if add(ino, Listings::offset(list.id, i + 1), e.kind, &e.name) {
+            if add(ino, Listings::offset(list.id, i + 1), e.kind, e.name()) {
                 break;
             }
         }
@@ -188,9 +188,9 @@ impl Fuse {
         let mut bare = 0;
         for (i, e) in list.entries.iter().enumerate().skip(pos) {
             let off = Listings::offset(list.id, i + 1);
-            if e.name == "." || e.name == ".." {
-                let target = if e.name == "." { ino } else { e.ino };
-                if add(off, &e.name, PlusItem::Dot(target)) {
+            if e.name() == "." || e.name() == ".." {
+                let target = if e.name() == "." { ino } else { e.ino };
+                if add(off, e.name(), PlusItem::Dot(target)) {
                     break;
                 }
                 continue;
@@ -199,16 +199,16 @@ impl Fuse {
                 let Some(ino) = self.d_ino(&dir, e)? else {
                     continue;
                 };
-                if add(off, &e.name, PlusItem::Bare(ino, e.kind)) {
+                if add(off, e.name(), PlusItem::Bare(ino, e.kind)) {
                     break;
                 }
                 bare += 1;
                 continue;
             }
-            let Some((node, a)) = self.ovl.dir_entry_plus(&dir, &e.name)? else {
+            let Some((node, a)) = self.ovl.dir_entry_plus(&dir, e.name())? else {
                 continue;
             };
-            if add(off, &e.name, PlusItem::Entry(&a)) {
+            if add(off, e.name(), PlusItem::Entry(&a)) {
                 break;
             }
             self.ovl.entry_sent(&node);
