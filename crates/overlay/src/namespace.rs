@@ -470,15 +470,21 @@ impl Overlay {
                 .filter(|n| n.read().is_at(dir.ino, name))
         };
         if vis.layer.is_upper() && vis.kind != FileType::Directory {
-            // A file made in the upper has the upper inode number as its node id: when the kernel
-            // knows it, one stat finds it, without reading the origin a copied-up file has.
+            // An upper file with one link: its stat says all a probe would. A file made in the
+            // upper has the upper inode number as its node id, found without reading anything
+            // more; a copied-up one has its origin's, read by name.
             let parent = self.dir_fd_in(dir, vis.layer)?;
             let st = sys::stat_at(parent.as_fd(), name)?;
-            if st.st_nlink <= 1
-                && let Some(node) = node_at(self.layers.xino(LayerIdx::UPPER, st.st_ino))
-            {
+            if st.st_nlink <= 1 && sys::file_type(&st) != FileType::Directory {
+                let node = match node_at(self.layers.xino(LayerIdx::UPPER, st.st_ino)) {
+                    Some(node) => Some(node),
+                    None => {
+                        let origin = crate::overlay::Origin::Named(parent.as_fd(), name);
+                        node_at(self.ino_of(vis, origin, &st, &[])?)
+                    }
+                };
                 return Ok(AtName {
-                    node: Some(node),
+                    node,
                     single_link: true,
                 });
             }

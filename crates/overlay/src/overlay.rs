@@ -490,7 +490,7 @@ impl Overlay {
 
     /// `st_ino` of an object: a merged directory shows its topmost lower dir's inode; a copied-up
     /// object shows the inode it had before (origin xattr); anything else its own.
-    fn ino_of(
+    pub(crate) fn ino_of(
         &self,
         vis: Visible,
         origin: Origin<'_>,
@@ -753,7 +753,7 @@ impl Overlay {
 /// Where [`Overlay::ino_of`] reads an upper object's origin xattr: its fd, or its name in its
 /// directory (no fd opened, no `/proc` walk).
 #[derive(Clone, Copy)]
-enum Origin<'a> {
+pub(crate) enum Origin<'a> {
     Fd(BorrowedFd<'a>),
     Named(BorrowedFd<'a>, &'a Component),
 }
