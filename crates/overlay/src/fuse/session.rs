@@ -27,8 +27,9 @@ pub struct MountOptions {
     pub extra: Vec<MountOption>,
     /// Serve requests from io_uring queues where the kernel allows (`uring=off` turns it off).
     pub uring: bool,
-    /// Commit quick io_uring answers (small READs, lookups, attributes, xattrs) as a `SCHED_IDLE`
-    /// thread where the daemon may (`idle_commit=off` turns it off; see `fuse/idle.rs`).
+    /// Commit the io_uring answers a caller waits for (`commit_idle` in `fuse/uring.rs`) as a
+    /// `SCHED_IDLE` thread where the daemon may (`idle_commit=off` turns it off; see
+    /// `fuse/idle.rs`).
     pub idle_commit: bool,
     /// Lower files of at least this many bytes are read without the kernel page cache
     /// (`direct_read=SIZE`; `None`, the default: never). See [`Fuse::open_file`].
