@@ -210,3 +210,60 @@ fn interop_xattr_whiteouts_in_a_lower_dir() {
         outs[1]
     );
 }
+
+/// Lower files with more than one link, some of whose links lie outside every layer (trees made
+/// with `cp -al`, stores that share files between layers): stat, copy-up by append, and a hard
+/// link made in the mount, on both implementations; then the same mount again, where a name of
+/// a group copied up through another name must show the copy (layerfs reads its group index
+/// at mount, and looks a lower hard link up without opening it only while its group has no
+/// upper inode). The file outside the layers is never written.
+#[test]
+fn interop_lower_files_linked_outside_the_layers() {
+    if !can_mount("interop_lower_files_linked_outside_the_layers") {
+        return;
+    }
+    let fix = Fixture::new("outlinks");
+    let (l1, l2, out) = (fix.dir("l1"), fix.dir("l2"), fix.dir("outside"));
+    for l in [&l1, &l2] {
+        std::fs::create_dir_all(l.join("d")).expect("mkdir");
+    }
+    std::fs::write(l1.join("d/a"), b"one\n").expect("write");
+    std::fs::hard_link(l1.join("d/a"), l1.join("d/b")).expect("link");
+    std::fs::hard_link(l1.join("d/a"), l1.join("d/c")).expect("link");
+    std::fs::write(l1.join("d/x"), b"ex\n").expect("write");
+    std::fs::hard_link(l1.join("d/x"), out.join("x")).expect("link");
+    std::fs::hard_link(l1.join("d/x"), out.join("x2")).expect("link");
+    std::fs::write(l2.join("d/top"), b"top\n").expect("write");
+    let lowers = vec![l2, l1];
+    // d/c is first looked up after its group was copied up through d/a.
+    let first = "stat -c '%n %h %s' d/a d/b d/x; cat d/x; \
+                 echo more >> d/x && stat -c '%n %h %s' d/x && cat d/x; \
+                 echo two >> d/a && cat d/b && stat -c '%n %h %s' d/a d/b d/c && cat d/c; \
+                 ln d/x d/y && stat -c '%n %h' d/x d/y; ls -l d | cut -c1-14";
+    let again = "stat -c '%n %h %s' d/a d/b d/c d/x d/y; cat d/b d/y";
+    let mut outs = Vec::new();
+    for imp in [Impl::Kernel, sut()] {
+        let side = imp.to_string();
+        let layers = layers_for(&fix, &lowers, &side);
+        let mut text = String::new();
+        for script in [first, again] {
+            let m = Mount::new(imp, &layers, &fix.mountpoint(&side));
+            let o = crate::util::sh(&m.path, script);
+            text.push_str(&String::from_utf8_lossy(&o.stdout));
+            text.push_str(&String::from_utf8_lossy(&o.stderr));
+            m.unmount();
+        }
+        outs.push(text);
+    }
+    assert_eq!(outs[0], outs[1], "kernel and {} differ", sut());
+    assert!(
+        outs[1].contains("d/x 3 3") && outs[1].contains("d/c 3 8\none\ntwo\n"),
+        "unexpected view: {}",
+        outs[1]
+    );
+    assert_eq!(
+        std::fs::read(out.join("x")).expect("read"),
+        b"ex\n",
+        "a file outside the layers was written"
+    );
+}

@@ -25,6 +25,9 @@ impl Overlay {
         let Some(index) = self.layers.index() else {
             return Ok(None);
         };
+        if !self.layers.group_may_exist(key) {
+            return Ok(None);
+        }
         match sys::open_path(index, &entry_name(key)?) {
             Ok(fd) => Ok(Some(fd)),
             Err(Errno::NOENT) => Ok(None),
@@ -95,6 +98,7 @@ impl Overlay {
             .build_copy(src, st, work, &tmp, CopyData::All, key)
             .and_then(|fd| {
                 self.set_group_count(fd.as_fd(), st.st_nlink)?;
+                self.layers.note_group(key);
                 match sys::rename_at(work, &tmp, index, &entry_name(key)?, RenameFlags::NOREPLACE) {
                     Ok(()) => Ok(Some(fd)),
                     // Another thread made it first: use theirs.

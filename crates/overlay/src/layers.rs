@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::sync::atomic::AtomicBool;
+
+use foldhash::{HashSet, HashSetExt};
 
 use layerfs_store::format::Encoding;
 use layerfs_sys::{self as sys, Component, Errno, Mode, SysResult};
@@ -52,6 +55,11 @@ pub struct Layers {
     /// `O_PATH` fd of `work/layerfs-index`: one entry per lower hard-link group that has an upper
     /// inode, named by the group's `st_ino` ([`crate::group`]). Kept across mounts.
     index: Option<OwnedFd>,
+    /// The keys of the entries `index` may hold: every entry it holds, read at mount, and every
+    /// key noted before its entry is published since. A key not here has no entry, which spares
+    /// the lookup of a lower hard link (whose other names may lie outside every layer: trees
+    /// made with `cp -al`, or stores that share files between layers) an `openat` that fails.
+    group_keys: RwLock<HashSet<u64>>,
     /// Per layer: the tag placed in the top bits of `st_ino` (0 when all layers share one fs).
     xino_tag: Vec<u64>,
     /// How whiteouts and opaque marks are written.
@@ -87,6 +95,7 @@ impl Layers {
         let mut devs = Vec::new();
         let mut work = None;
         let mut index = None;
+        let mut group_keys = HashSet::new();
         let mut sync = SyncPolicy::ReadOnly;
         if let (Some(upper), Some(workdir)) = (&cfg.upper, &cfg.work) {
             let u = open(upper, "upper directory")?;
@@ -124,12 +133,14 @@ impl Layers {
                     workdir.display()
                 )
             })?);
-            index = Some(prepare_index(w.as_fd()).map_err(|e| {
+            let (fd, keys) = prepare_index(w.as_fd()).map_err(|e| {
                 format!(
                     "work directory {}: cannot prepare its index: {e}",
                     workdir.display()
                 )
-            })?);
+            })?;
+            index = Some(fd);
+            group_keys = keys;
             let (policy, found) = SyncPolicy::for_upper(u.as_fd(), cfg.volatile);
             tracing::info!("copy-up sync: {policy} ({found})");
             sync = policy;
@@ -168,6 +179,7 @@ impl Layers {
             roots,
             work,
             index,
+            group_keys: RwLock::new(group_keys),
             xino_tag,
             encoding: Encoding::for_this_process(),
             sync,
@@ -215,6 +227,25 @@ impl Layers {
     /// The hard-link group index dir, on a writable mount.
     pub fn index(&self) -> Option<BorrowedFd<'_>> {
         self.index.as_ref().map(|fd| fd.as_fd())
+    }
+
+    /// Whether the index may hold an entry for group `key`: `false` means it holds none.
+    pub fn group_may_exist(&self, key: u64) -> bool {
+        self.index.is_some()
+            && self
+                .group_keys
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&key)
+    }
+
+    /// Notes that an entry for group `key` is about to be published in the index (before it
+    /// is, so that [`Layers::group_may_exist`] never says `false` of an entry that exists).
+    pub fn note_group(&self, key: u64) {
+        self.group_keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
     }
 
     /// `st_ino` as shown in the mount for an object of layer `idx` with backing inode `ino`.
@@ -283,14 +314,31 @@ fn prepare_work(workdir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
     Ok(fd)
 }
 
-/// Creates `work/layerfs-index` if needed (its entries are kept).
-fn prepare_index(workdir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+/// Creates `work/layerfs-index` if needed (its entries are kept), and reads the group keys its
+/// entries are named by (16 hex digits; other names are no entry of ours).
+fn prepare_index(workdir: BorrowedFd<'_>) -> SysResult<(OwnedFd, HashSet<u64>)> {
     let name = Component::new("layerfs-index")?;
     match sys::mkdir_at(workdir, &name, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(Errno::EXIST) => {}
         Err(e) => return Err(e),
     }
-    sys::open_path_dir(workdir, &name)
+    let fd = sys::open_path_dir(workdir, &name)?;
+    let mut keys = HashSet::new();
+    sys::dir::for_each(fd.as_fd(), |name, _, _| {
+        if let Some(key) = group_key(name) {
+            keys.insert(key);
+        }
+        Ok(())
+    })?;
+    Ok((fd, keys))
+}
+
+/// The group key an index entry's name stands for.
+fn group_key(name: &[u8]) -> Option<u64> {
+    if name.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(name).ok()?, 16).ok()
 }
 
 /// Removes everything inside the directory `dir` (never following symlinks).

@@ -289,12 +289,19 @@ impl Overlay {
         };
         let parent_fd = self.dir_fd_in(dir, vis.layer)?;
         // A non-directory with one link needs no fd: one fstatat says all (the common case of a
-        // walk), and for an upper one a `getxattrat` reads its origin. Anything else is opened.
-        // Names are stable meanwhile: the kernel holds `dir` locked against creates, unlinks and
-        // renames in it while it looks up or lists, and a copy-up never replaces an upper entry.
+        // walk), and for an upper one a `getxattrat` reads its origin. So does a lower hard link
+        // whose group has no upper inode: it shows the lower object as it is. Anything else is
+        // opened. Names are stable meanwhile: the kernel holds `dir` locked against creates,
+        // unlinks and renames in it while it looks up or lists, and a copy-up never replaces an
+        // upper entry.
         let single = if vis.kind != FileType::Directory {
             let st = sys::stat_at(parent_fd.as_fd(), name)?;
-            (sys::file_type(&st) != FileType::Directory && st.st_nlink <= 1).then_some(st)
+            let plain = st.st_nlink <= 1
+                || (!vis.layer.is_upper()
+                    && !self
+                        .layers
+                        .group_may_exist(self.layers.xino(vis.layer, st.st_ino)));
+            (sys::file_type(&st) != FileType::Directory && plain).then_some(st)
         } else {
             None
         };
@@ -544,9 +551,11 @@ impl Overlay {
         let Some(probe) = self.probe_name(dir, name)? else {
             return Ok(None);
         };
+        // A hard link gets a node: the node keeps each name the kernel reached it by.
         let light = !probe.vis.layer.is_upper()
             && probe.vis.kind != FileType::Directory
             && probe.fd.is_none()
+            && probe.st.st_nlink <= 1
             && !probe.group
             && name.as_bytes().len() <= crate::node::LIGHT_NAME_MAX
             && !self.nodes.has_node(probe.ino);
@@ -662,9 +671,14 @@ impl Overlay {
         let fd = match self.object_at(node)?.1 {
             ObjectAt::Fd(fd) => fd,
             ObjectAt::Named(dir, name) => {
-                // One stat by name; the object is opened only to count a hard-link group.
+                // One stat by name; the object is opened only to count a hard-link group (a
+                // lower hard link whose group has no upper inode counts its real links).
                 let st = sys::stat_at(dir.as_fd(), &name)?;
-                if st.st_nlink <= 1 && !node.read().group {
+                let group = {
+                    let s = node.read();
+                    s.group || (s.in_upper() && st.st_nlink > 1)
+                };
+                if !group && (st.st_nlink <= 1 || !self.layers.group_may_exist(node.ino)) {
                     return Ok(self.attr_from(node, st, None));
                 }
                 Arc::new(sys::open_path(dir.as_fd(), &name)?)
