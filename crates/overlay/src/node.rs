@@ -370,6 +370,11 @@ impl NodeTable {
 
     /// Inserts `node` unless a node with its id exists; returns the node now in the table.
     /// `same` decides whether an existing node is the same object (else it is replaced).
+    ///
+    /// The kernel counts its references per node id, not per node: the FORGETs still due for a
+    /// replaced node (an unlinked one, say, whose id a lookup now gives again) come under this
+    /// id, so the new node takes over its count. Dropped with the old node, that count would
+    /// let those FORGETs take the new node out of the table while the kernel still uses it.
     pub fn insert_or_get(&self, node: Node, same: impl FnOnce(&Node) -> bool) -> (Arc<Node>, bool) {
         let mut t = self.write();
         if let Some(existing) = t.full.get(&node.ino)
@@ -384,6 +389,10 @@ impl NodeTable {
         }
         let node = Arc::new(node);
         let replaced = t.full.insert(node.ino, node.clone());
+        if let Some(old) = &replaced {
+            node.lookups
+                .fetch_add(old.lookups.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         drop(t);
         // Its fds close outside the table lock (see `forget`).
         drop(replaced);
@@ -428,8 +437,33 @@ impl NodeTable {
     }
 
     /// Adds one kernel lookup reference (an entry reply is about to be sent).
-    pub fn add_lookup(&self, node: &Node) {
-        node.lookups.fetch_add(1, Ordering::Relaxed);
+    ///
+    /// Counted on the node the table holds for that id, under the table lock: a FORGET of the
+    /// id's earlier references may have taken `node` out of the table since the lookup found
+    /// it (the kernel evicting its inode while it looks the name up again). Then `node` goes
+    /// back in; a node that replaced it meanwhile gets the reference instead.
+    pub fn add_lookup(&self, node: &Arc<Node>) {
+        {
+            let t = self.read();
+            if t.full.get(&node.ino).is_some_and(|n| Arc::ptr_eq(n, node)) {
+                // FORGET takes the write lock: it cannot come between the check and the count.
+                node.lookups.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let mut t = self.write();
+        match t.full.get(&node.ino) {
+            Some(n) => {
+                n.lookups.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                // Its references were all forgotten: this one is the only one, with those of a
+                // light entry made for the id meanwhile.
+                let light = t.light(node.ino).take(&node.ino).map_or(0, |e| e.lookups);
+                node.lookups.store(1 + u64::from(light), Ordering::Relaxed);
+                t.full.insert(node.ino, node.clone());
+            }
+        }
     }
 
     /// FORGET: drops `n` references; the node leaves the table at zero (never the root).
@@ -518,5 +552,45 @@ mod tests {
         let long = "x".repeat(LIGHT_NAME_MAX + 1);
         t.add_found(&light(11, &long));
         assert!(t.has_node(11));
+    }
+
+    fn file_node(ino: u64, name: &str) -> Node {
+        Node::new(
+            ino,
+            false,
+            NodeState::new(ROOT, Some(Component::new(name).expect("name")), LayerIdx(1)),
+        )
+    }
+
+    /// The kernel counts references per node id: a node that replaces another of the same id
+    /// (an unlinked one looked up again by another name) stays until every reference to the id
+    /// is forgotten, and a lookup whose node a FORGET took out of the table puts it back.
+    #[test]
+    fn references_are_counted_per_node_id() {
+        let t = NodeTable::default();
+        let (old, _) = t.insert_or_get(file_node(7, "c"), |_| false);
+        t.add_lookup(&old);
+        t.add_lookup(&old);
+        old.write().unlinked = true;
+        let (new, inserted) = t.insert_or_get(file_node(7, "d"), |o| !o.read().unlinked);
+        assert!(inserted && !Arc::ptr_eq(&old, &new));
+        t.add_lookup(&new);
+        // The FORGET of the replaced node's two references leaves the new one in the table.
+        t.forget(7, 2);
+        assert!(t.get(7).is_some_and(|n| Arc::ptr_eq(&n, &new)));
+        t.forget(7, 1);
+        assert!(t.get(7).is_none());
+
+        // A FORGET between a lookup's find and its count: the count puts the node back.
+        let (n, _) = t.insert_or_get(file_node(9, "e"), |_| true);
+        t.add_lookup(&n);
+        let (found, inserted) = t.insert_or_get(file_node(9, "e"), |_| true);
+        assert!(!inserted);
+        t.forget(9, 1);
+        assert!(t.get(9).is_none());
+        t.add_lookup(&found);
+        assert!(t.get(9).is_some_and(|g| Arc::ptr_eq(&g, &found)));
+        t.forget(9, 1);
+        assert!(t.is_empty());
     }
 }
