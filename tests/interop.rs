@@ -191,18 +191,7 @@ fn interop_xattr_whiteouts_in_a_lower_dir() {
     let lowers = vec![l3, l2, l1];
     let script = "stat -c '%n %s' d/gone d/empty d/keep d/top 2>&1; ls d; \
                   echo new > d/gone && cat d/gone && ls d";
-    let mut outs = Vec::new();
-    for imp in [Impl::Kernel, sut()] {
-        let side = imp.to_string();
-        let m = Mount::new(
-            imp,
-            &layers_for(&fix, &lowers, &side),
-            &fix.mountpoint(&side),
-        );
-        let out = crate::util::sh(&m.path, script);
-        outs.push(String::from_utf8_lossy(&out.stdout).into_owned());
-        m.unmount();
-    }
+    let outs = on_both(&fix, &lowers, script);
     assert_eq!(outs[0], outs[1], "kernel and {} differ", sut());
     assert!(
         outs[1].contains("No such file") && outs[1].contains("d/empty 0"),
@@ -266,4 +255,68 @@ fn interop_lower_files_linked_outside_the_layers() {
         b"ex\n",
         "a file outside the layers was written"
     );
+}
+
+/// A name of a lower hard-link group opened while another name's handle passes its data
+/// through: `d` is copied up and held open for writing (a passthrough open of the group's
+/// inode), unlinked, and then the group's other name is opened for reading and for writing,
+/// written and read. The kernel refuses (EIO) an open whose mode does not fit the inode's
+/// opens, so layerfs must answer every open of the group's inode alike; the kernel overlay
+/// shows the write through the first fd.
+#[test]
+fn interop_hard_link_opened_while_another_name_is_open_for_writing() {
+    if !can_mount("interop_hard_link_opened_while_another_name_is_open_for_writing") {
+        return;
+    }
+    let fix = Fixture::new("grouppass");
+    let (l1, l2) = (fix.dir("l1"), fix.dir("l2"));
+    std::fs::create_dir_all(l1.join("b/x")).expect("mkdir");
+    std::fs::create_dir_all(l2.join("d")).expect("mkdir");
+    std::fs::write(l1.join("d"), b"12345678901234567890123456789").expect("write");
+    std::fs::hard_link(l1.join("d"), l1.join("b/x/q")).expect("link");
+    let lowers = vec![l1, l2];
+    let script = r#"python3 - <<'PY'
+import os
+def step(name, f):
+    try:
+        print(name, f())
+    except OSError as e:
+        print(name, "error", e.errno)
+fd0 = os.open("d", os.O_RDWR)
+fd = os.open("d", os.O_RDONLY)
+step("unlink", lambda: os.unlink("d"))
+step("nlink", lambda: os.fstat(fd).st_nlink)
+step("read", lambda: os.read(fd, 100))
+fa = os.open("b/x/q", os.O_RDONLY)
+fb = os.open("b/x/q", os.O_WRONLY)
+step("pwrite", lambda: os.pwrite(fb, b"abcd", 0))
+step("pread", lambda: os.pread(fa, 100, 0))
+step("stat", lambda: (os.stat("b/x/q").st_size, os.stat("b/x/q").st_nlink))
+PY"#;
+    let outs = on_both(&fix, &lowers, script);
+    assert_eq!(outs[0], outs[1], "kernel and {} differ", sut());
+    assert!(
+        outs[1].contains("pread b'abcd5678901234567890123456789'"),
+        "the write through the other name is not read back: {}",
+        outs[1]
+    );
+}
+
+/// Runs `script` in a fresh mount over `lowers` on the kernel and on the system under test;
+/// returns each one's stdout and stderr.
+fn on_both(fix: &Fixture, lowers: &[std::path::PathBuf], script: &str) -> Vec<String> {
+    [Impl::Kernel, sut()]
+        .into_iter()
+        .map(|imp| {
+            let side = imp.to_string();
+            let m = Mount::new(imp, &layers_for(fix, lowers, &side), &fix.mountpoint(&side));
+            let o = crate::util::sh(&m.path, script);
+            m.unmount();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .collect()
 }

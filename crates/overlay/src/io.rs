@@ -62,6 +62,13 @@ impl Overlay {
         } else {
             self.object_at(&node)?
         };
+        // A name of a hard-link group with an upper inode is served from that inode, which
+        // every copy-up of the group's names links into place: it is the object for good, like
+        // an upper file (and is passed through like one, as other names' opens of it may be).
+        let layer = match at {
+            ObjectAt::Fd(_) if !layer.is_upper() && is_group_served(&node) => LayerIdx::UPPER,
+            _ => layer,
+        };
         let keep = io_flags(flags);
         let open = keep | (flags & OFlags::TRUNC);
         // A file reachable by name is opened by name: one `openat`, where an `O_PATH` fd would
@@ -358,6 +365,12 @@ fn sort_by_name(entries: &mut Vec<DirEntry>, skip: usize) {
     *entries = order
         .filter_map(|i| slots.get_mut(i).and_then(Option::take))
         .collect();
+}
+
+/// Whether `node` (a file) is served from its hard-link group's inode in the index.
+fn is_group_served(node: &Node) -> bool {
+    let s = node.read();
+    s.group && !s.unlinked
 }
 
 #[cfg(test)]

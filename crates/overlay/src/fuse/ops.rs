@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use layerfs_sys::{self as sys, Errno};
 
 use super::Fuse;
-use super::passthrough::{Backing, OwnedFdRef};
+use super::passthrough::{Backing, OpenMode, OwnedFdRef};
 use crate::handles::{DirEntry, Listings};
 use crate::namespace::{Caller, NewObject};
 use crate::overlay::Attr;
@@ -56,9 +56,12 @@ impl Fuse {
     ) -> Result<Opened, Errno> {
         let (fh, layer) = self.changed(self.ovl.open(ino, flags))?;
         let pass = layer.is_upper() || self.ovl.read_only();
-        let backing = self.open_mode(ino, fh, pass, open_backing);
-        let mut direct = false;
-        if backing.is_none() && !layer.is_upper() {
+        let (backing, mut direct) = match self.open_mode(ino, fh, pass, open_backing) {
+            OpenMode::Pass(b) => (Some(b), false),
+            OpenMode::Cached => (None, false),
+            OpenMode::Direct => (None, true),
+        };
+        if backing.is_none() && !direct && !layer.is_upper() {
             direct = flags & FMODE_EXEC == 0 && self.big_enough_for_direct(fh);
             if direct {
                 self.ovl.stats.direct_opens.fetch_add(1, Relaxed);
@@ -126,13 +129,17 @@ impl Fuse {
         open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
     ) -> Result<(Attr, Opened), Errno> {
         let fh = self.ovl.adopt_created(attr.ino, flags, fd)?;
-        let backing = self.open_mode(attr.ino, fh, true, open_backing);
+        let (backing, direct) = match self.open_mode(attr.ino, fh, true, open_backing) {
+            OpenMode::Pass(b) => (Some(b), false),
+            OpenMode::Cached => (None, false),
+            OpenMode::Direct => (None, true),
+        };
         Ok((
             attr,
             Opened {
                 fh,
                 backing,
-                direct: false,
+                direct,
             },
         ))
     }

@@ -8,12 +8,15 @@ use super::Fuse;
 
 /// Kernel passthrough of file data (FUSE_PASSTHROUGH, kernel ≥ 6.9, CAP_SYS_ADMIN).
 ///
-/// Only upper files are passed through, and lower files of a read-only mount: a lower file may
-/// be copied up while open, and an fd opened before the copy-up must then read the upper copy
+/// Only upper files are passed through (with the upper inode of a lower hard-link group, which
+/// every copy-up of the group's names links), and lower files of a read-only mount: a lower file
+/// may be copied up while open, and an fd opened before the copy-up must then read the upper copy
 /// (reference/overlay-semantics.md 11), which a passthrough fd on the lower file could not. All passthrough opens of one node share one
 /// backing file, kept alive by the handles that use it. The kernel refuses to mix passthrough and
 /// cached opens of one inode, so a node with cached opens (from before its copy-up) gets cached
-/// opens until those close.
+/// opens until those close, and an open that may not be passed through while the node has
+/// passthrough opens (or one of another inode than theirs) gets a direct-I/O open, which the
+/// kernel lets coexist with either.
 #[derive(Default)]
 pub(super) struct Passthrough {
     /// Off until INIT granted it; off for good after the first refusal.
@@ -36,8 +39,24 @@ enum Shared {
     Cached,
     /// A live backing of the same inode, now shared with this handle.
     Found(Arc<Backing>),
+    /// A live backing of another inode (the node's object changed while a handle holds it).
+    Other,
     /// None yet.
     None,
+}
+
+/// How an open is answered.
+pub(super) enum OpenMode {
+    /// Passed through to this backing file.
+    Pass(Arc<Backing>),
+    /// Through the daemon and the kernel's page cache.
+    Cached,
+    /// Through the daemon without the page cache (FOPEN_DIRECT_IO): for an open that may be
+    /// neither, because the kernel inode has passthrough opens of another backing file, or the
+    /// open may not be passed through while others are. The kernel puts the inode of a cached
+    /// open in cached mode and that of a passthrough open in passthrough mode, refuses (EIO) an
+    /// open that does not fit the mode, and lets a direct-I/O open fit either.
+    Direct,
 }
 
 #[derive(Default)]
@@ -54,6 +73,13 @@ impl InoIo {
             .filter(|(r, _)| *r == real)
             .and_then(|(_, w)| w.upgrade())
     }
+
+    /// Whether a handle still holds a backing of the node, of whatever inode.
+    fn any_live_backing(&self) -> bool {
+        self.backing
+            .as_ref()
+            .is_some_and(|(_, w)| w.strong_count() > 0)
+    }
 }
 
 impl Fuse {
@@ -65,7 +91,7 @@ impl Fuse {
         fh: u64,
         pass: bool,
         open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
-    ) -> Option<Arc<Backing>> {
+    ) -> OpenMode {
         use std::sync::atomic::Ordering::Relaxed;
         // The file and its real inode, found before the state lock is taken (no I/O under it).
         let key = (pass && self.pt.enabled.load(Relaxed))
@@ -79,7 +105,8 @@ impl Fuse {
         if let Some((fd, real)) = key {
             match self.shared_backing(ino, fh, real) {
                 Shared::Cached => {}
-                Shared::Found(b) => return Some(b),
+                Shared::Found(b) => return OpenMode::Pass(b),
+                Shared::Other => return OpenMode::Direct,
                 Shared::None => match open_backing(&fd) {
                     // Registered there, as passthrough or cached.
                     Ok(b) => return self.adopt_backing(ino, fh, real, Arc::new(b)),
@@ -93,9 +120,14 @@ impl Fuse {
             }
         }
         let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.by_ino.entry(ino).or_default().cached += 1;
+        let io = st.by_ino.entry(ino).or_default();
+        if io.any_live_backing() {
+            // Not counted: a direct open holds no mode of the inode.
+            return OpenMode::Direct;
+        }
+        io.cached += 1;
         st.by_fh.insert(fh, (ino, None));
-        None
+        OpenMode::Cached
     }
 
     /// Whether handle `fh` of node `ino` (real inode `real`) can share a backing: taken if the
@@ -115,6 +147,7 @@ impl Fuse {
                 st.by_fh.insert(fh, (ino, Some(b.clone())));
                 Shared::Found(b)
             }
+            None if io.any_live_backing() => Shared::Other,
             None => Shared::None,
         }
     }
@@ -122,14 +155,9 @@ impl Fuse {
     /// Records the backing `made` (opened without the lock) for handle `fh`, or, if another open
     /// of the node registered one for the same inode meanwhile, shares that one and closes
     /// `made`. If a cached open of the node came meanwhile, this one is registered as cached
-    /// too (the kernel does not mix them) and `None` returned.
-    fn adopt_backing(
-        &self,
-        ino: u64,
-        fh: u64,
-        real: u64,
-        made: Arc<Backing>,
-    ) -> Option<Arc<Backing>> {
+    /// too (the kernel does not mix them); if a backing of another inode did, it is a direct
+    /// open.
+    fn adopt_backing(&self, ino: u64, fh: u64, real: u64, made: Arc<Backing>) -> OpenMode {
         let mut st = self.pt.state.lock().unwrap_or_else(|e| e.into_inner());
         let io = st.by_ino.entry(ino).or_default();
         let (kept, spare) = if io.cached != 0 {
@@ -138,6 +166,11 @@ impl Fuse {
         } else {
             match io.live_backing(real) {
                 Some(b) => (Some(b), made),
+                None if io.any_live_backing() => {
+                    drop(st);
+                    drop(made);
+                    return OpenMode::Direct;
+                }
                 None => {
                     io.backing = Some((real, Arc::downgrade(&made)));
                     (Some(made.clone()), made)
@@ -154,7 +187,7 @@ impl Fuse {
         drop(st);
         // Closes `made` unless it was kept (then another reference lives on in `kept`).
         drop(spare);
-        kept
+        kept.map_or(OpenMode::Cached, OpenMode::Pass)
     }
 
     /// Whether node `ino` has exactly one open, a cached one.
