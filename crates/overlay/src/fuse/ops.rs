@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use layerfs_sys::{self as sys, Errno};
 
 use super::Fuse;
-use super::passthrough::{Backing, OpenMode, OwnedFdRef};
+use super::passthrough::{Backing, OwnedFdRef};
 use crate::handles::{DirEntry, Listings};
 use crate::namespace::{Caller, NewObject};
 use crate::overlay::Attr;
@@ -56,11 +56,7 @@ impl Fuse {
     ) -> Result<Opened, Errno> {
         let (fh, layer) = self.changed(self.ovl.open(ino, flags))?;
         let pass = layer.is_upper() || self.ovl.read_only();
-        let (backing, mut direct) = match self.open_mode(ino, fh, pass, open_backing) {
-            OpenMode::Pass(b) => (Some(b), false),
-            OpenMode::Cached => (None, false),
-            OpenMode::Direct => (None, true),
-        };
+        let (backing, mut direct) = self.open_mode(ino, fh, pass, open_backing).into_parts();
         if backing.is_none() && !direct && !layer.is_upper() {
             direct = flags & FMODE_EXEC == 0 && self.big_enough_for_direct(fh);
             if direct {
@@ -129,11 +125,9 @@ impl Fuse {
         open_backing: impl FnOnce(&OwnedFdRef) -> std::io::Result<Backing>,
     ) -> Result<(Attr, Opened), Errno> {
         let fh = self.ovl.adopt_created(attr.ino, flags, fd)?;
-        let (backing, direct) = match self.open_mode(attr.ino, fh, true, open_backing) {
-            OpenMode::Pass(b) => (Some(b), false),
-            OpenMode::Cached => (None, false),
-            OpenMode::Direct => (None, true),
-        };
+        let (backing, direct) = self
+            .open_mode(attr.ino, fh, true, open_backing)
+            .into_parts();
         Ok((
             attr,
             Opened {

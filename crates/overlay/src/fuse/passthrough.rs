@@ -59,6 +59,17 @@ pub(super) enum OpenMode {
     Direct,
 }
 
+impl OpenMode {
+    /// The backing to pass through to, and whether the open is direct.
+    pub(super) fn into_parts(self) -> (Option<Arc<Backing>>, bool) {
+        match self {
+            OpenMode::Pass(b) => (Some(b), false),
+            OpenMode::Cached => (None, false),
+            OpenMode::Direct => (None, true),
+        }
+    }
+}
+
 #[derive(Default)]
 struct InoIo {
     backing: Option<(u64, std::sync::Weak<Backing>)>,
