@@ -172,6 +172,10 @@ impl Session {
 
 /// Applies `op` in `sess`; returns the rendered outcome.
 pub fn apply(sess: &mut Session, op: &Op) -> String {
+    // No child process is between fork and exec while the op's fds are open (`util::FD_GATE`).
+    let _g = crate::util::FD_GATE
+        .read()
+        .unwrap_or_else(|e| e.into_inner());
     render(apply_inner(sess, op))
 }
 

@@ -64,13 +64,28 @@ pub fn kernel_has_fuse_uring() -> bool {
 /// one test never makes another test's umount fail with EBUSY.
 static SPAWN_LOCK: RwLock<()> = RwLock::new(());
 
+/// Held for reading while a differential op has fds open (`fsops::apply`) and for writing while a
+/// child process is being spawned: between fork and exec the child holds copies of the fds, so a
+/// FIFO an op has just closed would still have a reader, or a writer, when the next op opens it
+/// (a nonblocking open for writing then succeeds on one mount and fails with ENXIO on the other).
+/// Once a spawn returns, the child has exec'd and its copies are closed (all are `O_CLOEXEC`).
+/// Lock order: `SPAWN_LOCK` before `FD_GATE`.
+pub static FD_GATE: RwLock<()> = RwLock::new(());
+
+/// `cmd.spawn()` with no differential op's fds open meanwhile (see [`FD_GATE`]).
+fn gated_spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let _g = FD_GATE.write().unwrap_or_else(|e| e.into_inner());
+    cmd.spawn()
+}
+
 /// `cmd.output()`, spawned under the spawn lock.
 pub fn output(cmd: &mut Command) -> std::io::Result<Output> {
     let child = {
         let _g = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
-        cmd.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?
+        gated_spawn(
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped()),
+        )?
     };
     child.wait_with_output()
 }
@@ -78,10 +93,11 @@ pub fn output(cmd: &mut Command) -> std::io::Result<Output> {
 /// `cmd.spawn()` under the spawn lock, stdio to /dev/null: a child the caller waits for (or kills).
 pub fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
     let _g = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
+    gated_spawn(
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
 }
 
 /// Path of the `layerfs` binary built by cargo for this test.
@@ -317,7 +333,7 @@ impl Mount {
                     .stderr(err);
                 let status = {
                     let _g = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
-                    c.spawn()
+                    gated_spawn(&mut c)
                 }
                 .and_then(|mut ch| ch.wait());
                 status.map(|status| Output {
@@ -359,13 +375,14 @@ fn umount(p: &Path) -> Result<(), String> {
     // Plain umount(8) for every implementation (the spec allows it for layerfs; `layerfs umount`, which
     // also waits for the daemon to exit, is tested in `cli.rs`).
     let run = || {
-        Command::new("umount")
-            .arg(p)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|c| c.wait_with_output())
-            .map_err(|e| e.to_string())
+        gated_spawn(
+            Command::new("umount")
+                .arg(p)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped()),
+        )
+        .and_then(|c| c.wait_with_output())
+        .map_err(|e| e.to_string())
     };
     let mut out = run()?;
     // Known transient: about once in a thousand fuzz sequences run by two workers, umount of a
