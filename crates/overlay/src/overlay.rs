@@ -296,11 +296,8 @@ impl Overlay {
         // upper entry.
         let single = if vis.kind != FileType::Directory {
             let st = sys::stat_at(parent_fd.as_fd(), name)?;
-            let plain = st.st_nlink <= 1
-                || (!vis.layer.is_upper()
-                    && !self
-                        .layers
-                        .group_may_exist(self.layers.xino(vis.layer, st.st_ino)));
+            let key = self.layers.xino(vis.layer, st.st_ino);
+            let plain = self.counts_own_links(vis.layer.is_upper(), key, st.st_nlink);
             (sys::file_type(&st) != FileType::Directory && plain).then_some(st)
         } else {
             None
@@ -674,11 +671,11 @@ impl Overlay {
                 // One stat by name; the object is opened only to count a hard-link group (a
                 // lower hard link whose group has no upper inode counts its real links).
                 let st = sys::stat_at(dir.as_fd(), &name)?;
-                let group = {
+                let (group, upper) = {
                     let s = node.read();
-                    s.group || (s.in_upper() && st.st_nlink > 1)
+                    (s.group, s.in_upper())
                 };
-                if !group && (st.st_nlink <= 1 || !self.layers.group_may_exist(node.ino)) {
+                if !group && self.counts_own_links(upper, node.ino, st.st_nlink) {
                     return Ok(self.attr_from(node, st, None));
                 }
                 Arc::new(sys::open_path(dir.as_fd(), &name)?)
@@ -686,6 +683,13 @@ impl Overlay {
         };
         let st = sys::stat_fd(fd.as_fd())?;
         Ok(self.attr_from(node, st, Some(fd.as_fd())))
+    }
+
+    /// Whether a file with `nlink` links (an upper one if `upper`, else lower with group key
+    /// `key`) shows its own link count, with no hard-link group's count to read: one link, or a
+    /// lower file whose group has no upper inode.
+    fn counts_own_links(&self, upper: bool, key: u64, nlink: u64) -> bool {
+        nlink <= 1 || (!upper && !self.layers.group_may_exist(key))
     }
 
     /// Adjusts a backing stat to what the mount shows.
