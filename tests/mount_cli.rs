@@ -138,6 +138,67 @@ fn mount_refuses_bad_arguments() {
     sh_ok(fix.path(), &format!("umount {} {}", s(&mnt), s(&tmpfs)));
 }
 
+/// One mount at a time per upper and per work dir, as on the kernel overlay with its index: a
+/// second mount of either is refused in one line and leaves the first serving; a mount right
+/// after the first's plain `umount` waits for its daemon to let go and then succeeds.
+#[test]
+fn upper_and_work_dir_serve_one_mount_at_a_time() {
+    if !can_mount("upper_and_work_dir_serve_one_mount_at_a_time") {
+        return;
+    }
+    let fix = Fixture::new("inuse");
+    let lower = fix.dir("lower");
+    for f in ["a", "b"] {
+        std::fs::write(lower.join(f), format!("{f}\n")).expect("write");
+    }
+    let (upper, work) = fix.upper_work("one");
+    let (upper2, work2) = fix.upper_work("two");
+    let mnt = fix.mountpoint("one");
+    let mnt2 = fix.mountpoint("two");
+    mount_one(&lower, &upper, &work, &mnt);
+    sh_ok(fix.path(), &format!("echo more >> {}/a", s(&mnt)));
+    for (u, w, needle) in [
+        (&upper, &work, "upper directory"),
+        (&upper2, &work, "work directory"),
+        (&upper, &work2, "upper directory"),
+    ] {
+        let args = [
+            "mount",
+            "--lower",
+            s(&lower),
+            "--upper",
+            s(u),
+            "--work",
+            s(w),
+            s(&mnt2),
+        ];
+        let (ok, err) = layerfs(&args);
+        assert!(!ok, "second mount {args:?} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "one line expected: {err:?}");
+        assert!(
+            err.contains(needle) && err.contains("in use"),
+            "{args:?}: {err:?} does not say the {needle} is in use"
+        );
+        assert!(!is_mounted(&mnt2), "{args:?} left a mount");
+    }
+    // The first mount still copies up (its work dir was left alone).
+    sh_ok(fix.path(), &format!("echo more >> {}/b", s(&mnt)));
+    assert_eq!(
+        std::fs::read_to_string(upper.join("b")).expect("read"),
+        "b\nmore\n"
+    );
+    sh_ok(fix.path(), &format!("umount {}", s(&mnt)));
+    mount_one(&lower, &upper, &work, &mnt2);
+    for f in ["a", "b"] {
+        assert_eq!(
+            std::fs::read_to_string(mnt2.join(f)).expect("read"),
+            format!("{f}\nmore\n")
+        );
+    }
+    let (ok, err) = layerfs(&["umount", s(&mnt2)]);
+    assert!(ok, "layerfs umount: {err}");
+}
+
 /// `layerfs SOURCE MNT -o lowerdir=…` and `mount -t fuse.layerfs` (via mount.fuse3) mount the same
 /// tree; lower-only is read-only; `layerfs umount` and plain `umount` both end the daemon.
 #[test]

@@ -60,6 +60,8 @@ pub struct Layers {
     /// the lookup of a lower hard link (whose other names may lie outside every layer: trees
     /// made with `cp -al`, or stores that share files between layers) an `openat` that fails.
     group_keys: RwLock<HashSet<u64>>,
+    /// Fds holding an exclusive `flock` of the upper and the work dir for the mount's life.
+    _locks: Vec<OwnedFd>,
     /// Per layer: the tag placed in the top bits of `st_ino` (0 when all layers share one fs).
     xino_tag: Vec<u64>,
     /// How whiteouts and opaque marks are written.
@@ -70,6 +72,10 @@ pub struct Layers {
     /// `FICLONE` cannot work (see [`sys::copy::copy_data`]). The last slot stands for any other.
     no_clone: Vec<(u64, AtomicBool)>,
 }
+
+/// How long a mount waits for the daemon of an earlier mount of the same upper or work dir to
+/// exit (it does so right after its unmount) before it calls the dir in use.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Bits of `st_ino` left for the backing filesystem's inode number when layers span filesystems.
 const XINO_SHIFT: u32 = 56;
@@ -97,6 +103,7 @@ impl Layers {
         let mut index = None;
         let mut group_keys = HashSet::new();
         let mut sync = SyncPolicy::ReadOnly;
+        let mut locks = Vec::new();
         if let (Some(upper), Some(workdir)) = (&cfg.upper, &cfg.work) {
             let u = open(upper, "upper directory")?;
             let w = open(workdir, "work directory")?;
@@ -117,6 +124,18 @@ impl Layers {
             }
             if (ust.st_dev, ust.st_ino) == (wst.st_dev, wst.st_ino) {
                 return Err("upper and work directory are the same directory".into());
+            }
+            // As the kernel overlay with its index: one mount at a time per upper and work dir.
+            // A second would empty `work/work` under the first's copy-ups and race on the index.
+            for (fd, dir, what) in [(&u, upper, "upper"), (&w, workdir, "work")] {
+                let held = sys::lock_dir(fd.as_fd(), LOCK_PATIENCE).map_err(|e| match e {
+                    Errno::BUSY => format!(
+                        "{what} directory {} is in use by another mount",
+                        dir.display()
+                    ),
+                    e => format!("{what} directory {}: cannot lock it: {e}", dir.display()),
+                })?;
+                locks.push(held);
             }
             for lower in &cfg.lowers {
                 if is_inside(upper, lower) || is_inside(lower, upper) {
@@ -180,6 +199,7 @@ impl Layers {
             work,
             index,
             group_keys: RwLock::new(group_keys),
+            _locks: locks,
             xino_tag,
             encoding: Encoding::for_this_process(),
             sync,

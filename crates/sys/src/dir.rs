@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStringExt;
 
-use rustix::fs::{self as rfs, FileType, Mode, OFlags, RawDir};
+use rustix::fs::{FileType, RawDir};
 
 use crate::SysResult;
 
@@ -40,12 +40,7 @@ pub fn for_each(
     dir: BorrowedFd<'_>,
     mut f: impl FnMut(&[u8], FileType, u64) -> SysResult<()>,
 ) -> SysResult<()> {
-    let fd = rfs::openat(
-        dir,
-        c".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+    let fd = crate::fd::reopen_dir(dir)?;
     // One buffer of 32 KiB per thread: a directory of a few hundred entries is one `getdents`
     // (and the one that says it ended), where a growing buffer took five. `f` must not read a
     // directory itself (the buffer is borrowed): a nested call gets a buffer of its own.

@@ -32,6 +32,48 @@ pub fn open_root(path: &Path) -> SysResult<OwnedFd> {
     )
 }
 
+/// Opens the directory `dir` (any fd of it, `O_PATH` too) for reading its entries.
+pub fn reopen_dir(dir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    rfs::openat(
+        dir,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Takes an exclusive `flock` of the directory `dir` (any fd of it, `O_PATH` too) and returns the
+/// fd that holds it: the lock lasts until that fd is closed or the process ends, however it
+/// ends. A holder that is letting go (a daemon exiting after its unmount) is waited for, up to
+/// `patience`; one that does not gives `Errno::BUSY`.
+pub fn lock_dir(dir: BorrowedFd<'_>, patience: std::time::Duration) -> SysResult<OwnedFd> {
+    use rustix::fs::FlockOperation;
+    let fd = reopen_dir(dir)?;
+    match rfs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => return Ok(fd),
+        Err(Errno::WOULDBLOCK) => {}
+        Err(e) => return Err(e),
+    }
+    // A blocking flock on a duplicate (the lock belongs to the open file both share), in a thread
+    // that is left behind if the holder stays: it then closes its duplicate once it gets the
+    // lock, which releases it, as `fd` is gone by then.
+    let dup = fd
+        .try_clone()
+        .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("dir-lock".into())
+        .spawn(move || {
+            let _ = tx.send(rfs::flock(&dup, FlockOperation::LockExclusive));
+        })
+        .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::AGAIN))?;
+    match rx.recv_timeout(patience) {
+        Ok(Ok(())) => Ok(fd),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Errno::BUSY),
+    }
+}
+
 /// Opens the root of a private, detached clone of the mount that holds the directory `path`
 /// (`open_tree(OPEN_TREE_CLONE)`), rooted at `path`: the way kernel overlayfs holds its layers
 /// (`clone_private_mount`). Fds below the clone keep the filesystem alive but do not make the
