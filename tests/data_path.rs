@@ -1,10 +1,13 @@
 //! The data path of lower and copied-up files: reads through the daemon (one READ per MiB, or
-//! without the page cache with `direct_read`) and a shared writable mmap after a copy-up.
+//! without the page cache with `direct_read`), a shared writable mmap after a copy-up, and
+//! requests that wait for the disk served beside the others.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use crate::mount_cli::{layerfs, mount_one, mount_with, s};
-use crate::util::{Fixture, can_mount, output, stats};
+use crate::util::{Fixture, can_mount, output, sh_ok, spawn, stats};
 
 /// A sequential read of a lower file served through the daemon costs one READ per MiB: the mount
 /// raises the kernel's 128 KiB FUSE readahead to the 1 MiB READs it allows. Without
@@ -150,4 +153,157 @@ print(os.pread(reader, 5, 100).decode())
     let data = std::fs::read(upper.join("data")).expect("upper copy");
     assert_eq!(&data[100..105], b"HELLO");
     assert_eq!(std::fs::read(lower.join("data")).expect("lower")[100], b'a');
+}
+
+/// An ext4 on a loop file, frozen with `fsfreeze` while held; thawed and unmounted on drop.
+struct FreezableExt4 {
+    dir: PathBuf,
+    frozen: bool,
+}
+
+impl FreezableExt4 {
+    fn new(fix: &Fixture) -> FreezableExt4 {
+        let image = fix.path().join("ext4.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("create image");
+        let dir = fix.dir("ext4");
+        sh_ok(fix.path(), &format!("mkfs.ext4 -q -F {}", s(&image)));
+        sh_ok(
+            fix.path(),
+            &format!("mount -o loop {} {}", s(&image), s(&dir)),
+        );
+        FreezableExt4 { dir, frozen: false }
+    }
+
+    fn freeze(&mut self, frozen: bool) {
+        let op = if frozen { "-f" } else { "-u" };
+        sh_ok(&self.dir, &format!("fsfreeze {op} {}", s(&self.dir)));
+        self.frozen = frozen;
+    }
+}
+
+impl Drop for FreezableExt4 {
+    fn drop(&mut self) {
+        if self.frozen {
+            let _ = output(Command::new("fsfreeze").arg("-u").arg(&self.dir));
+        }
+        let _ = output(Command::new("umount").arg(&self.dir));
+    }
+}
+
+/// Waits until process `pid` sleeps in a FUSE request (its `wchan`), up to a deadline.
+fn wait_in_fuse_request(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan == "request_wait_answer" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} never waited for the daemon (wchan {wchan:?})"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Drops `path` from the page cache (written back first, so that it can go).
+fn evict(path: &Path) {
+    let script = "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd); \
+                  os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)";
+    let out = output(Command::new("python3").args(["-c", script]).arg(path)).expect("python3");
+    assert!(out.status.success(), "evict {}: {out:?}", path.display());
+}
+
+/// A request that waits does not hold up the others from its CPU: a copy-up into an upper
+/// filesystem that is frozen waits until it thaws, and meanwhile a caller on the same CPU gets
+/// its answers; then the copy-up completes. A READ of data that is not in the page cache is
+/// served by a worker too (`fuse/uring.rs`), with the right bytes.
+#[test]
+fn requests_that_wait_are_served_beside_the_others() {
+    if !can_mount("requests_that_wait_are_served_beside_the_others") {
+        return;
+    }
+    let fix = Fixture::new("waiting");
+    let lower = fix.dir("lower");
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
+    std::fs::write(lower.join("big"), &data).expect("write");
+    std::fs::write(lower.join("cold"), &data).expect("write");
+    std::fs::write(lower.join("other"), "other\n").expect("write");
+    std::fs::create_dir_all(lower.join("dir/sub")).expect("mkdir");
+    let mut ext4 = FreezableExt4::new(&fix);
+    let (upper, work) = (ext4.dir.join("upper"), ext4.dir.join("work"));
+    for d in [&upper, &work] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let mnt = fix.mountpoint("a");
+    mount_one(&lower, &upper, &work, &mnt);
+
+    ext4.freeze(true);
+    // Both callers on CPU 0, so both go to that CPU's queue.
+    let mut appender = spawn(
+        Command::new("taskset")
+            .args(["-c", "0", "sh", "-c", "echo appended >> \"$1\"", "sh"])
+            .arg(mnt.join("big")),
+    )
+    .expect("spawn the appender");
+    wait_in_fuse_request(appender.id());
+    let seen = fix.path().join("seen");
+    let mut reader = spawn(
+        Command::new("taskset")
+            .args(["-c", "0", "sh", "-c"])
+            .arg("{ stat -c %s \"$1\"/other && ls \"$1\"/dir && cat \"$1\"/other; } > \"$2\"")
+            .arg("sh")
+            .arg(&mnt)
+            .arg(&seen),
+    )
+    .expect("spawn the reader");
+    // A request the daemon has taken cannot be interrupted: if the reader's waits behind the
+    // copy-up, only the thaw lets it (and this test) go on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let finished = loop {
+        if let Some(status) = reader.try_wait().expect("wait for the reader") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    ext4.freeze(false);
+    let status = finished.or_else(|| reader.wait().ok());
+    assert!(
+        finished.is_some(),
+        "a reader on the same CPU waited for the frozen copy-up (it ended with {status:?} after the thaw)"
+    );
+    assert!(
+        finished.is_some_and(|s| s.success()),
+        "the reader failed: {status:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&seen).expect("read what the reader saw"),
+        "6\nsub\nother\n"
+    );
+    let status = appender.wait().expect("wait for the appender");
+    assert!(status.success(), "the append failed: {status}");
+    let mut want = data.clone();
+    want.extend_from_slice(b"appended\n");
+    assert!(std::fs::read(mnt.join("big")).expect("read") == want);
+    assert!(std::fs::read(upper.join("big")).expect("read upper") == want);
+
+    // A lower file not in the page cache: its READs wait for the disk, on a worker.
+    evict(&lower.join("cold"));
+    let before = stats(&mnt)["offloads"].as_u64().expect("offloads");
+    assert!(std::fs::read(mnt.join("cold")).expect("read cold") == data);
+    let after = stats(&mnt);
+    // Only the io_uring queues hand requests over; over `/dev/fuse` any thread may wait.
+    if after["uring_requests"].as_u64() > Some(0) {
+        assert!(
+            after["offloads"].as_u64() > Some(before),
+            "no request was handed to a worker for a file read from the disk"
+        );
+    }
+    let (ok, err) = layerfs(&["umount", s(&mnt)]);
+    assert!(ok, "umount: {err}");
 }

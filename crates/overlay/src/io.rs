@@ -127,14 +127,17 @@ impl Overlay {
         if size == 0 || size > max {
             return Ok(());
         }
-        self.read_with(fh, 0, size as u32, |data| {
+        // From the page cache only: a cold file is read by the READs that follow, which may
+        // wait for the disk where this OPEN must not (`fuse/uring.rs`).
+        self.read_with(fh, 0, size as u32, true, |data| {
             if data.len() as u64 == size {
                 f(node.ino, data);
             }
         })
     }
 
-    /// READ: `f` gets the data read (short at end of file).
+    /// READ: `f` gets the data read (short at end of file). With `nowait`, from the page cache
+    /// only ([`Overlay::read_into_nowait`]).
     ///
     /// The data goes through a buffer kept per request thread, so a 1 MiB READ neither
     /// allocates nor faults in fresh pages (at most one READ's size per thread stays allocated).
@@ -143,6 +146,7 @@ impl Overlay {
         fh: u64,
         offset: u64,
         size: u32,
+        nowait: bool,
         f: impl FnOnce(&[u8]) -> R,
     ) -> OvlResult<R> {
         thread_local! {
@@ -159,7 +163,12 @@ impl Overlay {
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
             }
-            let done = self.read_into(fh, offset, &mut buf[..size as usize])?;
+            let buf = &mut buf[..size as usize];
+            let done = if nowait {
+                self.read_into_nowait(fh, offset, buf)?
+            } else {
+                self.read_into(fh, offset, buf)?
+            };
             Ok(f(&buf[..done]))
         })
     }
@@ -170,6 +179,21 @@ impl Overlay {
         let mut done = 0;
         while done < buf.len() {
             let n = rustix::io::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// [`Overlay::read_into`] from the page cache only: `EAGAIN` (and nothing read) if that
+    /// would wait for the disk, or if the layer's filesystem cannot say (`RWF_NOWAIT`).
+    pub fn read_into_nowait(&self, fh: u64, offset: u64, buf: &mut [u8]) -> OvlResult<usize> {
+        let fd = self.file_fd(fh)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = sys::pread_nowait(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
             if n == 0 {
                 break;
             }

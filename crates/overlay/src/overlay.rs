@@ -154,6 +154,12 @@ impl Overlay {
         self.nodes.get(ino).ok_or(Errno::STALE)
     }
 
+    /// Whether node `ino` has its upper copy: a change to it copies nothing up. `false` for a
+    /// node we do not know.
+    pub fn in_upper(&self, ino: u64) -> bool {
+        self.nodes.get(ino).is_some_and(|n| n.read().in_upper())
+    }
+
     /// A fresh unique name for building something in the work dir.
     pub(crate) fn tmp_name(&self) -> Component {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);

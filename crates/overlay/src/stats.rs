@@ -39,6 +39,9 @@ pub struct Stats {
     pub uring_requests: AtomicU64,
     /// io_uring answers committed as a `SCHED_IDLE` thread (`fuse/idle.rs`).
     pub idle_commits: AtomicU64,
+    /// io_uring requests that may block (a copy-up, an fsync, data not in the page cache),
+    /// answered by a worker thread so that their queue's thread goes on serving.
+    pub offloads: AtomicU64,
     /// Directories that gave up their fds ([`crate::dirfds`]).
     pub dir_fd_evictions: AtomicU64,
     /// Directories that reopened them.
@@ -68,6 +71,8 @@ pub struct StatsSnapshot {
     #[serde(default)]
     pub uring_requests: u64,
     pub idle_commits: u64,
+    #[serde(default)]
+    pub offloads: u64,
     pub dir_fd_evictions: u64,
     pub dir_fd_restores: u64,
     pub nodes: u64,
@@ -96,6 +101,7 @@ impl Stats {
             reads: r(&self.reads),
             uring_requests: r(&self.uring_requests),
             idle_commits: r(&self.idle_commits),
+            offloads: r(&self.offloads),
             dir_fd_evictions: r(&self.dir_fd_evictions),
             dir_fd_restores: r(&self.dir_fd_restores),
             nodes: nodes as u64,

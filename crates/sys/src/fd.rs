@@ -32,6 +32,17 @@ pub fn open_root(path: &Path) -> SysResult<OwnedFd> {
     )
 }
 
+/// `pread` that takes data only from the page cache (`RWF_NOWAIT`): `Errno::AGAIN` if it would
+/// wait for the disk, also where the filesystem does not support asking (`EOPNOTSUPP`).
+pub fn pread_nowait(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> SysResult<usize> {
+    use rustix::io::ReadWriteFlags;
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    match rustix::io::preadv2(fd, &mut iov, offset, ReadWriteFlags::NOWAIT) {
+        Err(Errno::OPNOTSUPP) => Err(Errno::AGAIN),
+        r => r,
+    }
+}
+
 /// Opens the directory `dir` (any fd of it, `O_PATH` too) for reading its entries.
 pub fn reopen_dir(dir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
     rfs::openat(

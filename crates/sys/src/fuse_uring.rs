@@ -9,9 +9,15 @@
 //! request's first argument (its fixed-size struct), and the entry's own in/out fields — and a
 //! payload buffer with the request's other arguments (names, write data) and then the answer's
 //! body. This module owns the buffers and the ring; what the bytes mean is the caller's business.
+//!
+//! Only the queue's thread submits to its ring. A request that may take long can be lent
+//! ([`Queue::lend`]) to another thread, which answers in the entry's buffers and hands it back
+//! for the queue's thread to commit ([`Queue::answer_lent`]), waking it through a [`Waker`].
 
+use std::cell::UnsafeCell;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
@@ -57,23 +63,141 @@ struct CmdReq {
 const _: () = assert!(std::mem::size_of::<Header>() == 288);
 const _: () = assert!(std::mem::size_of::<CmdReq>() == 24);
 
-/// One ring entry: its header, payload and the iovecs the kernel was given for them. Boxed, so
-/// the addresses handed to the kernel stay put.
-struct Entry {
+/// One ring entry: its header, payload and the iovecs the kernel was given for them, at
+/// addresses that stay put. Shared between the queue and the [`Lent`] handle of a request being
+/// answered on another thread, so the buffers outlive whichever of the two ends last.
+///
+/// Who may touch the buffers: the kernel while the entry is offered to it (registered or
+/// committed, no completion seen since); the queue's thread once a completion handed it the
+/// request; the holder of the entry's one [`Lent`] while it is lent. Never two at once.
+struct EntryBuf {
     /// In/out headers and the first argument (iovec 0).
-    header: Box<Header>,
+    header: UnsafeCell<Header>,
     /// The other arguments of a request, then the answer's body (iovec 1).
-    payload: Box<[u8]>,
+    payload: UnsafeCell<Box<[u8]>>,
     /// The two iovecs REGISTER hands the kernel, pointing at the two above.
-    iov: Box<[libc::iovec; 2]>,
+    iov: UnsafeCell<[libc::iovec; 2]>,
 }
+
+// SAFETY: the cells are only reached by whoever holds the entry at the time (see `EntryBuf`):
+// the queue's thread through `&mut Queue`, or the thread that owns the entry's unique `Lent`.
+unsafe impl Send for EntryBuf {}
+// SAFETY: as above; a shared `EntryBuf` is never read through by two threads at once.
+unsafe impl Sync for EntryBuf {}
+
+impl EntryBuf {
+    fn new(payload_len: usize) -> Arc<EntryBuf> {
+        let buf = Arc::new(EntryBuf {
+            header: UnsafeCell::new(Header {
+                in_out: [0; IN_OUT_LEN],
+                op_in: [0; OP_IN_LEN],
+                ent: EntInOut::default(),
+            }),
+            payload: UnsafeCell::new(vec![0u8; payload_len].into_boxed_slice()),
+            iov: UnsafeCell::new(
+                [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; 2],
+            ),
+        });
+        // SAFETY: the entry was just made; nothing else refers to it yet.
+        unsafe {
+            let payload = &mut *buf.payload.get();
+            *buf.iov.get() = [
+                libc::iovec {
+                    iov_base: buf.header.get().cast(),
+                    iov_len: std::mem::size_of::<Header>(),
+                },
+                libc::iovec {
+                    iov_base: payload.as_mut_ptr().cast(),
+                    iov_len: payload.len(),
+                },
+            ];
+        }
+        buf
+    }
+
+    /// The request it holds and its payload buffer with the number of request bytes in it.
+    ///
+    /// SAFETY: the caller holds the entry (see [`EntryBuf`]) for as long as the borrows live.
+    // The entry is shared (`Arc`) with the kernel's and a `Lent`'s view of it, so `&mut self`
+    // cannot be had; holding the entry is what makes the mutable borrow unique.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn parts(&self) -> (Request<'_>, &mut [u8], usize) {
+        // SAFETY: per the caller's contract nobody else reads or writes these cells meanwhile;
+        // the header and the payload are separate allocations.
+        unsafe {
+            let header = &*self.header.get();
+            let payload = &mut **self.payload.get();
+            let n = (header.ent.payload_sz as usize).min(payload.len());
+            (
+                Request {
+                    in_header: &header.in_out,
+                    op_in: &header.op_in,
+                },
+                payload,
+                n,
+            )
+        }
+    }
+
+    /// Writes the answer's out header and length; returns the request's commit id.
+    ///
+    /// SAFETY: the caller holds the entry (see [`EntryBuf`]).
+    unsafe fn set_answer(&self, out_header: &[u8; 16], len: usize) -> u64 {
+        // SAFETY: per the caller's contract nobody else touches the entry meanwhile.
+        unsafe {
+            let header = &mut *self.header.get();
+            let cap = (&*self.payload.get()).len();
+            header.in_out[..16].copy_from_slice(out_header);
+            header.ent.payload_sz = len.min(cap) as u32;
+            header.ent.commit_id
+        }
+    }
+}
+
+/// A request handed to another thread to answer ([`Queue::lend`]): its buffers, held alone.
+/// Given back with [`Queue::answer_lent`]; one that is dropped instead is lost to its queue.
+pub struct Lent {
+    buf: Arc<EntryBuf>,
+    idx: usize,
+}
+
+impl Lent {
+    /// The request, its payload buffer and the number of request bytes in it; the answer's body
+    /// goes to the start of the buffer.
+    pub fn parts(&mut self) -> (Request<'_>, &mut [u8], usize) {
+        // SAFETY: a `Lent` is the entry's only handle while it exists: the queue does not touch a
+        // lent entry and the kernel waits for its commit; `&mut self` makes this borrow unique.
+        unsafe { self.buf.parts() }
+    }
+}
+
+/// Wakes a queue's thread from another thread (an eventfd its ring reads).
+#[derive(Clone)]
+pub struct Waker(Arc<OwnedFd>);
+
+impl Waker {
+    /// Wakes the queue's thread, or makes its next wait return at once.
+    pub fn wake(&self) {
+        let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+    }
+}
+
+/// `user_data` of the eventfd read that wakes the queue's thread.
+const WAKE: u64 = u64::MAX;
 
 /// One queue of a FUSE connection: a ring and its registered entries. Used by one thread.
 pub struct Queue {
     /// The ring (128-byte SQEs for uring commands). Declared first: dropped before the buffers.
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     /// Registered entries; an SQE's `user_data` is its index here.
-    entries: Vec<Entry>,
+    entries: Vec<Arc<EntryBuf>>,
+    /// Which entries are lent to another thread.
+    lent: Vec<bool>,
+    /// The eventfd of [`Queue::waker`] and the buffer its pending read fills.
+    wake: Option<(Arc<OwnedFd>, Box<[u8; 8]>)>,
     /// The connection's `/dev/fuse` fd the commands go to.
     dev: OwnedFd,
     /// The queue (= CPU) the entries belong to.
@@ -105,38 +229,17 @@ impl Queue {
         let dev = dev.try_clone_to_owned()?;
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_single_issuer()
-            .build((depth * 2).next_power_of_two() as u32)?;
+            .build((depth * 2 + 1).next_power_of_two() as u32)?;
         let mut q = Queue {
             ring,
-            entries: Vec::with_capacity(depth),
+            entries: (0..depth).map(|_| EntryBuf::new(payload_len)).collect(),
+            lent: vec![false; depth],
+            wake: None,
             dev,
             qid,
             rearmed: 0,
             last_error: 0,
         };
-        for _ in 0..depth {
-            let mut header = Box::new(Header {
-                in_out: [0; IN_OUT_LEN],
-                op_in: [0; OP_IN_LEN],
-                ent: EntInOut::default(),
-            });
-            let mut payload = vec![0u8; payload_len].into_boxed_slice();
-            let iov = Box::new([
-                libc::iovec {
-                    iov_base: (&mut *header as *mut Header).cast(),
-                    iov_len: std::mem::size_of::<Header>(),
-                },
-                libc::iovec {
-                    iov_base: payload.as_mut_ptr().cast(),
-                    iov_len: payload.len(),
-                },
-            ]);
-            q.entries.push(Entry {
-                header,
-                payload,
-                iov,
-            });
-        }
         for i in 0..depth {
             q.push_register(i)?;
         }
@@ -185,14 +288,46 @@ impl Queue {
 
     /// Queues the REGISTER of entry `idx` (its buffers handed to the kernel).
     fn push_register(&mut self, idx: usize) -> io::Result<()> {
-        let iov = self.entries[idx].iov.as_ptr();
+        let iov = self.entries[idx]
+            .iov
+            .get()
+            .cast::<libc::iovec>()
+            .cast_const();
         let sqe = self.command(CMD_REGISTER, 0, Some(iov), idx);
         self.push(&sqe)
     }
 
+    /// A [`Waker`] for this queue's thread: the first call makes the eventfd and queues its read.
+    pub fn waker(&mut self) -> io::Result<Waker> {
+        if self.wake.is_none() {
+            let fd = rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )?;
+            self.wake = Some((Arc::new(fd), Box::new([0; 8])));
+            self.push_wake_read()?;
+        }
+        let fd = self.wake.as_ref().map(|(fd, _)| fd.clone());
+        fd.map(Waker).ok_or_else(|| io::Error::other("no eventfd"))
+    }
+
+    /// Queues the read of the wake eventfd, completed by the next [`Waker::wake`].
+    fn push_wake_read(&mut self) -> io::Result<()> {
+        let Some((fd, buf)) = &mut self.wake else {
+            return Ok(());
+        };
+        let sqe: squeue::Entry128 =
+            opcode::Read::new(types::Fd(fd.as_fd().as_raw_fd()), buf.as_mut_ptr(), 8)
+                .build()
+                .user_data(WAKE)
+                .into();
+        self.push(&sqe)
+    }
+
     fn push(&mut self, sqe: &squeue::Entry128) -> io::Result<()> {
-        // SAFETY: the buffers an SQE points at (an entry's iovecs, header and payload) are boxed
-        // and owned by `self`, which outlives the ring (fields drop in order: the ring first).
+        // SAFETY: the buffers an SQE points at (an entry's iovecs, header and payload, the wake
+        // read's buffer) are held by `self`, whose ring drops first (fields drop in order), and
+        // an entry's buffers also by its `Lent`, if any.
         let pushed = unsafe { self.ring.submission().push(sqe) };
         if pushed.is_err() {
             // The ring has room for every entry twice; a full queue means it was drained wrong.
@@ -221,9 +356,11 @@ impl Queue {
         }
         let mut ended = false;
         let mut lost = Vec::new();
+        let mut woken = false;
         for c in self.ring.completion() {
             let idx = c.user_data() as usize;
             match -c.result() {
+                _ if c.user_data() == WAKE => woken = true,
                 _ if idx >= self.entries.len() => {}
                 e if e <= 0 => ready.push(idx),
                 libc::ENOTCONN | libc::ECANCELED | libc::ENODEV => ended = true,
@@ -232,6 +369,9 @@ impl Queue {
         }
         if ended {
             return Ok(!ready.is_empty());
+        }
+        if woken {
+            self.push_wake_read()?;
         }
         for (idx, errno) in lost {
             self.rearmed += 1;
@@ -262,29 +402,56 @@ impl Queue {
     /// The request held by entry `idx`: its header areas, and its payload buffer with the
     /// number of request bytes in it. The answer's body is written to the same buffer once the
     /// request's arguments have been read.
-    pub fn entry(&mut self, idx: usize) -> (Request<'_>, &mut [u8], usize) {
-        let e = &mut self.entries[idx];
-        let n = (e.header.ent.payload_sz as usize).min(e.payload.len());
-        (
-            Request {
-                in_header: &e.header.in_out,
-                op_in: &e.header.op_in,
-            },
-            &mut e.payload,
-            n,
-        )
+    ///
+    /// `None` for an entry that is lent, or out of range.
+    pub fn entry(&mut self, idx: usize) -> Option<(Request<'_>, &mut [u8], usize)> {
+        if *self.lent.get(idx)? {
+            return None;
+        }
+        // SAFETY: the entry is not lent, and `wait` reported its request, so the kernel waits for
+        // its commit; `&mut self` keeps the queue's own access unique while the borrows live.
+        Some(unsafe { self.entries[idx].parts() })
     }
 
     /// Answers the request of entry `idx` (`out_header`: the 16-byte `fuse_out_header`; `len`:
     /// bytes of answer body written at the start of its payload) and asks for the next one.
-    /// Sent with the next [`Queue::wait`].
+    /// Sent with the next [`Queue::wait`]. An entry that is lent is refused.
     pub fn answer(&mut self, idx: usize, out_header: &[u8; 16], len: usize) -> io::Result<()> {
-        let e = &mut self.entries[idx];
-        e.header.in_out[..16].copy_from_slice(out_header);
-        e.header.ent.payload_sz = len.min(e.payload.len()) as u32;
-        let commit_id = e.header.ent.commit_id;
+        if self.lent.get(idx) != Some(&false) {
+            return Err(io::Error::other(
+                "answer of an entry that is lent or unknown",
+            ));
+        }
+        // SAFETY: as in `entry`.
+        let commit_id = unsafe { self.entries[idx].set_answer(out_header, len) };
         let sqe = self.command(CMD_COMMIT_AND_FETCH, commit_id, None, idx);
         self.push(&sqe)
+    }
+
+    /// Lends the request of entry `idx` (reported by [`Queue::wait`], not answered) to another
+    /// thread. `None` if it is lent already, or out of range.
+    pub fn lend(&mut self, idx: usize) -> Option<Lent> {
+        let lent = self.lent.get_mut(idx)?;
+        if *lent {
+            return None;
+        }
+        *lent = true;
+        Some(Lent {
+            buf: self.entries[idx].clone(),
+            idx,
+        })
+    }
+
+    /// Answers a lent request (as [`Queue::answer`]), which returns its entry to the queue.
+    pub fn answer_lent(&mut self, lent: Lent, out_header: &[u8; 16], len: usize) -> io::Result<()> {
+        let idx = lent.idx;
+        match self.entries.get(idx) {
+            Some(e) if Arc::ptr_eq(e, &lent.buf) && self.lent[idx] => {}
+            _ => return Err(io::Error::other("answer of an entry lent by another queue")),
+        }
+        drop(lent);
+        self.lent[idx] = false;
+        self.answer(idx, out_header, len)
     }
 }
 

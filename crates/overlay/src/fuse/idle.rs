@@ -42,8 +42,9 @@ const STARVED: Duration = Duration::from_millis(1);
 
 /// How often the watchdog looks while windows open. Every look wakes a CPU: with a look each
 /// millisecond, `tar c` of 100k files was slower in every round once lookups and attributes were
-/// committed idle. A starved window is rare (a busy task on the caller's CPU), and the CPU's
-/// other queue thread serves meanwhile.
+/// committed idle. A starved window is rare (a busy task on the caller's CPU); the requests of
+/// that CPU wait for it meanwhile, as they waited for the thread whose entry they took when each
+/// CPU had two queue threads.
 const POLL_BUSY: Duration = Duration::from_millis(5);
 /// After this long without a window (and none open), the watchdog sleeps until the next one
 /// opens: an idle mount wakes nobody.

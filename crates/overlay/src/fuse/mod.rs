@@ -405,7 +405,7 @@ impl Filesystem for Fuse {
             .reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut reply = Some(reply);
-        let read = self.ovl.read_with(fh.0, offset, size, |d| {
+        let read = self.ovl.read_with(fh.0, offset, size, false, |d| {
             if let Some(r) = reply.take() {
                 r.data(d);
             }

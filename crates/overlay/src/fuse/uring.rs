@@ -2,22 +2,27 @@
 //! answered here, with the same overlay calls as the fuser session answers `/dev/fuse` requests.
 //!
 //! The kernel puts a request into the queue of the CPU its caller runs on, and each queue is
-//! served by threads pinned to that CPU, so a request and its answer never wait for an idle
+//! served by a thread pinned to that CPU, so a request and its answer never wait for an idle
 //! vCPU to wake (the cost that dominates a `/dev/fuse` round trip on a VM whose idle vCPUs halt at
 //! once). The fuser session stays up beside the rings: it answers INIT, and FORGET and INTERRUPT,
 //! which the kernel still sends over `/dev/fuse`.
 //!
-//! Each thread has a ring of its own with one entry: an entry is offered to the kernel only while
-//! its thread waits, so a slow request (a large copy-up, an fsync) holds up no other request; with
-//! [`THREADS_PER_CPU`] threads per CPU, two slow requests from one CPU can be served at once and a
-//! third waits in the kernel.
+//! One thread serves each queue, whose ring has [`DEPTH`] entries. A request that may block (a
+//! copy-up, an fsync, a READ of data not in the page cache: [`Fuse::may_block`]) is lent to one
+//! of the queue's [`WORKERS`] (pinned to the same CPU), which answers it and wakes the queue's
+//! thread to commit the answer; meanwhile the queue's thread serves the other entries. So a slow
+//! request holds up no other, and every quick one is served by the same thread: the kernel gives
+//! a request to the entry offered last, and with two threads per queue a RELEASE (which nobody
+//! waits for) took the entry of the thread that had just answered, so the next OPEN woke the
+//! other thread, a wakeup and a sleep per file of `tar c` (docs/benchmarks.md, tenth session).
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex};
 
-use layerfs_sys::fuse_uring::{self, Queue};
+use layerfs_sys::fuse_uring::{self, Lent, Queue, Waker};
 use layerfs_sys::{self as sys, Errno};
 
 use super::idle::IdleCommits;
@@ -30,8 +35,11 @@ use super::{
 use crate::attrs::SetAttr;
 use crate::overlay::Attr;
 
-/// Serving threads (each with a ring of one entry) per CPU.
-pub(super) const THREADS_PER_CPU: usize = 2;
+/// Entries of each queue's ring: requests from one CPU that can be in the daemon at once.
+const DEPTH: usize = 4;
+
+/// Worker threads per queue, for the requests that may block: all but one entry can be lent.
+const WORKERS: usize = DEPTH - 1;
 
 /// READs up to this size have their answer committed idle ([`IdleCommits`]): a reader waiting
 /// for a page or two. Larger ones are readahead, whose reader is still busy with the pages before
@@ -64,6 +72,14 @@ fn commit_idle(opcode: u32, op: &[u8]) -> bool {
     }
 }
 
+/// How a request is answered: by its queue's thread, which must not wait for the disk where it
+/// can tell (a READ then fails with `EAGAIN` and goes to a worker), or by a worker, which may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serve {
+    Inline,
+    Blocking,
+}
+
 /// The time slice the serving threads ask for (the kernel's minimum custom slice).
 const SLICE_NS: u64 = 100_000;
 
@@ -71,30 +87,28 @@ const SLICE_NS: u64 = 100_000;
 /// READDIRPLUS that asks for as much.
 const PAYLOAD: usize = MAX_READ as usize + 4096;
 
-/// Starts the serving threads of every queue of the connection `dev` and waits until each has
-/// registered its entry. An error leaves the session on `/dev/fuse` (the kernel uses the rings
-/// only once every queue has registered).
+/// Starts the serving thread (and workers) of every queue of the connection `dev` and waits
+/// until each has registered its entries. An error leaves the session on `/dev/fuse` (the kernel
+/// uses the rings only once every queue has registered).
 pub(super) fn start(fuse: Fuse, dev: OwnedFd, idle_commit: bool) -> std::io::Result<()> {
     let dev = Arc::new(dev);
     let cpus = fuse_uring::possible_cpus();
     let idle = if idle_commit {
-        IdleCommits::start(cpus * THREADS_PER_CPU, SLICE_NS)
+        IdleCommits::start(cpus, SLICE_NS)
     } else {
         None
     };
     let (tx, rx) = std::sync::mpsc::channel();
     for cpu in 0..cpus {
-        for n in 0..THREADS_PER_CPU {
-            let (fuse, dev, tx) = (fuse.clone(), dev.clone(), tx.clone());
-            let idle = idle.clone().map(|ic| (ic, cpu * THREADS_PER_CPU + n));
-            std::thread::Builder::new()
-                .name(format!("uring-{cpu}.{n}"))
-                .spawn(move || serve_queue(fuse, dev, cpu, idle, tx))?;
-        }
+        let (fuse, dev, tx) = (fuse.clone(), dev.clone(), tx.clone());
+        let idle = idle.clone().map(|ic| (ic, cpu));
+        std::thread::Builder::new()
+            .name(format!("uring-{cpu}"))
+            .spawn(move || serve_queue(fuse, dev, cpu, idle, tx))?;
     }
     drop(tx);
     let mut pinned = true;
-    for r in rx.iter().take(cpus * THREADS_PER_CPU) {
+    for r in rx.iter().take(cpus) {
         pinned &= r?;
     }
     if !pinned {
@@ -105,9 +119,87 @@ pub(super) fn start(fuse: Fuse, dev: OwnedFd, idle_commit: bool) -> std::io::Res
     Ok(())
 }
 
-/// One serving thread of queue `cpu`: registers, reports `Ok(pinned)` or the error, then serves
-/// until the connection ends. With `idle` (the connection's idle windows and this thread's slot)
-/// its answers are committed as a `SCHED_IDLE` thread.
+/// A queue's requests lent to its workers, and their answers on the way back.
+#[derive(Default)]
+struct Handoff {
+    state: Mutex<HandoffState>,
+    /// Signalled when a request is lent or the queue ends.
+    lent: Condvar,
+}
+
+#[derive(Default)]
+struct HandoffState {
+    /// Requests for the workers.
+    todo: VecDeque<Lent>,
+    /// Answered requests for the queue's thread to commit: out header and body length.
+    done: Vec<(Lent, [u8; 16], usize)>,
+    /// Set when the queue's thread stops: the workers stop too.
+    ended: bool,
+}
+
+impl Handoff {
+    /// Lends a request to the workers.
+    fn lend(&self, lent: Lent) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.todo.push_back(lent);
+        drop(s);
+        self.lent.notify_one();
+    }
+
+    /// The answers the workers have finished.
+    fn take_done(&self, into: &mut Vec<(Lent, [u8; 16], usize)>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        into.append(&mut s.done);
+    }
+
+    /// Ends the workers once they have finished what they hold.
+    fn end(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
+        self.lent.notify_all();
+    }
+}
+
+/// Ends a queue's workers when its thread stops, however it stops.
+struct EndOnDrop(Arc<Handoff>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// One worker of queue `cpu`: answers lent requests until the queue ends.
+fn work(fuse: Fuse, dev: Arc<OwnedFd>, cpu: usize, handoff: Arc<Handoff>, waker: Waker) {
+    let _ = fuse_uring::pin_to_cpu(cpu);
+    loop {
+        let mut lent = {
+            let mut s = handoff.state.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(l) = s.todo.pop_front() {
+                    break l;
+                }
+                if s.ended {
+                    return;
+                }
+                s = handoff.lent.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let (req, payload, len) = lent.parts();
+        let h = InHeader::parse(req.in_header);
+        let out = out_header(
+            &h,
+            fuse.answer(&h, req.op_in, payload, len, &dev, Serve::Blocking),
+        );
+        let mut s = handoff.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.done.push((lent, out.0, out.1));
+        drop(s);
+        waker.wake();
+    }
+}
+
+/// The thread of queue `cpu`: registers, starts its workers, reports `Ok(pinned)` or the error,
+/// then serves until the connection ends. With `idle` (the connection's idle windows and this
+/// thread's slot) its quick answers are committed as a `SCHED_IDLE` thread.
 fn serve_queue(
     fuse: Fuse,
     dev: Arc<OwnedFd>,
@@ -125,7 +217,20 @@ fn serve_queue(
         Err(e) => tracing::debug!("io_uring queue {cpu}: no short time slice: {e}"),
     }
     let qid = u16::try_from(cpu).unwrap_or(u16::MAX);
-    let mut q = match Queue::register(dev.as_fd(), qid, 1, PAYLOAD) {
+    let handoff = Arc::new(Handoff::default());
+    let _end = EndOnDrop(handoff.clone());
+    let started = Queue::register(dev.as_fd(), qid, DEPTH, PAYLOAD).and_then(|mut q| {
+        let waker = q.waker()?;
+        for n in 0..WORKERS {
+            let (fuse, dev, handoff, waker) =
+                (fuse.clone(), dev.clone(), handoff.clone(), waker.clone());
+            std::thread::Builder::new()
+                .name(format!("uring-{cpu}w{n}"))
+                .spawn(move || work(fuse, dev, cpu, handoff, waker))?;
+        }
+        Ok(q)
+    });
+    let mut q = match started {
         Ok(q) => q,
         Err(e) => {
             let _ = registered.send(Err(e));
@@ -134,7 +239,8 @@ fn serve_queue(
     };
     let _ = registered.send(Ok(pinned));
     drop(registered);
-    let mut ready = Vec::with_capacity(1);
+    let mut ready = Vec::with_capacity(DEPTH);
+    let mut done = Vec::with_capacity(DEPTH);
     let mut rearmed = 0;
     loop {
         let waited = q.wait(&mut ready);
@@ -154,20 +260,45 @@ fn serve_queue(
                 return;
             }
         }
+        handoff.take_done(&mut done);
+        for (lent, out, n) in done.drain(..) {
+            if let Err(e) = q.answer_lent(lent, &out, n) {
+                tracing::warn!("io_uring queue {cpu}: {e}; its thread stops");
+                return;
+            }
+        }
         let mut wakes_reader = false;
         for &idx in &ready {
-            let (req, payload, len) = q.entry(idx);
-            let h = InHeader::parse(req.in_header);
-            wakes_reader |= commit_idle(h.opcode, req.op_in);
-            let (error, n) = match fuse.answer(&h, req.op_in, payload, len, &dev) {
-                Ok(n) => (0, n),
-                Err(e) => (-e.raw_os_error(), 0),
+            let Some((req, payload, len)) = q.entry(idx) else {
+                continue;
             };
-            let mut out = [0u8; 16];
-            out[..4].copy_from_slice(&((16 + n) as u32).to_ne_bytes());
-            out[4..8].copy_from_slice(&error.to_ne_bytes());
-            out[8..].copy_from_slice(&h.unique.to_ne_bytes());
-            if let Err(e) = q.answer(idx, &out, n) {
+            fuse.ovl.stats.uring_requests.fetch_add(1, Relaxed);
+            let h = InHeader::parse(req.in_header);
+            let idle_worthy = commit_idle(h.opcode, req.op_in);
+            let quick = !fuse.may_block(&h, req.op_in);
+            let out = quick.then(|| {
+                let r = fuse.answer(&h, req.op_in, payload, len, &dev, Serve::Inline);
+                out_header(&h, r)
+            });
+            // A READ whose data is not in the page cache says so with EAGAIN.
+            let out = out.filter(|o| !(h.opcode == READ && error_of(&o.0) == -libc::EAGAIN));
+            let sent = match out {
+                Some((out, n)) => {
+                    wakes_reader |= idle_worthy;
+                    q.answer(idx, &out, n)
+                }
+                None => {
+                    fuse.ovl.stats.offloads.fetch_add(1, Relaxed);
+                    match q.lend(idx) {
+                        Some(lent) => {
+                            handoff.lend(lent);
+                            Ok(())
+                        }
+                        None => Err(std::io::Error::other("entry already lent")),
+                    }
+                }
+            };
+            if let Err(e) = sent {
                 tracing::warn!("io_uring queue {cpu}: {e}; its thread stops");
                 return;
             }
@@ -186,6 +317,25 @@ fn serve_queue(
     }
 }
 
+/// The `fuse_out_header` of the answer `r` to request `h` (a body's length, or an error), and
+/// the body's length.
+fn out_header(h: &InHeader, r: Result<usize, Errno>) -> ([u8; 16], usize) {
+    let (error, n) = match r {
+        Ok(n) => (0, n),
+        Err(e) => (-e.raw_os_error(), 0),
+    };
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&((16 + n) as u32).to_ne_bytes());
+    out[4..8].copy_from_slice(&error.to_ne_bytes());
+    out[8..].copy_from_slice(&h.unique.to_ne_bytes());
+    (out, n)
+}
+
+/// The error field of an out header.
+fn error_of(out: &[u8; 16]) -> i32 {
+    i32::from_ne_bytes([out[4], out[5], out[6], out[7]])
+}
+
 /// `fuse_open_out` of an open or create: passed through with its backing's id, else cached.
 fn open_out(o: &Opened) -> Result<[u8; OPEN_OUT_LEN], Errno> {
     match o.backing.as_deref().map(Backing::raw_id) {
@@ -198,8 +348,27 @@ fn open_out(o: &Opened) -> Result<[u8; OPEN_OUT_LEN], Errno> {
 }
 
 impl Fuse {
+    /// Whether a request may keep its thread waiting (for the disk, a copy-up, a lock held
+    /// across one): it goes to a worker. A change to a node that has no upper copy yet copies it
+    /// up; WRITEs, syncs, renames and links are rare here (upper files are passed through) and
+    /// may be long. A READ is tried from the page cache first ([`Serve::Inline`]).
+    fn may_block(&self, h: &InHeader, op: &[u8]) -> bool {
+        match h.opcode {
+            WRITE | FSYNC | FSYNCDIR | FALLOCATE | COPY_FILE_RANGE | RENAME | RENAME2 | LINK
+            | SETXATTR | REMOVEXATTR => true,
+            OPEN => {
+                let flags = u32_at(op, 0) as i32;
+                flags & libc::O_TRUNC != 0
+                    || (flags & libc::O_ACCMODE != libc::O_RDONLY && !self.ovl.in_upper(h.nodeid))
+            }
+            SETATTR => u32_at(op, 0) & FATTR_SIZE != 0 || !self.ovl.in_upper(h.nodeid),
+            _ => false,
+        }
+    }
+
     /// Serves one request: `op` is its first argument, `buf[..len]` its other arguments, and the
-    /// answer's body goes to the start of `buf`; returns the body's length.
+    /// answer's body goes to the start of `buf`; returns the body's length. [`Serve::Inline`]
+    /// reads data from the page cache only (`EAGAIN` otherwise).
     fn answer(
         &self,
         h: &InHeader,
@@ -207,8 +376,8 @@ impl Fuse {
         buf: &mut [u8],
         len: usize,
         dev: &Arc<OwnedFd>,
+        how: Serve,
     ) -> Result<usize, Errno> {
-        self.ovl.stats.uring_requests.fetch_add(1, Relaxed);
         let ino = h.nodeid;
         let args = &buf[..len];
         let caller = caller_of(h.uid, h.gid, 0);
@@ -370,10 +539,17 @@ impl Fuse {
                 Ok(ENTRY_LEN + OPEN_OUT_LEN)
             }
             READ => {
-                self.ovl.stats.reads.fetch_add(1, Relaxed);
                 let size = (u32_at(op, 16) as usize).min(buf.len());
-                self.ovl
-                    .read_into(u64_at(op, 0), u64_at(op, 8), &mut buf[..size])
+                let (fh, offset, buf) = (u64_at(op, 0), u64_at(op, 8), &mut buf[..size]);
+                let read = match how {
+                    Serve::Inline => self.ovl.read_into_nowait(fh, offset, buf),
+                    Serve::Blocking => self.ovl.read_into(fh, offset, buf),
+                };
+                // Counted once: an inline try that would wait is served again by a worker.
+                if how == Serve::Blocking || read != Err(Errno::AGAIN) {
+                    self.ovl.stats.reads.fetch_add(1, Relaxed);
+                }
+                read
             }
             WRITE => {
                 let size = (u32_at(op, 16) as usize).min(args.len());
