@@ -82,9 +82,29 @@ impl IndexEntry {
 }
 
 /// The merged index of a directory. Owned by the directory's node, guarded by its state lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DirIndex {
-    entries: HashMap<Name, IndexEntry>,
+    entries: Entries,
+}
+
+/// The names of an index.
+#[derive(Debug)]
+enum Entries {
+    /// Sorted by name, each once: a directory of one lower layer under an empty upper (most of an
+    /// image's), until its first change. Found by binary search; listed in order. Building it
+    /// costs a sort, which a listing needs anyway, where a hash map cost a fifth of the daemon's
+    /// time listing a directory of 50k names.
+    Sorted(Vec<(Name, IndexEntry)>),
+    /// Any index, once changed.
+    Map(HashMap<Name, IndexEntry>),
+}
+
+impl Default for DirIndex {
+    fn default() -> Self {
+        DirIndex {
+            entries: Entries::Sorted(Vec::new()),
+        }
+    }
 }
 
 /// A layer directory to read while building an index.
@@ -133,20 +153,24 @@ impl DirIndex {
         // index, and its whiteouts hide nothing.
         if let ([dir], true, true) = (lowers, upper_empty, lowers_visible) {
             let listing = read_layer(dir.fd, dir.mark)?;
-            entries.reserve(listing.items.len());
-            for (name, item) in listing.items {
-                if let Item::Entry(kind, ino) = item {
-                    let lower = LowerSlot::new(dir.layer, kind, ino);
-                    entries.insert(
+            let mut sorted: Vec<(Name, IndexEntry)> = listing
+                .items
+                .into_iter()
+                .filter_map(|(name, item)| match item {
+                    Item::Entry(kind, ino) => Some((
                         name,
                         IndexEntry {
                             upper: None,
-                            lower: Some(lower),
+                            lower: Some(LowerSlot::new(dir.layer, kind, ino)),
                         },
-                    );
-                }
-            }
-            return Ok(DirIndex { entries });
+                    )),
+                    Item::Whiteout => None,
+                })
+                .collect();
+            sort_by_name(&mut sorted, 0, |(n, _)| n);
+            return Ok(DirIndex {
+                entries: Entries::Sorted(sorted),
+            });
         }
         let mut lower: HashMap<Name, LowerBuild> = HashMap::new();
         if lowers_visible {
@@ -191,30 +215,68 @@ impl DirIndex {
             };
             entries.entry(name).or_default().lower = Some(slot);
         }
-        Ok(DirIndex { entries })
+        Ok(DirIndex {
+            entries: Entries::Map(entries),
+        })
+    }
+
+    /// Every name with its entry, in name order if [`DirIndex::iterates_sorted`].
+    fn iter(&self) -> Box<dyn Iterator<Item = (&Name, &IndexEntry)> + '_> {
+        match &self.entries {
+            Entries::Sorted(v) => Box::new(v.iter().map(|(n, e)| (n, e))),
+            Entries::Map(m) => Box::new(m.iter()),
+        }
+    }
+
+    /// Whether [`DirIndex::for_each_visible`] goes in name order.
+    pub fn iterates_sorted(&self) -> bool {
+        matches!(self.entries, Entries::Sorted(_))
     }
 
     /// The entry for `name`.
     pub fn get(&self, name: &[u8]) -> Option<&IndexEntry> {
-        self.entries.get(name)
+        match &self.entries {
+            Entries::Sorted(v) => v
+                .binary_search_by(|(n, _)| (**n).cmp(name))
+                .ok()
+                .map(|i| &v[i].1),
+            Entries::Map(m) => m.get(name),
+        }
     }
 
     /// The visible object under `name`.
     pub fn visible(&self, name: &[u8]) -> Option<Visible> {
-        self.entries.get(name).and_then(IndexEntry::visible)
+        self.get(name).and_then(IndexEntry::visible)
+    }
+
+    /// The index as a map, for a change.
+    fn map_mut(&mut self) -> &mut HashMap<Name, IndexEntry> {
+        if let Entries::Sorted(v) = &mut self.entries {
+            let mut m = HashMap::with_capacity(v.len() + 1);
+            m.extend(std::mem::take(v));
+            self.entries = Entries::Map(m);
+        }
+        match &mut self.entries {
+            Entries::Map(m) => m,
+            Entries::Sorted(_) => unreachable!("made a map above"),
+        }
     }
 
     /// Records what the upper dir now holds under `name` (`None`: nothing).
     pub fn set_upper(&mut self, name: &[u8], slot: Option<UpperSlot>) {
-        match (self.entries.get_mut(name), slot) {
+        if slot.is_none() && self.get(name).is_none() {
+            return;
+        }
+        let entries = self.map_mut();
+        match (entries.get_mut(name), slot) {
             (Some(e), slot) => {
                 e.upper = slot;
                 if e.upper.is_none() && e.lower.is_none() {
-                    self.entries.remove(name);
+                    entries.remove(name);
                 }
             }
             (None, Some(slot)) => {
-                self.entries.insert(
+                entries.insert(
                     name.into(),
                     IndexEntry {
                         upper: Some(slot),
@@ -228,25 +290,26 @@ impl DirIndex {
 
     /// Whether the merged directory shows no entry.
     pub fn is_empty_merged(&self) -> bool {
-        self.entries.values().all(|e| e.visible().is_none())
+        self.iter().all(|(_, e)| e.visible().is_none())
     }
 
     /// Visible names with their entries, sorted by name.
     pub fn visible_sorted(&self) -> Vec<(Name, Visible)> {
         let mut out: Vec<_> = self
-            .entries
             .iter()
             .filter_map(|(n, e)| e.visible().map(|v| (n.clone(), v)))
             .collect();
-        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if !self.iterates_sorted() {
+            sort_by_name(&mut out, 0, |(n, _)| n);
+        }
         out
     }
 
-    /// Calls `f(name, visible, lower)` for each visible name, in no order, with the
-    /// `(layer, d_ino)` of its lower object when the lower object is what the view shows (for
-    /// `d_ino` without opening it).
+    /// Calls `f(name, visible, lower)` for each visible name (in name order if
+    /// [`DirIndex::iterates_sorted`]), with the `(layer, d_ino)` of its lower object when the
+    /// lower object is what the view shows (for `d_ino` without opening it).
     pub fn for_each_visible(&self, mut f: impl FnMut(&Name, Visible, Option<(LayerIdx, u64)>)) {
-        for (n, e) in &self.entries {
+        for (n, e) in self.iter() {
             let Some(v) = e.visible() else {
                 continue;
             };
@@ -261,8 +324,40 @@ impl DirIndex {
 
     /// How many names the index holds (visible or not): a listing's capacity.
     pub fn capacity_hint(&self) -> usize {
-        self.entries.len()
+        match &self.entries {
+            Entries::Sorted(v) => v.len(),
+            Entries::Map(m) => m.len(),
+        }
     }
+}
+
+/// Sorts `items` after the first `skip` by `name`, bytewise. The sort compares the first eight
+/// bytes of the names as one big-endian number, and whole names only where those are equal, and
+/// moves 16-byte keys, not items; each item then moves once.
+pub(crate) fn sort_by_name<T>(items: &mut Vec<T>, skip: usize, name: impl Fn(&T) -> &[u8]) {
+    fn prefix(name: &[u8]) -> u64 {
+        let mut b = [0u8; 8];
+        let n = name.len().min(8);
+        b[..n].copy_from_slice(&name[..n]);
+        u64::from_be_bytes(b)
+    }
+    let mut keys: Vec<(u64, usize)> = items
+        .iter()
+        .enumerate()
+        .skip(skip)
+        .map(|(i, e)| (prefix(name(e)), i))
+        .collect();
+    keys.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| name(&items[a.1]).cmp(name(&items[b.1])))
+    });
+    let mut slots: Vec<Option<T>> = std::mem::take(items).into_iter().map(Some).collect();
+    // The first `skip` in place, then `keys`, which holds each other index once: every slot is
+    // taken exactly once.
+    let order = (0..skip.min(slots.len())).chain(keys.iter().map(|&(_, i)| i));
+    *items = order
+        .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+        .collect();
 }
 
 fn empty_slot() -> LowerSlot {
@@ -449,6 +544,65 @@ mod tests {
             .expect("lower");
         assert_eq!((fod.kind, fod.more.len()), (FileType::RegularFile, 0));
         assert_eq!(idx.visible_sorted().len(), 7);
+    }
+
+    /// A directory of one lower layer under an empty upper is kept sorted and found by binary
+    /// search; whiteouts in it hide nothing and are not names; its first change makes it a map
+    /// that answers the same.
+    #[test]
+    fn one_lower_layer_is_searched_then_changed_as_a_map() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (u, l1) = (tmp.path().join("u"), tmp.path().join("l1"));
+        let names = ["m", "a", "zz", "abcdefghB", "abcdefghA", "\u{e9}", "dir/"];
+        layer(&l1, &names);
+        layer(&l1, &[".wh.ghost"]);
+        fs::create_dir_all(&u).expect("mkdir");
+        let (uf, f1) = (
+            sys::open_root(&u).expect("open"),
+            sys::open_root(&l1).expect("open"),
+        );
+        let lowers = [LayerDir {
+            layer: LayerIdx(1),
+            fd: f1.as_fd(),
+            mark: None,
+        }];
+        let mut idx = DirIndex::build(Some(uf.as_fd()), &lowers).expect("build");
+        assert!(idx.iterates_sorted());
+        let mut want: Vec<&[u8]> = names
+            .iter()
+            .map(|n| n.trim_end_matches('/').as_bytes())
+            .collect();
+        want.sort();
+        let listed: Vec<Name> = idx.visible_sorted().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(listed.iter().map(|n| &**n).collect::<Vec<_>>(), want);
+        let mut walked = Vec::new();
+        idx.for_each_visible(|n, _, lower| {
+            assert_eq!(lower.map(|l| l.0), Some(LayerIdx(1)));
+            walked.push(n.clone());
+        });
+        assert_eq!(walked, listed);
+        for n in &want {
+            assert_eq!(idx.visible(n).map(|v| v.layer), Some(LayerIdx(1)), "{n:?}");
+        }
+        for absent in [&b"ghost"[..], b"", b"abcdefgh", b"zzz", b"0"] {
+            assert!(idx.get(absent).is_none(), "{absent:?}");
+        }
+        assert_eq!(
+            idx.visible(b"dir").map(|v| v.kind),
+            Some(FileType::Directory)
+        );
+        // Deleting a name that is not there changes nothing; a change makes a map.
+        idx.set_upper(b"nothing", None);
+        assert!(idx.iterates_sorted());
+        idx.set_upper(b"a", Some(UpperSlot::Whiteout));
+        idx.set_upper(b"new", Some(UpperSlot::Present(FileType::RegularFile)));
+        assert!(!idx.iterates_sorted());
+        assert!(idx.visible(b"a").is_none() && idx.get(b"a").is_some());
+        assert_eq!(idx.visible(b"new").map(|v| v.layer), Some(LayerIdx::UPPER));
+        assert_eq!(idx.visible(b"m").map(|v| v.layer), Some(LayerIdx(1)));
+        let listed: Vec<Name> = idx.visible_sorted().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(listed.len(), want.len());
+        assert!(listed.windows(2).all(|w| w[0] < w[1]), "{listed:?}");
     }
 
     /// An opaque marker in a lower dir hides everything below it.

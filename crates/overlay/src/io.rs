@@ -9,6 +9,7 @@ use layerfs_sys::{self as sys, Component, Errno, FileType, Mode, OFlags};
 
 use crate::copyup::CopyData;
 use crate::handles::{DirEntry, FileHandle, Listing};
+use crate::index::sort_by_name;
 use crate::layers::LayerIdx;
 use crate::node::Node;
 use crate::overlay::{Attr, ObjectAt, Overlay, OvlResult};
@@ -307,7 +308,7 @@ impl Overlay {
     fn list(&self, dir: &Arc<Node>) -> OvlResult<Vec<DirEntry>> {
         let (parent, _) = dir.location();
         let parent_ino = if parent == 0 { dir.ino } else { parent };
-        let mut entries = self.with_index(dir, |idx| {
+        let (mut entries, sorted) = self.with_index(dir, |idx| {
             let mut entries = Vec::with_capacity(idx.capacity_hint() + 2);
             for (name, ino) in [(&b"."[..], dir.ino), (&b".."[..], parent_ino)] {
                 entries.push(DirEntry {
@@ -326,9 +327,11 @@ impl Overlay {
                     kind: vis.kind,
                 });
             });
-            entries
+            (entries, idx.iterates_sorted())
         })?;
-        sort_by_name(&mut entries, 2);
+        if !sorted {
+            sort_by_name(&mut entries, 2, |e| &e.name);
+        }
         Ok(entries)
     }
 
@@ -360,35 +363,6 @@ impl Overlay {
     pub fn entry_sent(&self, found: &crate::node::Found) {
         self.nodes.add_found(found);
     }
-}
-
-/// Sorts `entries` after the first `skip` by name, bytewise. The sort compares the first eight
-/// bytes of the names as one big-endian number, and whole names only where those are equal, and
-/// moves 16-byte keys, not entries; each entry then moves once.
-fn sort_by_name(entries: &mut Vec<DirEntry>, skip: usize) {
-    fn prefix(name: &[u8]) -> u64 {
-        let mut b = [0u8; 8];
-        let n = name.len().min(8);
-        b[..n].copy_from_slice(&name[..n]);
-        u64::from_be_bytes(b)
-    }
-    let mut keys: Vec<(u64, usize)> = entries
-        .iter()
-        .enumerate()
-        .skip(skip)
-        .map(|(i, e)| (prefix(&e.name), i))
-        .collect();
-    keys.sort_unstable_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then_with(|| entries[a.1].name.cmp(&entries[b.1].name))
-    });
-    let mut slots: Vec<Option<DirEntry>> = std::mem::take(entries).into_iter().map(Some).collect();
-    // The first `skip` in place, then `keys`, which holds each other index once: every slot is
-    // taken exactly once.
-    let order = (0..skip.min(slots.len())).chain(keys.iter().map(|&(_, i)| i));
-    *entries = order
-        .filter_map(|i| slots.get_mut(i).and_then(Option::take))
-        .collect();
 }
 
 /// Whether `node` (a file) is served from its hard-link group's inode in the index.
@@ -424,7 +398,7 @@ mod tests {
             b"B",
         ];
         let mut entries: Vec<DirEntry> = names.iter().map(|n| entry(n)).collect();
-        sort_by_name(&mut entries, 2);
+        sort_by_name(&mut entries, 2, |e| &e.name);
         let got: Vec<&[u8]> = entries.iter().map(|e| &*e.name).collect();
         let mut want: Vec<&[u8]> = names[2..].to_vec();
         want.sort();
