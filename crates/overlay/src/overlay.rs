@@ -154,10 +154,17 @@ impl Overlay {
         self.nodes.get(ino).ok_or(Errno::STALE)
     }
 
-    /// Whether node `ino` has its upper copy: a change to it copies nothing up. `false` for a
-    /// node we do not know.
-    pub fn in_upper(&self, ino: u64) -> bool {
-        self.nodes.get(ino).is_some_and(|n| n.read().in_upper())
+    /// Whether a change to node `ino` would copy up more than `max` bytes: it has no upper copy
+    /// yet, and its object is bigger (`false` for a node we do not know: the change fails fast).
+    pub fn copy_up_exceeds(&self, ino: u64, max: u64) -> bool {
+        let Some(node) = self.nodes.get(ino) else {
+            return false;
+        };
+        if node.read().in_upper() {
+            return false;
+        }
+        self.getattr(ino, None)
+            .is_ok_and(|a| a.st.st_size as u64 > max)
     }
 
     /// A fresh unique name for building something in the work dir.

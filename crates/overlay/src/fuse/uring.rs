@@ -41,6 +41,10 @@ const DEPTH: usize = 4;
 /// Worker threads per queue, for the requests that may block: all but one entry can be lent.
 const WORKERS: usize = DEPTH - 1;
 
+/// The most a copy-up answered by the queue's thread itself copies: a millisecond or two of
+/// copying and writing back.
+const QUICK_COPY_UP: u64 = 256 * 1024;
+
 /// READs up to this size have their answer committed idle ([`IdleCommits`]): a reader waiting
 /// for a page or two. Larger ones are readahead, whose reader is still busy with the pages before
 /// and would keep an idle thread (holding the next READ) off the CPU.
@@ -348,10 +352,17 @@ fn open_out(o: &Opened) -> Result<[u8; OPEN_OUT_LEN], Errno> {
 }
 
 impl Fuse {
-    /// Whether a request may keep its thread waiting (for the disk, a copy-up, a lock held
-    /// across one): it goes to a worker. A change to a node that has no upper copy yet copies it
-    /// up; WRITEs, syncs, renames and links are rare here (upper files are passed through) and
-    /// may be long. A READ is tried from the page cache first ([`Serve::Inline`]).
+    /// Whether a request may keep its thread waiting for long (for the disk, a big copy-up, a
+    /// lock held across one): it goes to a worker. A change to a file that has no upper copy yet
+    /// copies it up, which takes long past [`QUICK_COPY_UP`] bytes; truncates, WRITEs, syncs,
+    /// renames and links are rare here (upper files are passed through) and may be long. A READ
+    /// is tried from the page cache first ([`Serve::Inline`]).
+    ///
+    /// A worker's answer costs more than the handover: it wakes the caller while the worker is
+    /// still runnable on the caller's CPU, which the scheduler then takes for busy and moves the
+    /// caller to the other CPU (a halted vCPU to wake). Appending a byte to 10k small lower
+    /// files moved the caller 7.6k times with every copy-up handed over, 0.5k times with none,
+    /// and took 3.48 / 3.62 s against 2.29 / 2.37 s (volatile copy-ups, docs/benchmarks.md).
     fn may_block(&self, h: &InHeader, op: &[u8]) -> bool {
         match h.opcode {
             WRITE | FSYNC | FSYNCDIR | FALLOCATE | COPY_FILE_RANGE | RENAME | RENAME2 | LINK
@@ -359,9 +370,12 @@ impl Fuse {
             OPEN => {
                 let flags = u32_at(op, 0) as i32;
                 flags & libc::O_TRUNC != 0
-                    || (flags & libc::O_ACCMODE != libc::O_RDONLY && !self.ovl.in_upper(h.nodeid))
+                    || (flags & libc::O_ACCMODE != libc::O_RDONLY
+                        && self.ovl.copy_up_exceeds(h.nodeid, QUICK_COPY_UP))
             }
-            SETATTR => u32_at(op, 0) & FATTR_SIZE != 0 || !self.ovl.in_upper(h.nodeid),
+            SETATTR => {
+                u32_at(op, 0) & FATTR_SIZE != 0 || self.ovl.copy_up_exceeds(h.nodeid, QUICK_COPY_UP)
+            }
             _ => false,
         }
     }
