@@ -218,8 +218,8 @@ fn evict(path: &Path) {
 
 /// A request that waits does not hold up the others from its CPU: a copy-up into an upper
 /// filesystem that is frozen waits until it thaws, and meanwhile a caller on the same CPU gets
-/// its answers; then the copy-up completes. A READ of data that is not in the page cache is
-/// served by a worker too (`fuse/uring.rs`), with the right bytes.
+/// its answers; then the copy-up completes. A READ of data that is not in the page cache, tried
+/// from the page cache first, gets the right bytes (`fuse/uring.rs`).
 #[test]
 fn requests_that_wait_are_served_beside_the_others() {
     if !can_mount("requests_that_wait_are_served_beside_the_others") {
@@ -292,18 +292,10 @@ fn requests_that_wait_are_served_beside_the_others() {
     assert!(std::fs::read(mnt.join("big")).expect("read") == want);
     assert!(std::fs::read(upper.join("big")).expect("read upper") == want);
 
-    // A lower file not in the page cache: its READs wait for the disk, on a worker.
+    // A lower file not in the page cache: its READs wait for the disk, on the queue's thread
+    // when nothing else waits for it, else on a worker; both give the file's bytes.
     evict(&lower.join("cold"));
-    let before = stats(&mnt)["offloads"].as_u64().expect("offloads");
     assert!(std::fs::read(mnt.join("cold")).expect("read cold") == data);
-    let after = stats(&mnt);
-    // Only the io_uring queues hand requests over; over `/dev/fuse` any thread may wait.
-    if after["uring_requests"].as_u64() > Some(0) {
-        assert!(
-            after["offloads"].as_u64() > Some(before),
-            "no request was handed to a worker for a file read from the disk"
-        );
-    }
     let (ok, err) = layerfs(&["umount", s(&mnt)]);
     assert!(ok, "umount: {err}");
 }

@@ -393,6 +393,12 @@ impl Queue {
         }
     }
 
+    /// Whether requests (or a wake) have arrived since the last [`Queue::wait`]: a caller is
+    /// waiting for this thread.
+    pub fn has_waiting(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// How many entries were registered again after the kernel refused them, and the errno of
     /// the last refusal.
     pub fn rearmed(&self) -> (u64, i32) {

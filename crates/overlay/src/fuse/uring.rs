@@ -272,7 +272,10 @@ fn serve_queue(
             }
         }
         let mut wakes_reader = false;
-        for &idx in &ready {
+        for (i, &idx) in ready.iter().enumerate() {
+            // Whether no other request waits for this thread: then a READ from the disk is
+            // served here, as a worker's answer would cost its reader more ([`Fuse::may_block`]).
+            let alone = i + 1 == ready.len() && !q.has_waiting();
             let Some((req, payload, len)) = q.entry(idx) else {
                 continue;
             };
@@ -280,10 +283,13 @@ fn serve_queue(
             let h = InHeader::parse(req.in_header);
             let idle_worthy = commit_idle(h.opcode, req.op_in);
             let quick = !fuse.may_block(&h, req.op_in);
-            let out = quick.then(|| {
-                let r = fuse.answer(&h, req.op_in, payload, len, &dev, Serve::Inline);
-                out_header(&h, r)
-            });
+            let how = if alone {
+                Serve::Blocking
+            } else {
+                Serve::Inline
+            };
+            let out =
+                quick.then(|| out_header(&h, fuse.answer(&h, req.op_in, payload, len, &dev, how)));
             // A READ whose data is not in the page cache says so with EAGAIN.
             let out = out.filter(|o| !(h.opcode == READ && error_of(&o.0) == -libc::EAGAIN));
             let sent = match out {
@@ -363,6 +369,9 @@ impl Fuse {
     /// caller to the other CPU (a halted vCPU to wake). Appending a byte to 10k small lower
     /// files moved the caller 7.6k times with every copy-up handed over, 0.5k times with none,
     /// and took 3.48 / 3.62 s against 2.29 / 2.37 s (volatile copy-ups, docs/benchmarks.md).
+    /// For the same reason a READ from the disk goes to a worker only while other requests
+    /// wait for the queue's thread: `dd` of a 1 GiB lower file not in the page cache took
+    /// 1.91 s against 0.995 s when each such READ went to a worker (overlay-bench).
     fn may_block(&self, h: &InHeader, op: &[u8]) -> bool {
         match h.opcode {
             WRITE | FSYNC | FSYNCDIR | FALLOCATE | COPY_FILE_RANGE | RENAME | RENAME2 | LINK
