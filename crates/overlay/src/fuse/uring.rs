@@ -76,11 +76,13 @@ fn commit_idle(opcode: u32, op: &[u8]) -> bool {
     }
 }
 
-/// How a request is answered: by its queue's thread, which must not wait for the disk where it
-/// can tell (a READ then fails with `EAGAIN` and goes to a worker), or by a worker, which may.
+/// How a request is answered: whether it may wait for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Serve {
+    /// By the queue's thread while other requests wait for it: not where it can tell (a READ then
+    /// fails with `EAGAIN` and goes to a worker).
     Inline,
+    /// By a worker, or by the queue's thread while nothing else waits for it.
     Blocking,
 }
 
