@@ -249,25 +249,20 @@ impl DirIndex {
         self.get(name).and_then(IndexEntry::visible)
     }
 
-    /// The index as a map, for a change.
-    fn map_mut(&mut self) -> &mut HashMap<Name, IndexEntry> {
+    /// Records what the upper dir now holds under `name` (`None`: nothing). A sorted index
+    /// becomes a map.
+    pub fn set_upper(&mut self, name: &[u8], slot: Option<UpperSlot>) {
+        if slot.is_none() && self.get(name).is_none() {
+            return;
+        }
         if let Entries::Sorted(v) = &mut self.entries {
             let mut m = HashMap::with_capacity(v.len() + 1);
             m.extend(std::mem::take(v));
             self.entries = Entries::Map(m);
         }
-        match &mut self.entries {
-            Entries::Map(m) => m,
-            Entries::Sorted(_) => unreachable!("made a map above"),
-        }
-    }
-
-    /// Records what the upper dir now holds under `name` (`None`: nothing).
-    pub fn set_upper(&mut self, name: &[u8], slot: Option<UpperSlot>) {
-        if slot.is_none() && self.get(name).is_none() {
+        let Entries::Map(entries) = &mut self.entries else {
             return;
-        }
-        let entries = self.map_mut();
+        };
         match (entries.get_mut(name), slot) {
             (Some(e), slot) => {
                 e.upper = slot;
