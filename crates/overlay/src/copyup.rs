@@ -50,6 +50,19 @@ pub enum CopyData {
 }
 
 impl Overlay {
+    /// Whether a change to node `ino` would copy up more than `max` bytes: it has no upper copy
+    /// yet, and its object is bigger (`false` for a node we do not know: the change fails fast).
+    pub fn copy_up_exceeds(&self, ino: u64, max: u64) -> bool {
+        let Some(node) = self.nodes.get(ino) else {
+            return false;
+        };
+        if node.read().in_upper() {
+            return false;
+        }
+        self.getattr(ino, None)
+            .is_ok_and(|a| a.st.st_size as u64 > max)
+    }
+
     /// Makes sure `node` has an upper object and returns its `O_PATH` fd.
     pub(crate) fn copy_up(&self, node: &Arc<Node>, data: CopyData) -> OvlResult<Arc<OwnedFd>> {
         if node.read().in_upper() {

@@ -138,7 +138,7 @@ impl Overlay {
     }
 
     /// READ: `f` gets the data read (short at end of file). With `nowait`, from the page cache
-    /// only ([`Overlay::read_into_nowait`]).
+    /// only (see [`Overlay::read_into`]).
     ///
     /// The data goes through a buffer kept per request thread, so a 1 MiB READ neither
     /// allocates nor faults in fresh pages (at most one READ's size per thread stays allocated).
@@ -165,36 +165,30 @@ impl Overlay {
                 buf.resize(size as usize, 0);
             }
             let buf = &mut buf[..size as usize];
-            let done = if nowait {
-                self.read_into_nowait(fh, offset, buf)?
-            } else {
-                self.read_into(fh, offset, buf)?
-            };
+            let done = self.read_into(fh, offset, buf, nowait)?;
             Ok(f(&buf[..done]))
         })
     }
 
-    /// READ into `buf` (as much as fits): the number of bytes read (short at end of file).
-    pub fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> OvlResult<usize> {
+    /// READ into `buf` (as much as fits): the number of bytes read (short at end of file). With
+    /// `nowait`, from the page cache only: `EAGAIN` (and nothing read) if that would wait for the
+    /// disk, or if the layer's filesystem cannot say (`RWF_NOWAIT`).
+    pub fn read_into(
+        &self,
+        fh: u64,
+        offset: u64,
+        buf: &mut [u8],
+        nowait: bool,
+    ) -> OvlResult<usize> {
         let fd = self.file_fd(fh)?;
         let mut done = 0;
         while done < buf.len() {
-            let n = rustix::io::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        Ok(done)
-    }
-
-    /// [`Overlay::read_into`] from the page cache only: `EAGAIN` (and nothing read) if that
-    /// would wait for the disk, or if the layer's filesystem cannot say (`RWF_NOWAIT`).
-    pub fn read_into_nowait(&self, fh: u64, offset: u64, buf: &mut [u8]) -> OvlResult<usize> {
-        let fd = self.file_fd(fh)?;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = sys::pread_nowait(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+            let (rest, at) = (&mut buf[done..], offset + done as u64);
+            let n = if nowait {
+                sys::pread_nowait(fd.as_fd(), rest, at)?
+            } else {
+                rustix::io::pread(fd.as_fd(), rest, at)?
+            };
             if n == 0 {
                 break;
             }

@@ -154,19 +154,6 @@ impl Overlay {
         self.nodes.get(ino).ok_or(Errno::STALE)
     }
 
-    /// Whether a change to node `ino` would copy up more than `max` bytes: it has no upper copy
-    /// yet, and its object is bigger (`false` for a node we do not know: the change fails fast).
-    pub fn copy_up_exceeds(&self, ino: u64, max: u64) -> bool {
-        let Some(node) = self.nodes.get(ino) else {
-            return false;
-        };
-        if node.read().in_upper() {
-            return false;
-        }
-        self.getattr(ino, None)
-            .is_ok_and(|a| a.st.st_size as u64 > max)
-    }
-
     /// A fresh unique name for building something in the work dir.
     pub(crate) fn tmp_name(&self) -> Component {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);

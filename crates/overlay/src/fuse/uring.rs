@@ -566,10 +566,7 @@ impl Fuse {
             READ => {
                 let size = (u32_at(op, 16) as usize).min(buf.len());
                 let (fh, offset, buf) = (u64_at(op, 0), u64_at(op, 8), &mut buf[..size]);
-                let read = match how {
-                    Serve::Inline => self.ovl.read_into_nowait(fh, offset, buf),
-                    Serve::Blocking => self.ovl.read_into(fh, offset, buf),
-                };
+                let read = self.ovl.read_into(fh, offset, buf, how == Serve::Inline);
                 // Counted once: an inline try that would wait is served again by a worker.
                 if how == Serve::Blocking || read != Err(Errno::AGAIN) {
                     self.ovl.stats.reads.fetch_add(1, Relaxed);
